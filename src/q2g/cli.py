@@ -1,0 +1,52 @@
+"""The `q2g` command: one subcommand per stage.
+
+    q2g demo                      # the whole pipeline offline on the real Gemma 3 270M (CPU)
+    q2g run --config configs/X.yaml
+    q2g generate ...   q2g finetune ...   q2g evaluate ...   q2g merge ...
+
+Each subcommand is the `main(argv)` of its module, imported only when chosen so `q2g --help`
+stays fast and a stage's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("q2g.generate", "stage 1: teacher traces -> dataset/"),
+    "finetune": ("q2g.finetune", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
+    "evaluate": ("q2g.evaluate", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
+    "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
+    "run": ("q2g.run", "generate -> finetune -> report from one YAML config, resuming finished stages"),
+    "demo": ("q2g.run", "the offline demo: real Gemma 3 270M, shipped data, reference teacher"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: q2g <command> [options]   (q2g <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from q2g import __version__
+
+        print(f"q2g {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"q2g: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "demo_main" if name == "demo" else "main")
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

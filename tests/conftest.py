@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random Qwen2 / Gemma3 models built from configs (no downloads).
+
+The tokenizers are committed under tests/assets (see make_tokenizers.py); the models are built
+from small configs once per test session and saved next to a copy of their tokenizer, so every
+code path that loads "a model folder" is exercised exactly as with a real checkpoint.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data beside the repo (or $Q2G_SHARED_DATA); None when absent."""
+    path = Path(os.environ.get("Q2G_SHARED_DATA", REPO.parent / "shared" / "data"))
+    return path if (path / "gsm8k" / "test.jsonl").exists() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data (the full GSM8K/MATH/WikiText copies) is not on this machine")
+    return path
+
+
+def build_tiny(kind: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random model + tokenizer folder: kind is 'qwen2' or 'gemma3'."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(ASSETS / f"tiny-{kind}")
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=64,
+                                                   bos_token_id=tok.bos_token_id))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    return build_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory):
+    return build_tiny("gemma3", tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture()
+def copy_dir(tmp_path):
+    def _copy(src: Path, name: str = "copy") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+    return _copy
