@@ -1,0 +1,62 @@
+"""The `vllm` backend: vLLM's offline engine, for fast generation on one or more GPUs.
+
+    pip install 'q2g[vllm]'
+    q2g generate --backend vllm --teacher Qwen/Qwen2.5-7B-Instruct --tensor-parallel-size 1
+
+vLLM is imported only here, when this backend is chosen. Prompts are the teacher's chat template
+(prompts.teacher_prompt on vLLM's own tokenizer), passed as token ids with the same BOS rule as
+the hf backend so no second BOS is added. Each problem is one request with
+`SamplingParams(n=k, ..., seed=...)`, its seed derived from the run seed and the problem id, so a
+problem's samples do not depend on which other problems share its batch.
+`n_tokens` is the length of each completion's token ids; `truncated` is finish_reason == 'length'.
+"""
+
+from __future__ import annotations
+
+from q2g.backends import Sample, stable_seed
+from q2g.prompts import has_chat_template, teacher_prompt
+
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise ImportError("the vllm backend needs vLLM: pip install 'q2g[vllm]' (Linux with a CUDA GPU)") from None
+    return vllm
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, teacher: str, *, temperature: float, top_p: float, max_new_tokens: int,
+                 tensor_parallel_size: int = 1, precision: str = "auto", seed: int = 0):
+        from q2g.models import resolve_model_path
+
+        vllm = import_vllm()
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=resolve_model_path(teacher), tensor_parallel_size=tensor_parallel_size,
+                            dtype=DTYPES[precision], seed=seed, trust_remote_code=False)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+
+    def prompt(self, problem: str) -> dict:
+        text = teacher_prompt(self.tokenizer, problem)
+        ids = self.tokenizer(text, add_special_tokens=not has_chat_template(self.tokenizer))["input_ids"]
+        return {"prompt_token_ids": ids}
+
+    def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
+        # Greedy decoding gives k identical samples; ask for one (older vLLM refuses n > 1 there).
+        n = 1 if self.sampling["temperature"] == 0 else k
+        params = [self.vllm.SamplingParams(n=n, seed=stable_seed(seed, p["id"]), **self.sampling)
+                  for p in problems]
+        outputs = self.llm.generate([self.prompt(p["problem"]) for p in problems], params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            samples = [Sample(c.text, len(c.token_ids), truncated=c.finish_reason == "length")
+                       for c in out.outputs]
+            result.append((samples * k)[:k] if n == 1 else samples)
+        return result

@@ -1,0 +1,236 @@
+"""Teacher backends: reference rewrite, the OpenAI-compatible client against a real local HTTP
+server (success, 429 then success, 401, 5xx exhaustion, servers that ignore `n`), the hf backend
+on a tiny random Qwen2, and the vLLM backend's calls against a stand-in `vllm` module."""
+
+import json
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from q2g.answers import is_correct
+from q2g.backends import BackendError, Sample, load_backend, stable_seed
+from q2g.backends.openai import AuthError, OpenAIBackend, parse_retry_after, split_tokens
+from q2g.backends.reference import ReferenceBackend, reference_trace
+from q2g.data import load_gsm8k, load_math
+from q2g.prompts import FINAL_ANSWER_LINE, teacher_messages
+
+GSM8K = {"id": "gsm8k/train/0", "source": "gsm8k", "subject": None, "level": None, "problem": "Q?", "answer": "1200",
+         "reference_solution": "Half is 48/2 = <<48/2=24>>24.\nTotal is 24*50 = <<24*50=1,200>>1,200.\n#### 1,200"}
+
+
+# ---------------------------------------------------------------- reference
+
+def test_reference_trace_drops_calculator_notes_and_boxes_the_gsm8k_answer():
+    assert reference_trace(GSM8K) == ("Half is 48/2 = 24.\nTotal is 24*50 = 1,200.\n"
+                                      "The final answer is $\\boxed{1200}$.")
+    math = {"source": "math", "reference_solution": "  So $x=\\boxed{3}$.\n", "answer": "3"}
+    assert reference_trace(math) == "So $x=\\boxed{3}$."
+
+
+def test_reference_backend_is_correct_on_every_shipped_problem():
+    problems = load_gsm8k("train", "packaged") + load_math("train", data_dir="packaged")
+    samples = ReferenceBackend().generate(problems, k=2, seed=0)
+    assert len(samples) == len(problems) == 240 + 240
+    for problem, (a, b) in zip(problems, samples):
+        assert a == b  # one reference per problem: k copies, the generate stage dedups them
+        assert "<<" not in a.text and a.n_tokens == len(a.text.split())
+        if problem["source"] == "gsm8k":
+            assert a.text.endswith(FINAL_ANSWER_LINE.format(answer=problem["answer"]))
+        assert is_correct(a.text, problem["answer"], problem["source"]) is True, problem["id"]
+
+
+def test_reference_backend_counts_tokens_with_a_tokenizer(tiny_qwen_dir):
+    backend = ReferenceBackend(tokenizer=str(tiny_qwen_dir))
+    [[sample]] = backend.generate([GSM8K], k=1, seed=0)
+    assert sample.n_tokens == len(backend.tokenizer(sample.text, add_special_tokens=False)["input_ids"])
+    assert sample.n_tokens != len(sample.text.split())
+
+
+def test_load_backend_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        load_backend("nope", types.SimpleNamespace(temperature=0.3, top_p=0.9, max_new_tokens=8))
+
+
+# ---------------------------------------------------------------- openai: a real HTTP server
+
+class ChatServer:
+    """A chat-completions server on 127.0.0.1; `script` is a list of (status, headers, body or None)
+    answers used in order (None body: a normal completion), then normal completions."""
+
+    def __init__(self, script=(), choices_per_request=None, text="The final answer is $\\boxed{42}$."):
+        self.script, self.requests, self.text = list(script), [], text
+        self.choices_per_request = choices_per_request
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                status, headers, payload = server.script.pop(0) if server.script else (200, {}, None)
+                if payload is None:
+                    payload = server.completion(body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def completion(self, body):
+        n = body["n"] if self.choices_per_request is None else self.choices_per_request
+        text = self.text(body) if callable(self.text) else self.text
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"{text} ({i})"},
+                    "finish_reason": "stop"} for i in range(n)]
+        return {"choices": choices, "usage": {"prompt_tokens": 30, "completion_tokens": 7 * n}}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def chat_server():
+    servers = []
+
+    def start(*args, **kwargs):
+        servers.append(ChatServer(*args, **kwargs))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def client(url, **kw):
+    kw = {"temperature": 0.3, "top_p": 0.95, "max_new_tokens": 64, "api_key": "sk-test", "backoff": 0.01, **kw}
+    return OpenAIBackend("teacher-model", base_url=url, **kw)
+
+
+def test_openai_posts_chat_completions_with_the_sampling_settings(chat_server):
+    server = chat_server()
+    problems = [dict(GSM8K, id=f"p{i}", problem=f"Problem {i}") for i in range(3)]
+    samples = client(server.url, concurrency=2).generate(problems, k=2, seed=5)
+    assert [[s.text for s in row] for row in samples] == [["The final answer is $\\boxed{42}$. (0)",
+                                                           "The final answer is $\\boxed{42}$. (1)"]] * 3
+    assert all(s.n_tokens == 7 and not s.truncated for row in samples for s in row)
+    assert len(server.requests) == 3
+    request = next(r for r in server.requests if r["body"]["messages"] == teacher_messages("Problem 1"))
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
+    body = request["body"]
+    assert (body["model"], body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == \
+        ("teacher-model", 2, 0.3, 0.95, 64)
+    assert body["seed"] == stable_seed(5, "p1", 0)
+
+
+def test_openai_retries_a_429_and_honours_retry_after(chat_server):
+    server = chat_server(script=[(429, {"Retry-After": "0"}, {"error": "slow down"}),
+                                 (503, {}, {"error": "busy"})])
+    [[sample]] = client(server.url).generate([GSM8K], k=1, seed=0)
+    assert sample.text.startswith("The final answer is") and len(server.requests) == 3
+
+
+def test_openai_401_is_an_auth_error_without_retries(chat_server):
+    server = chat_server(script=[(401, {}, {"error": {"message": "invalid api key"}})] * 5)
+    with pytest.raises(AuthError, match=r"HTTP 401.*invalid api key.*--api-key"):
+        client(server.url).generate([GSM8K], k=1, seed=0)
+    assert len(server.requests) == 1
+
+
+def test_openai_gives_up_after_max_retries(chat_server):
+    server = chat_server(script=[(500, {}, {"error": "down"})] * 10)
+    with pytest.raises(BackendError, match="gave up after 3 tries"):
+        client(server.url, max_retries=2).generate([GSM8K], k=1, seed=0)
+    assert len(server.requests) == 3
+
+
+def test_openai_connection_refused_is_retried_then_reported():
+    with pytest.raises(BackendError, match="gave up after 2 tries"):
+        client("http://127.0.0.1:9/v1", max_retries=1, timeout=2).generate([GSM8K], k=1, seed=0)
+
+
+def test_openai_asks_again_when_the_server_ignores_n(chat_server):
+    server = chat_server(choices_per_request=1)  # llama.cpp / Ollama answer one choice
+    [row] = client(server.url).generate([GSM8K], k=3, seed=0)
+    assert len(row) == 3 and [r["body"]["n"] for r in server.requests] == [3, 2, 1]
+    assert len({r["body"]["seed"] for r in server.requests}) == 3
+
+
+def test_split_tokens_and_retry_after():
+    assert split_tokens(10, ["aaaa", "a"]) == [8, 2]
+    assert sum(split_tokens(7, ["ab", "abc", "a"])) == 7
+    assert split_tokens(None, ["a b c", ""]) == [3, 0]
+    assert parse_retry_after("2.5") == 2.5 and parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+
+
+# ---------------------------------------------------------------- hf on a tiny random Qwen2
+
+def test_hf_backend_k_samples_per_problem_and_seeded(tiny_qwen_dir):
+    from q2g.backends.hf import HFBackend
+
+    backend = HFBackend(str(tiny_qwen_dir), temperature=1.0, top_p=1.0, max_new_tokens=6, batch_size=4)
+    assert "<|im_start|>" in backend.tokenizer.decode(backend.prompt_ids("What is 2+2?"))  # chat template
+    problems = [dict(GSM8K, id=f"p{i}", problem=f"What is {i}+{i}?") for i in range(3)]
+    first = backend.generate(problems, k=2, seed=1)
+    assert [len(row) for row in first] == [2, 2, 2]
+    assert all(isinstance(s, Sample) and 1 <= s.n_tokens <= 6 for row in first for s in row)
+    assert all(s.n_tokens == 6 for row in first for s in row if s.truncated)  # hit the limit
+    assert backend.generate(problems, k=2, seed=1) == first  # same batch, same seed: same samples
+
+
+# ---------------------------------------------------------------- vllm (stand-in module)
+
+def test_vllm_backend_without_vllm_names_the_pip_command(monkeypatch):
+    from q2g.backends import vllm as vllm_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'q2g\[vllm\]'"):
+        vllm_backend.VLLMBackend("m", temperature=0.3, top_p=0.9, max_new_tokens=8)
+
+
+def test_vllm_backend_builds_requests_per_vllm_api(monkeypatch, tiny_qwen_dir):
+    from q2g.backends.vllm import VLLMBackend
+    from q2g.models import load_tokenizer
+
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["llm"] = kw
+
+        def get_tokenizer(self):
+            return load_tokenizer(str(tiny_qwen_dir))
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["prompts"], calls["params"] = prompts, [p.kw for p in params]
+            out = types.SimpleNamespace
+            return [out(outputs=[out(text=f"t{j}", token_ids=[1] * (j + 2), finish_reason="length" if j else "stop")
+                                 for j in range(p.kw["n"])]) for p in params]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    backend = VLLMBackend("teacher", temperature=0.3, top_p=0.9, max_new_tokens=8, tensor_parallel_size=2,
+                          precision="bf16", seed=3)
+    assert calls["llm"] == {"model": "teacher", "tensor_parallel_size": 2, "dtype": "bfloat16", "seed": 3,
+                            "trust_remote_code": False}
+    rows = backend.generate([GSM8K, dict(GSM8K, id="other")], k=2, seed=3)
+    assert rows[0] == [Sample("t0", 2, False), Sample("t1", 3, True)]
+    assert calls["params"][0] == {"n": 2, "seed": stable_seed(3, GSM8K["id"]), "temperature": 0.3,
+                                  "top_p": 0.9, "max_tokens": 8}
+    assert calls["params"][0]["seed"] != calls["params"][1]["seed"]
+    text = backend.tokenizer.decode(calls["prompts"][0]["prompt_token_ids"])
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
