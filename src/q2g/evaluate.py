@@ -81,7 +81,7 @@ def _autocast(model):
 def _bar(progress, **kw):
     from tqdm.auto import tqdm
 
-    return tqdm(disable=None if progress else True, dynamic_ncols=True, **kw)
+    return tqdm(disable=not progress, dynamic_ncols=True, **kw)  # shown in logs too (TQDM_MININTERVAL thins it)
 
 
 # ---------------------------------------------------------------- pass@1

@@ -293,7 +293,7 @@ def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, e
     done, have = done_problems(records, k), {r["id"] for r in records}
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, initial=sum(p["id"] in done for b in batches for p in b), unit="problem",
-               desc="generate", disable=None, dynamic_ncols=True)
+               desc="generate", disable=False, dynamic_ncols=True)
     delay, backend = float(os.environ.get(DELAY_ENV) or 0), None
     try:
         for batch in batches:

@@ -68,7 +68,7 @@ def run_finetune(config: Path, section: dict, out: Path) -> int:
             print(f"error: {ckpt} was made with other finetune settings; use another `out:` or delete it",
                   file=sys.stderr)
             return 2
-        if any(ckpt.glob("checkpoint-*")):
+        if (ckpt / "metrics.jsonl").exists():  # a started run: continue it (--resume on nothing starts fresh)
             argv.append("--resume")
     ckpt.mkdir(parents=True, exist_ok=True)
     atomic_write_json(ckpt / "run_state.json", {"settings_hash": settings_hash(section), "done": False})

@@ -1,0 +1,133 @@
+"""Merge a LoRA adapter into its base model and check the merge on a probe input (`q2g merge`).
+
+    q2g merge --adapter checkpoints/final --out merged/ [--precision bf16|fp32] [--base-model NAME]
+
+The base is the one named in the adapter's adapter_config.json unless --base-model is given. The
+merged weights (W + alpha/r * B A) are saved as safetensors with the tokenizer. Then the saved
+folder is loaded back and its logits on a probe prompt are compared with base + adapter before
+merging: the largest absolute difference is printed, and the exit status is 1 when it exceeds
+--atol (default: 1e-3 at fp32; at bf16 the merged weights are rounded once, hence a looser 0.5).
+A quantized base is refused: merging into quantized weights would round the adapter away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
+PROBE_PROBLEM = "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?"
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from q2g.config import add_config_arg
+
+    p = argparse.ArgumentParser(prog="q2g merge", description="Merge a LoRA adapter into its base model, checked on a probe.")
+    p.add_argument("--adapter", required=True, help="adapter folder (e.g. checkpoints/final)")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--base-model", help="base model (default: base_model_name_or_path of adapter_config.json)")
+    p.add_argument("--precision", default="fp32", choices=["bf16", "fp32"], help="dtype of the merge and the saved weights")
+    p.add_argument("--atol", type=float, help="max |logit difference| allowed (default: 1e-3 fp32, 0.5 bf16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_config_arg(p)
+    return p
+
+
+def adapter_base(adapter: Path, base_model: str | None) -> str:
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise MergeError(f"{adapter}: no adapter_config.json (is it a LoRA adapter folder? "
+                         f"final/ has none when no epoch stayed within the forgetting budget)")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise MergeError(f"{config_path} names no base model; pass --base-model")
+    return base
+
+
+def refuse_quantized(base: str) -> None:
+    """Read the base's config only: a quantized checkpoint says so before any weight is loaded."""
+    from transformers import AutoConfig
+
+    from q2g.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(base), trust_remote_code=False)
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise MergeError(f"base model {base} is quantized ({method}); merging would round the adapter into "
+                         f"quantized weights. Merge into an unquantized bf16/fp32 copy (--base-model).")
+
+
+def probe_logits(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+
+
+def merge(adapter: Path, base: str, out: Path, dtype, device: str, tokenizer):
+    """Merge and save to `out`; returns the base+adapter logits on the probe (taken before merging)."""
+    import torch
+    from peft import PeftModel
+
+    from q2g.models import load_model
+    from q2g.prompts import student_prompt_ids
+
+    with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(load_model(base, dtype, device), str(adapter))
+    ids = torch.tensor([student_prompt_ids(tokenizer, PROBE_PROBLEM)])
+    reference = probe_logits(model, ids)
+    merged = model.merge_and_unload()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return ids, reference
+
+
+def main(argv=None) -> int:
+    from q2g.config import parse_args
+    from q2g.io import atomic_write_json
+    from q2g.models import load_model, load_tokenizer, pick_device, pick_dtype
+
+    args = parse_args(build_parser(), argv, section="merge")
+    adapter, out = Path(args.adapter), Path(args.out)
+    try:
+        base = adapter_base(adapter, args.base_model)
+        refuse_quantized(base)
+    except (MergeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    has_tokenizer = (adapter / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
+    print(f"[merge] {adapter} into {base} at {args.precision} on {device}", flush=True)
+    ids, reference = merge(adapter, base, out, dtype, device, tokenizer)
+    merged = load_model(str(out), dtype, device)  # check what was written, not what is in memory
+    diff = (probe_logits(merged, ids) - reference).abs().max().item()
+    atol = args.atol if args.atol is not None else DEFAULT_ATOL[args.precision]
+    ok = diff <= atol
+    atomic_write_json(out / "merge_check.json", {"adapter": str(adapter), "base_model": base, "precision": args.precision,
+                                                 "probe_tokens": ids.shape[1], "max_abs_logit_diff": diff,
+                                                 "atol": atol, "ok": ok})
+    print(f"[merge] probe ({ids.shape[1]} tokens): max |logit(merged) - logit(base + adapter)| = {diff:.3g} "
+          f"(tolerance {atol:g}): {'OK' if ok else 'MISMATCH'}", flush=True)
+    print(f"[merge] wrote {out}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

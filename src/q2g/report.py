@@ -1,0 +1,161 @@
+"""The fine-tuning report: the seed's before/after table, the forgetting verdict, and plots.
+
+    from q2g.report import write_report
+    write_report("checkpoints", metrics_rows, info)   # -> checkpoints/report.md (+ two PNGs)
+
+`metrics_rows` are the rows of metrics.jsonl (epoch 0 = the base model); `info` describes the run
+(keys used, all optional: base_model, teachers [{teacher, backend, n}], budget, policy, final
+{adapter, ...}, n_train_examples, n_train_tokens, epochs, lora_r, lora_alpha, target_modules, optim,
+precision, device, wall_s). `finetune.py` writes it at the end of a run; `q2g run` prints it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from q2g import forgetting
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _pp(a, b) -> str:
+    return "n/a" if a is None or b is None else f"{(b - a) * 100:+.1f} pp"
+
+
+def after_row(rows: list[dict], final: dict | None) -> tuple[dict | None, str]:
+    """The row of the adapter kept in final/, else the last trained epoch (said so in its label)."""
+    trained = [r for r in rows if r.get("epoch", 0) >= 1]
+    adapter = (final or {}).get("adapter")
+    kept = [r for r in trained if adapter and r.get("adapter") == adapter]
+    if kept:
+        return kept[-1], f"after fine-tune ({adapter})"
+    if trained:
+        return trained[-1], f"last epoch ({trained[-1].get('adapter')}, not kept)"
+    return None, "after fine-tune"
+
+
+def results_table(base: dict | None, after: dict | None, label: str) -> list[str]:
+    """metric | baseline | after | change: pass@1 per source, overall, WikiText perplexity."""
+    base, after = base or {}, after or {}
+    lines = [f"| metric | baseline | {label} | change |", "| --- | ---: | ---: | ---: |"]
+    sources = sorted(set(base.get("pass@1_by_source") or {}) | set(after.get("pass@1_by_source") or {}))
+    for key in sources:
+        a, b = (base.get("pass@1_by_source") or {}).get(key), (after.get("pass@1_by_source") or {}).get(key)
+        n = (after.get("n_by_source") or base.get("n_by_source") or {}).get(key)
+        lines.append(f"| pass@1 {key}" + (f" (n={n})" if n else "") + f" | {_pct(a)} | {_pct(b)} | {_pp(a, b)} |")
+    a, b = base.get("pass@1"), after.get("pass@1")
+    lines.append(f"| pass@1 overall | {_pct(a)} | {_pct(b)} | {_pp(a, b)} |")
+    a, b = base.get("token_perplexity"), after.get("token_perplexity")
+    change = forgetting.relative_change(a, b) if a and b is not None else None
+    fmt = (lambda x: "n/a" if x is None else f"{x:.3f}")
+    lines.append(f"| WikiText perplexity (token) | {fmt(a)} | {fmt(b)} | "
+                 f"{'n/a' if change is None else f'{change:+.1%}'} |")
+    return lines
+
+
+def teacher_line(teachers: list[dict] | None) -> str:
+    if not teachers:
+        return "unknown (the traces carry no `teacher`/`backend` fields)"
+    parts = []
+    for t in teachers:
+        if t.get("backend") == "reference":
+            parts.append(f"the datasets' own reference solutions (backend `reference`: no teacher model was run; "
+                         f"{t.get('n')} traces)")
+        else:
+            parts.append(f"`{t.get('teacher')}` via `{t.get('backend')}` ({t.get('n')} traces)")
+    return "; ".join(parts)
+
+
+def epochs_table(rows: list[dict]) -> list[str]:
+    lines = ["| epoch | rank | step | train loss | train tok/s | pass@1 | WikiText ppl | change | over budget |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for r in rows:
+        loss, tps, ppl, ch = r.get("train_loss"), r.get("train_tokens_per_s"), r.get("token_perplexity"), r.get("ppl_change")
+        lines.append(f"| {r['epoch']} | {r.get('lora_rank') or 'base'} | {r.get('step', 0)} | "
+                     f"{'' if loss is None else f'{loss:.4f}'} | {'' if tps is None else f'{tps:.0f}'} | "
+                     f"{_pct(r.get('pass@1'))} | {'n/a' if ppl is None else f'{ppl:.3f}'} | "
+                     f"{'' if ch is None else f'{ch:+.1%}'} | {'**yes**' if r.get('flagged') else 'no'} |")
+    return lines
+
+
+def verdict_lines(rows: list[dict], after: dict | None, info: dict) -> list[str]:
+    budget, policy = info.get("budget", 0.05), info.get("policy", "flag")
+    flagged = [r for r in rows if r.get("epoch", 0) >= 1 and r.get("flagged")]
+    trained = [r for r in rows if r.get("epoch", 0) >= 1]
+    lines = [f"- Budget: WikiText perplexity may rise by at most {budget * 100:g}% over the base model "
+             f"(policy `--on-forgetting {policy}`)."]
+    lines.append(f"- Kept adapter: {forgetting.verdict(after.get('ppl_change') if after else None, budget)}.")
+    lines.append(f"- Epochs over budget: {len(flagged)} of {len(trained)}"
+                 + (": " + ", ".join(f"{r.get('adapter')} ({r['ppl_change']:+.1%})" for r in flagged) if flagged else "") + ".")
+    final = info.get("final") or {}
+    if "final" in info and not final.get("adapter"):
+        lines.append("- **No adapter stayed within budget: the base model is the result** (final/README.md).")
+    return lines
+
+
+def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
+    """pass_at_1.png and perplexity.png: per epoch, one line per LoRA rank, with the budget line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    base = next((r for r in rows if r.get("epoch") == 0), None)
+    ranks = sorted({r["lora_rank"] for r in rows if r.get("lora_rank")}, reverse=True)
+    paths = []
+    for key, name, title in (("pass@1", "pass_at_1.png", "pass@1 on the holdout"),
+                             ("token_perplexity", "perplexity.png", "WikiText token perplexity")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for rank in ranks:
+            pts = ([(0, base[key])] if base else []) + [(r["epoch"], r[key]) for r in rows if r.get("lora_rank") == rank]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"LoRA r={rank}")
+        if base and base.get(key) is not None:
+            ax.axhline(base[key], color="gray", linestyle=":", label="base model")
+            if key == "token_perplexity":
+                ax.axhline(base[key] * (1 + budget), color="red", linestyle="--", label=f"budget (+{budget * 100:g}%)")
+        ax.set(xlabel="epoch (0 = base model)", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
+    """Write out_dir/report.md (and its plots) from the metrics rows; returns the report's path."""
+    from q2g.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    rows = sorted(metrics_rows, key=lambda r: (r.get("epoch", 0) > 0, -(r.get("lora_rank") or 0), r.get("epoch", 0)))
+    base = next((r for r in rows if r.get("epoch") == 0), None)
+    after, label = after_row(rows, info.get("final"))
+    evaluated = any(r.get("pass@1") is not None for r in rows)
+    lines = [f"# q2g fine-tuning report: {info.get('base_model', 'student')}", ""]
+    lines += results_table(base, after, label) if evaluated else ["Evaluation was skipped (`--no-eval`)."]
+    lines += ["", "## Forgetting", ""] + verdict_lines(rows, after, info)
+    scored = after or base or {}
+    lines += ["", "## Setup", "",
+              f"- Teacher: {teacher_line(info.get('teachers'))}.",
+              f"- Student: `{info.get('base_model')}`, LoRA r={info.get('lora_r')} alpha={info.get('lora_alpha')} on "
+              f"{', '.join(info.get('target_modules') or [])}; {info.get('epochs', 0):g} epochs, optimizer {info.get('optim')}, "
+              f"{info.get('precision')} on {info.get('device')}.",
+              f"- Training data: {info.get('n_train_examples')} validated traces ({info.get('n_train_tokens')} tokens).",
+              f"- Evaluation: {scored.get('n_eval', 'n/a')} holdout problems scored (greedy pass@1, the same problems "
+              f"every epoch); {scored.get('ppl_tokens_scored', 'n/a')} WikiText tokens scored for perplexity.",
+              ]
+    if info.get("wall_s") is not None:
+        lines.append(f"- Wall time: {info['wall_s'] / 60:.1f} min.")
+    lines += ["", "## Every evaluation", ""] + epochs_table(rows)
+    if evaluated:
+        plot(out_dir, rows, info.get("budget", 0.05))
+        lines += ["", "![pass@1 per epoch](pass_at_1.png)", "", "![WikiText perplexity per epoch](perplexity.png)"]
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
