@@ -88,7 +88,7 @@ def test_split_is_deterministic_stratified_and_disjoint():
     train2, held2, _ = _split(fraction=0.2, seed=0)
     assert [r["id"] for r in held] == [r["id"] for r in held2]
     assert not {r["id"] for r in train} & {r["id"] for r in held}
-    by = lambda rows, key: sum(1 for r in rows if data._stratum(r) == key)  # noqa: E731
+    by = lambda rows, key: sum(1 for r in rows if data.source_key(r) == key)  # noqa: E731
     for key, n in [("gsm8k", 240), ("math/algebra", 120), ("math/counting_and_probability", 120)]:
         assert by(held, key) == round(0.2 * n), key
         assert by(train, key) + by(held, key) == n

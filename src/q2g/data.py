@@ -246,7 +246,8 @@ def problem_hash(text: str) -> str:
     return hashlib.sha256(normalize_problem(text).encode("utf-8")).hexdigest()[:16]
 
 
-def _stratum(record: dict) -> str:
+def source_key(record: dict) -> str:
+    """The stratification and reporting key: 'gsm8k' or 'math/<subject>'."""
     return record["source"] if record["source"] == "gsm8k" else f"math/{record['subject']}"
 
 
@@ -260,7 +261,7 @@ def split_holdout(records: list[dict], fraction: float = 0.2, seed: int = 0) -> 
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     strata: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        strata[_stratum(record)][problem_hash(record["problem"])].append(record)
+        strata[source_key(record)][problem_hash(record["problem"])].append(record)
     held: set[str] = set()
     for name in sorted(strata):
         groups = sorted(strata[name])  # hashes: independent of input order
@@ -363,7 +364,7 @@ def _limit_per_stratum(records: list[dict], limit: int | None, seed: int) -> lis
         return records
     strata: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        strata[_stratum(r)].append(r)
+        strata[source_key(r)].append(r)
     keep = set()
     for name, rows in strata.items():
         ids = sorted(r["id"] for r in rows)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from q2g import generation, prompts
+from q2g.data import source_key  # noqa: F401  (re-exported: callers group results by it)
 
 # The model's logits for one forward are [windows, positions, vocab]; Gemma's vocab is 262k, so
 # this caps how many windows share a forward (one window always goes, whatever its size).
@@ -86,9 +87,6 @@ def _bar(progress, **kw):
 
 # ---------------------------------------------------------------- pass@1
 
-def source_key(record: dict) -> str:
-    """The reporting / stratification key: 'gsm8k' or 'math/<subject>'."""
-    return record["source"] if record["source"] == "gsm8k" else f"math/{record['subject']}"
 
 
 def _quotas(sizes: dict[str, int], limit: int) -> dict[str, int]:

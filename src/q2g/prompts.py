@@ -51,6 +51,12 @@ def teacher_prompt(tokenizer, problem: str) -> str:
     return f"{TEACHER_SYSTEM}\n\n{TEACHER_INSTRUCTION.format(problem=problem)}\n\nSolution:\n"
 
 
+def teacher_prompt_ids(tokenizer, problem: str) -> list[int]:
+    """Token ids of the teacher prompt, with the same BOS rule as the student's."""
+    text = teacher_prompt(tokenizer, problem)
+    return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+
+
 def student_prompt(tokenizer, problem: str) -> str:
     if has_chat_template(tokenizer):
         messages = [{"role": "user", "content": problem}]

@@ -11,7 +11,7 @@ problem are k copies of its prompt. `n_tokens` counts generated tokens including
 from __future__ import annotations
 
 from q2g.backends import Sample, stable_seed
-from q2g.prompts import end_token_ids, has_chat_template, teacher_prompt
+from q2g.prompts import end_token_ids, teacher_prompt_ids
 
 
 def teacher_end_ids(tokenizer, model) -> list[int]:
@@ -40,9 +40,7 @@ class HFBackend:
         self.batch_size = batch_size or 32  # sequences per forward pass
 
     def prompt_ids(self, problem: str) -> list[int]:
-        # Same BOS rule as the student prompts: a chat template writes its own BOS.
-        text = teacher_prompt(self.tokenizer, problem)
-        return self.tokenizer(text, add_special_tokens=not has_chat_template(self.tokenizer))["input_ids"]
+        return teacher_prompt_ids(self.tokenizer, problem)
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         from q2g.generation import generate

@@ -14,7 +14,7 @@ problem's samples do not depend on which other problems share its batch.
 from __future__ import annotations
 
 from q2g.backends import Sample, stable_seed
-from q2g.prompts import has_chat_template, teacher_prompt
+from q2g.prompts import teacher_prompt_ids
 
 DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -44,9 +44,7 @@ class VLLMBackend:
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
 
     def prompt(self, problem: str) -> dict:
-        text = teacher_prompt(self.tokenizer, problem)
-        ids = self.tokenizer(text, add_special_tokens=not has_chat_template(self.tokenizer))["input_ids"]
-        return {"prompt_token_ids": ids}
+        return {"prompt_token_ids": teacher_prompt_ids(self.tokenizer, problem)}
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         # Greedy decoding gives k identical samples; ask for one (older vLLM refuses n > 1 there).
