@@ -76,7 +76,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
         new = out[:, ids.shape[1]:].tolist()
         n_batch_tokens = 0
         for row, i in zip(new, batch):
-            toks, stopped = _trim(row, end | {pad_id} - {None})
+            toks, stopped = _trim(row, end | {pad_id})  # pad fills a row after it ended
             text = tokenizer.decode([t for t in toks if t not in end and t != pad_id], skip_special_tokens=True)
             text, hit = cut_at_stop(text, stop_strings)
             results[i] = Generation(text=text, n_tokens=len(toks), stopped=stopped or hit)

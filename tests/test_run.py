@@ -1,0 +1,61 @@
+"""`q2g run`: generate -> finetune -> report from one YAML, and a rerun that skips finished stages."""
+
+import json
+
+import pytest
+
+from q2g import run
+
+
+def write_config(path, student, lr=2e-4):
+    path.write_text(f"""# q2g run --config {path.name}
+out: unused
+generate:
+  backend: reference
+  teacher: reference
+  data_dir: packaged
+  limit: 4
+finetune:
+  base_model: {student}
+  data_dir: packaged
+  epochs: 1
+  lr: {lr}
+  batch_size: 4
+  grad_accum: 1
+  max_seq_len: 128
+  eval_limit: 2
+  eval_max_new_tokens: 4
+  ppl_max_tokens: 64
+  ppl_max_length: 64
+  ppl_stride: 32
+""")
+    return path
+
+
+def test_run_then_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_gemma_dir, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_gemma_dir)
+    out = tmp_path / "out"
+    assert run.run_pipeline(config, out) == 0
+    metrics = (out / "checkpoints" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["epoch"] for line in metrics.splitlines()] == [0, 1]
+    assert (out / "checkpoints" / "final" / "adapter_model.safetensors").exists()
+    assert (out / "dataset" / "traces.jsonl").read_text().count("\n") == 9  # 12 problems, 3 held out
+    assert "| pass@1 overall |" in capsys.readouterr().out  # the report's table is printed at the end
+
+    assert run.run_pipeline(config, out) == 0  # a rerun: nothing is trained or scored again
+    assert "finetune: done already for these settings, skipped" in capsys.readouterr().out
+    assert (out / "checkpoints" / "metrics.jsonl").read_text() == metrics
+
+    other = write_config(tmp_path / "other.yaml", tiny_gemma_dir, lr=1e-3)
+    assert run.run_pipeline(other, out) == 2
+    assert "made with other finetune settings" in capsys.readouterr().err
+
+
+def test_unknown_top_level_key_and_missing_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: x\ngenerte: {}\n")
+    with pytest.raises(SystemExit, match="unknown top-level key"):
+        run.run_pipeline(bad, tmp_path / "o")
+    with pytest.raises(SystemExit, match="shipped configs: .*demo_quick"):
+        run.resolve_config("no-such-config")
+    assert run.resolve_config("demo_quick").name == "demo_quick.yaml"
