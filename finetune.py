@@ -8,6 +8,6 @@ Same as `q2g finetune`; see `python finetune.py --help`.
 import sys
 
 if __name__ == "__main__":
-    from q2g.finetune import main
+    from q2g.cli import main
 
-    sys.exit(main())
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -8,6 +8,6 @@ Same as `q2g generate`; see `python generate_traces.py --help`.
 import sys
 
 if __name__ == "__main__":
-    from q2g.generate import main
+    from q2g.cli import main
 
-    sys.exit(main())
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -36,7 +36,7 @@ def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device)
 def bench_ppl(model, tok, text, max_length, n_tokens, batch_size, kind, device) -> dict:
     from q2g.evaluate import EvalConfig, perplexity
 
-    cfg = EvalConfig(ppl_max_length=max_length, ppl_stride=max_length // 2, ppl_max_tokens=n_tokens, batch_size=batch_size)
+    cfg = EvalConfig(ppl_max_length=max_length, ppl_stride=max_length // 2, ppl_max_tokens=n_tokens, eval_batch_size=batch_size)
     start = time.perf_counter()
     with autocast(kind, device):
         r = perplexity(model, tok, text, cfg, progress=False)

@@ -7,6 +7,8 @@ import random
 import re
 
 import pytest
+
+from q2g import cli
 import torch
 
 from q2g import data, evaluate, generation, models, prompts
@@ -103,7 +105,7 @@ def _hand_loop_nll(model, tok, text, max_length, stride):
 def test_sliding_window_equals_hand_loop(model_tok, batch_size):
     model, tok = model_tok
     nll, n = _hand_loop_nll(model, tok, TEXT, max_length=24, stride=7)
-    cfg = EvalConfig(ppl_max_length=24, ppl_stride=7, batch_size=batch_size)
+    cfg = EvalConfig(ppl_max_length=24, ppl_stride=7, eval_batch_size=batch_size)
     r = evaluate.perplexity(model, tok, TEXT, cfg, progress=False)
     assert r["n_tokens_scored"] == n
     assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
@@ -131,7 +133,7 @@ def _window_inputs(model, tok, cfg):
 
 
 def test_bos_rule_every_window(gemma, qwen):
-    cfg = EvalConfig(ppl_max_length=16, ppl_stride=8, batch_size=4)
+    cfg = EvalConfig(ppl_max_length=16, ppl_stride=8, eval_batch_size=4)
     model, tok = gemma
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     rows = _window_inputs(model, tok, cfg)
@@ -181,7 +183,7 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
     monkeypatch.setattr(generation, "generate", fake_generate)
     model.train()
     model.model.embed_tokens.eval()  # a module the trainer left in eval mode stays so
-    res = evaluate.math_pass_at_1(model, tok, records, EvalConfig(max_new_tokens=33, batch_size=2), progress=False)
+    res = evaluate.math_pass_at_1(model, tok, records, EvalConfig(eval_max_new_tokens=33, eval_batch_size=2), progress=False)
     assert model.training and model.model.layers[0].training and not model.model.embed_tokens.training
     model.eval()
     assert calls["prompts"] == [prompts.student_prompt_ids(tok, r["problem"]) for r in records]
@@ -234,8 +236,8 @@ def split_path(tmp_path_factory):
 def _run(tmp_path, model_dir, split, *extra):
     out = tmp_path / "eval"
     argv = ["--model", str(model_dir), "--split", str(split), "--data-dir", "packaged", "--eval-limit", "4",
-            "--max-new-tokens", "8", "--ppl-max-tokens", "256", "--batch-size", "4", "--out", str(out), *extra]
-    return evaluate.main(argv), out
+            "--eval-max-new-tokens", "8", "--ppl-max-tokens", "256", "--eval-batch-size", "4", "--out", str(out), *extra]
+    return cli.call("evaluate", argv), out
 
 
 def test_cli_end_to_end(tmp_path, tiny_gemma_dir, split_path, capsys):
@@ -299,9 +301,8 @@ def test_cli_model_from_config_or_error(tmp_path, tiny_qwen_dir, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"evaluate:\n  model: {tiny_qwen_dir}\n  no_math: true\n  ppl_max_tokens: 64\n")
     out = tmp_path / "eval"
-    assert evaluate.main(["--config", str(config), "--data-dir", "packaged", "--out", str(out)]) == 0
+    assert cli.call("evaluate", ["--config", str(config), "--data-dir", "packaged", "--out", str(out)]) == 0
     ppl = json.loads((out / "eval.json").read_text())["ppl"]
     assert ppl["n_tokens_scored"] == 63 and ppl["bos"] is None  # no bos: the first token is context only
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--data-dir", "packaged", "--no-math"])
-    assert exc.value.code == 2 and "--model is required" in capsys.readouterr().err
+    assert cli.call("evaluate", ["--data-dir", "packaged", "--no-math"]) == 2
+    assert "--model is required" in capsys.readouterr().err

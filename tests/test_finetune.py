@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from q2g import cli
 from transformers import AutoTokenizer
 
-from q2g import data, finetune
-from q2g.finetune import IGNORE_INDEX, Collator, build_example
+from q2g import data, finetune, training
+from q2g.sft_data import IGNORE_INDEX, Collator, build_example
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PROBLEM, TRACE = "What is 2+3?", "2+3=5. The final answer is $\\boxed{5}$."
@@ -61,7 +63,7 @@ def test_collator_pads_right_with_masked_labels():
 
 
 def test_seed_command_line_parses():
-    args = finetune.build_parser().parse_args(["--base-model", "google/gemma-7b", "--traces", "dataset/", "--epochs", "3"])
+    args, _ = finetune.parse(["--base-model", "google/gemma-7b", "--traces", "dataset/", "--epochs", "3"])
     assert (args.base_model, args.traces, args.epochs, args.lora_r, args.lora_alpha) == ("google/gemma-7b", "dataset/", 3, 16, 32)
     assert (args.target_modules, args.lr, args.batch_size, args.grad_accum, args.optim) == (
         ["q_proj", "v_proj"], 2e-4, 8, 4, "adamw_8bit")
@@ -71,16 +73,24 @@ def test_seed_command_line_parses():
 def test_precision_on_the_cpu_keeps_fp32_weights():
     import torch
 
-    assert finetune.resolve_precision("auto", "cpu") == (torch.float32, None, "fp32")
-    assert finetune.resolve_precision("bf16", "cpu")[:2] == (torch.float32, "bf16")  # bf16 autocast only
-    with pytest.raises(finetune.FinetuneError, match="fp16 needs a CUDA GPU"):
-        finetune.resolve_precision("fp16", "cpu")
+    from q2g.errors import ConfigError
+    from q2g.models import Precision, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == Precision(torch.float32, None, "fp32")
+    assert resolve_precision("fp32", "cuda") == Precision(torch.float32, None, "fp32")  # fp32 means fp32 everywhere
+    p = resolve_precision("bf16", "cpu")
+    assert (p.dtype, p.autocast) == (torch.float32, "bf16")  # bf16 autocast only
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
 
 
 def test_traces_without_split_manifest_are_refused(tmp_path):
     (tmp_path / "traces.jsonl").write_text("{}\n")
-    with pytest.raises(finetune.FinetuneError, match="split.json: split manifest not found"):
-        finetune.locate_traces(str(tmp_path), None)
+    from q2g.errors import DataError
+    from q2g.sft_data import locate_traces
+
+    with pytest.raises(DataError, match="split.json: split manifest not found"):
+        locate_traces(str(tmp_path), None)
 
 
 # ---------------------------------------------------------------- runs
@@ -114,7 +124,7 @@ def trained(tiny_gemma_dir, dataset, tmp_path_factory):
     """A two-epoch run; the LoRA model is captured with a snapshot of its weights before training."""
     out = tmp_path_factory.mktemp("run") / "checkpoints"
     captured = {}
-    real = finetune.build_lora_model
+    real = training.build_lora_model
 
     def capture(model, rank, alpha, args):
         peft_model = real(model, rank, alpha, args)
@@ -123,8 +133,8 @@ def trained(tiny_gemma_dir, dataset, tmp_path_factory):
         return peft_model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(finetune, "build_lora_model", capture)
-        assert finetune.main(argv(tiny_gemma_dir, dataset, out)) == 0
+        mp.setattr(training, "build_lora_model", capture)
+        assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out)) == 0
     return out, captured
 
 
@@ -175,8 +185,9 @@ def fake_perplexity(monkeypatch, values):
 
     values = iter(values)
 
-    def perplexity(model, tokenizer, text, cfg, progress=True):
-        return {"token_perplexity": next(values), "bits_per_byte": 1.0, "n_tokens_scored": 128}
+    def perplexity(model, tokenizer, text, cfg, progress=True, precision=None):
+        return {"token_perplexity": next(values), "word_perplexity": 1.0, "bits_per_byte": 1.0,
+                "n_tokens_scored": 128}
 
     monkeypatch.setattr(evaluate, "perplexity", perplexity)
 
@@ -184,7 +195,7 @@ def fake_perplexity(monkeypatch, values):
 def test_flag_policy_marks_rows_and_continues(tiny_gemma_dir, dataset, tmp_path, monkeypatch):
     fake_perplexity(monkeypatch, [100.0, 101.0, 102.0])
     out = tmp_path / "ck"
-    assert finetune.main(argv(tiny_gemma_dir, dataset, out, "--forgetting-budget", "0")) == 0
+    assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out, "--forgetting-budget", "0")) == 0
     assert [(r["epoch"], r["flagged"]) for r in metrics(out)] == [(0, False), (1, True), (2, True)]
     assert json.loads((out / "final" / "selection.json").read_text())["adapter"] == "epoch-2"
     assert "OVER BUDGET: WikiText perplexity +2.0% > 0% allowed" in (out / "report.md").read_text()
@@ -194,7 +205,7 @@ def test_stop_policy_ends_training_without_an_adapter(tiny_gemma_dir, dataset, t
     fake_perplexity(monkeypatch, [100.0, 101.0, 102.0])
     out = tmp_path / "ck"
     args = argv(tiny_gemma_dir, dataset, out, "--forgetting-budget", "0", "--on-forgetting", "stop", epochs=3)
-    assert finetune.main(args) == 0
+    assert cli.call("finetune", args) == 0
     assert [r["epoch"] for r in metrics(out)] == [0, 1]  # stopped after epoch 1
     assert not (out / "epoch-2").exists()
     assert not (out / "final" / "adapter_model.safetensors").exists()
@@ -206,7 +217,7 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
     fake_perplexity(monkeypatch, [100.0, 110.0, 100.0, 99.0])  # r16 epoch 1 over; r8 within
     out = tmp_path / "ck"
     args = argv(tiny_gemma_dir, dataset, out, "--forgetting-budget", "0", "--on-forgetting", "reduce-rank")
-    assert finetune.main(args) == 0
+    assert cli.call("finetune", args) == 0
     assert [(r["lora_rank"], r["epoch"], r["flagged"]) for r in metrics(out)] == [
         (None, 0, False), (16, 1, True), (8, 1, False), (8, 2, False)]
     adapter = json.loads((out / "rank-8" / "epoch-2" / "adapter_config.json").read_text())
@@ -218,14 +229,14 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
 
 KILL_AFTER_FIRST_SAVE = """
 import os, signal, sys
-from q2g import finetune
-real = finetune.make_callback
+from q2g import cli, training
+real = training.make_callback
 def make_callback(*a, **k):
     cb = real(*a, **k)
     cb.on_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # right after checkpoint-2 is written
     return cb
-finetune.make_callback = make_callback
-sys.exit(finetune.main(sys.argv[1:]))
+training.make_callback = make_callback
+sys.exit(cli.call("finetune", sys.argv[1:]))
 """
 
 
@@ -239,9 +250,9 @@ def test_resume_after_kill(tiny_gemma_dir, dataset, tmp_path, capsys):
     assert (out / "checkpoint-2" / "trainer_state.json").exists() and not (out / "final").exists()
     assert [r["epoch"] for r in metrics(out)] == [0, 1]
 
-    assert finetune.main(argv(tiny_gemma_dir, dataset, out)) == 2  # an existing run needs --resume
+    assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out)) == 2  # an existing run needs --resume
     assert "pass --resume" in capsys.readouterr().err
-    assert finetune.main(argv(tiny_gemma_dir, dataset, out, "--resume")) == 0
+    assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out, "--resume")) == 0
     assert f"resuming rank 16 from {out / 'checkpoint-2'}" in capsys.readouterr().out
     rows = metrics(out)
     assert [(r["epoch"], r["step"]) for r in rows] == [(0, 0), (1, 2), (2, 4)]  # kept, not duplicated
@@ -260,7 +271,7 @@ def test_holdout_leak_is_refused(tiny_gemma_dir, dataset, tmp_path, capsys):
     rows = (dataset / "traces.jsonl").read_text()
     leak = {**held, "id": "copied", "qwen_trace": "x", "validated": True}
     (ds / "traces.jsonl").write_text(rows + json.dumps(leak) + "\n")
-    assert finetune.main(argv(tiny_gemma_dir, ds, tmp_path / "ck")) == 2
+    assert cli.call("finetune", argv(tiny_gemma_dir, ds, tmp_path / "ck")) == 2
     err = capsys.readouterr().err
     assert "1 of 12 validated traces are holdout problems" in err
     assert f"copied = holdout {held['id']} (by problem_hash)" in err
@@ -278,6 +289,6 @@ def test_bad_traces_file_names_file_and_line(tiny_gemma_dir, dataset, tmp_path, 
     (tmp_path / "split.json").write_text((dataset / "split.json").read_text())
     traces = tmp_path / "traces.jsonl"
     traces.write_text(content)
-    assert finetune.main(argv(tiny_gemma_dir, traces, tmp_path / "ck")) == 2
+    assert cli.call("finetune", argv(tiny_gemma_dir, traces, tmp_path / "ck")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {traces}") and message in err

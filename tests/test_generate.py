@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from q2g import cli
+
 import q2g.generate as gen
 from q2g import backends
 from q2g.answers import is_correct
 from q2g.backends import Sample, stable_int
-from q2g.config import parse_args
 from q2g.data import find_leaks, packaged_data_dir, read_split, select_split
 
 BASE = ["--data-dir", "packaged", "--limit", "10", "--seed", "0"]
@@ -68,13 +69,13 @@ def scripted(monkeypatch):
 
 
 def run(out, *extra) -> int:
-    return gen.main([*BASE, "--out", str(out), *extra])
+    return cli.call("generate", [*BASE, "--out", str(out), *extra])
 
 
 # ---------------------------------------------------------------- records
 
 def test_seed_command_line_is_accepted_with_the_documented_defaults():
-    args = parse_args(gen.build_parser(), ["--teacher", "Qwen/Qwen2.5-7B-Instruct", "--datasets", "gsm8k", "math"])
+    args = gen.parse(["--teacher", "Qwen/Qwen2.5-7B-Instruct", "--datasets", "gsm8k", "math"])
     assert (args.teacher, args.datasets, args.backend, args.out) == \
         ("Qwen/Qwen2.5-7B-Instruct", ["gsm8k", "math"], "hf", "dataset")
     assert (args.temperature, args.top_p, args.max_new_tokens, args.samples_per_problem) == (0.3, 0.95, 1024, 1)
@@ -118,7 +119,7 @@ def test_scripted_teacher_keeps_distinct_correct_traces_and_rejects_the_rest(tmp
 
 def test_reference_backend_validates_every_shipped_problem(tmp_path):
     out = tmp_path / "ref"
-    assert gen.main(["--backend", "reference", "--data-dir", "packaged", "--out", str(out)]) == 0
+    assert cli.call("generate", ["--backend", "reference", "--data-dir", "packaged", "--out", str(out)]) == 0
     traces = read(out / "traces.jsonl")
     assert len(traces) == 384 and (out / "rejected.jsonl").read_text() == ""
     assert all("<<" not in t["qwen_trace"] for t in traces)
@@ -130,7 +131,7 @@ def test_reference_backend_validates_every_shipped_problem(tmp_path):
 
 def test_official_test_holdout_never_gets_traces(tmp_path):
     out = tmp_path / "off"
-    assert gen.main(["--backend", "reference", "--data-dir", "packaged", "--limit", "20", "--holdout",
+    assert cli.call("generate", ["--backend", "reference", "--data-dir", "packaged", "--limit", "20", "--holdout",
                      "official-test", "--out", str(out)]) == 0
     manifest, traces = read_split(out), read(out / "traces.jsonl")
     assert all(e["id"].split("/")[1] == "test" or e["id"].startswith("math/test") for e in manifest["holdout"])
@@ -140,7 +141,7 @@ def test_official_test_holdout_never_gets_traces(tmp_path):
 def test_yaml_config_section_is_read(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("generate:\n  backend: reference\n  data_dir: packaged\n  limit: 3\n  datasets: [gsm8k]\n")
-    assert gen.main(["--config", str(cfg), "--out", str(tmp_path / "y")]) == 0
+    assert cli.call("generate", ["--config", str(cfg), "--out", str(tmp_path / "y")]) == 0
     assert len(read(tmp_path / "y" / "traces.jsonl")) == 2  # 3 problems, round(0.2 * 3) = 1 held out
 
 
@@ -151,7 +152,7 @@ def test_shards_are_disjoint_and_merge_into_the_unsharded_run(tmp_path, scripted
     sharded = tmp_path / "sharded"
     assert run(sharded, "--samples-per-problem", "2", "--shard", "0/2") == 0
     assert not (sharded / "traces.jsonl").exists()  # shard 1 not done: nothing merged yet
-    assert run(sharded, "--samples-per-problem", "2", "--merge-shards") == 1
+    assert run(sharded, "--samples-per-problem", "2", "--merge-shards") == 2
     assert "shard(s) 1/2 not complete" in capsys.readouterr().err
     assert run(sharded, "--samples-per-problem", "2", "--shard", "1/2") == 0
     ids = [{r["problem_id"] for name in ("traces", "rejected") for r in read(sharded / f"{name}.shard-{i}-of-2.jsonl")}
@@ -190,7 +191,7 @@ def test_broken_data_file_names_file_and_line_and_writes_nothing(tmp_path, capsy
     lines[4] = lines[4][:30]
     (data / "gsm8k" / "train.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "ds"
-    assert gen.main(["--backend", "reference", "--data-dir", str(data), "--out", str(out)]) == 1
+    assert cli.call("generate", ["--backend", "reference", "--data-dir", str(data), "--out", str(out)]) == 2
     assert "gsm8k/train.jsonl:5: not valid JSON" in capsys.readouterr().err
     assert not out.exists()
 
@@ -203,11 +204,11 @@ def test_openai_backend_end_to_end_and_auth_failure(tmp_path, capsys):
     server = ChatServer(script=[(429, {"Retry-After": "0"}, {"error": "rate limited"})], text=answer)
     try:
         args = ["--backend", "openai", "--base-url", server.url, "--data-dir", "packaged", "--limit", "3"]
-        assert gen.main(args + ["--out", str(tmp_path / "ok")]) == 0
+        assert cli.call("generate", args + ["--out", str(tmp_path / "ok")]) == 0
         traces = read(tmp_path / "ok" / "traces.jsonl")
         assert len(traces) == len(gold) and all(t["n_tokens"] == 7 for t in traces)
         server.script = [(401, {}, {"error": "bad key"})] * 20
-        assert gen.main(args + ["--out", str(tmp_path / "denied")]) == 1
+        assert cli.call("generate", args + ["--out", str(tmp_path / "denied")]) == 1
         assert "HTTP 401" in capsys.readouterr().err
         assert not (tmp_path / "denied" / "traces.jsonl").exists()
     finally:
@@ -252,7 +253,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     args = ["generate", "--backend", "reference", "--data-dir", "packaged", "--limit", "20",
             "--batch-size", "4", "--samples-per-problem", "2"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    assert gen.main(args[1:] + ["--out", str(clean)]) == 0
+    assert cli.call("generate", args[1:] + ["--out", str(clean)]) == 0
     env = {**os.environ, gen.DELAY_ENV: "0.3"}
     for lines in (12, 28):  # killed twice, the second time while resuming
         proc = subprocess.Popen([sys.executable, "-m", "q2g.cli", *args, "--out", str(killed)], env=env,
@@ -266,7 +267,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
         assert lines <= len([r for r in partial if r[2] is None]) < 48  # stopped part-way
         assert partial < record_set(clean)
         assert json.loads((killed / "summary.json").read_text())["complete"] is False
-    assert gen.main(args[1:] + ["--out", str(killed)]) == 0
+    assert cli.call("generate", args[1:] + ["--out", str(killed)]) == 0
     assert record_set(killed) == record_set(clean) and len(record_set(clean)) == 96
     for name in ("traces.jsonl", "rejected.jsonl"):
         assert (killed / name).read_bytes() == (clean / name).read_bytes()
@@ -276,7 +277,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
 
 def test_tiny_random_qwen_teacher_is_all_rejected(tmp_path, tiny_qwen_dir):
     out = tmp_path / "tiny"
-    assert gen.main(["--backend", "hf", "--teacher", str(tiny_qwen_dir), "--data-dir", "packaged", "--limit", "2",
+    assert cli.call("generate", ["--backend", "hf", "--teacher", str(tiny_qwen_dir), "--data-dir", "packaged", "--limit", "2",
                      "--max-new-tokens", "8", "--samples-per-problem", "2", "--out", str(out)]) == 0
     assert (out / "traces.jsonl").read_text() == ""
     rejected = read(out / "rejected.jsonl")
@@ -294,5 +295,5 @@ def test_a_corrupt_line_inside_the_outputs_is_an_error_not_a_silent_skip(tmp_pat
     assert run(out) == 0
     lines = (out / "traces.jsonl").read_text().splitlines(keepends=True)
     (out / "traces.jsonl").write_text(lines[0] + "{broken\n" + "".join(lines[1:]))
-    assert run(out) == 1
+    assert run(out) == 2
     assert "traces.jsonl:2: not valid JSON" in capsys.readouterr().err

@@ -4,6 +4,8 @@ import json
 import shutil
 
 import pytest
+
+from q2g import cli
 import torch
 
 from q2g import merge
@@ -40,7 +42,7 @@ def test_merge_matches_base_plus_adapter(tiny_gemma_dir, adapter, tmp_path, caps
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    assert merge.main(["--adapter", str(adapter), "--out", str(out)]) == 0
+    assert cli.call("merge", ["--adapter", str(adapter), "--out", str(out)]) == 0
     assert "max |logit(merged) - logit(base + adapter)|" in capsys.readouterr().out
     check = json.loads((out / "merge_check.json").read_text())
     assert check["ok"] and check["max_abs_logit_diff"] <= 1e-3 and check["base_model"] == str(tiny_gemma_dir)
@@ -58,10 +60,10 @@ def test_merge_matches_base_plus_adapter(tiny_gemma_dir, adapter, tmp_path, caps
 
 def test_bf16_merge_and_tolerance_failure(adapter, tmp_path, capsys):
     out = tmp_path / "merged16"
-    assert merge.main(["--adapter", str(adapter), "--out", str(out), "--precision", "bf16"]) == 0
+    assert cli.call("merge", ["--adapter", str(adapter), "--out", str(out), "--precision", "bf16"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     # bf16 rounds the merged weights once: a zero tolerance must fail with a non-zero exit
-    assert merge.main(["--adapter", str(adapter), "--out", str(out), "--precision", "bf16", "--atol", "0"]) == 1
+    assert cli.call("merge", ["--adapter", str(adapter), "--out", str(out), "--precision", "bf16", "--atol", "0"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
 
 
@@ -71,12 +73,12 @@ def test_quantized_base_is_refused(tiny_gemma_dir, adapter, tmp_path, capsys):
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(config))
-    code = merge.main(["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--base-model", str(base)])
+    code = cli.call("merge", ["--adapter", str(adapter), "--out", str(tmp_path / "m"), "--base-model", str(base)])
     assert code == 2
     assert "is quantized (bitsandbytes)" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
 
 def test_folder_without_adapter_is_an_error(tmp_path, capsys):
-    assert merge.main(["--adapter", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert cli.call("merge", ["--adapter", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err

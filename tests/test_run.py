@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from q2g import run
+from q2g import cli, run
+from q2g.errors import ConfigError
 
 
 def write_config(path, student, lr=2e-4):
@@ -43,19 +44,31 @@ def test_run_then_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_gemm
     assert "| pass@1 overall |" in capsys.readouterr().out  # the report's table is printed at the end
 
     assert run.run_pipeline(config, out) == 0  # a rerun: nothing is trained or scored again
-    assert "finetune: done already for these settings, skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "baseline: already in metrics.jsonl" in printed and "trained already" in printed
     assert (out / "checkpoints" / "metrics.jsonl").read_text() == metrics
 
     other = write_config(tmp_path / "other.yaml", tiny_gemma_dir, lr=1e-3)
-    assert run.run_pipeline(other, out) == 2
-    assert "made with other finetune settings" in capsys.readouterr().err
+    assert cli.call("run", ["--config", str(other), "--out", str(out)]) == 2
+    assert "was made with other settings (lr: 0.0002 there, 0.001 now)" in capsys.readouterr().err
+    assert (out / "checkpoints" / "metrics.jsonl").read_text() == metrics  # refused: nothing written
+
+
+def test_eval_batch_size_is_not_a_different_run(tmp_path, tiny_gemma_dir, capsys):
+    """Once refused by `q2g run` and accepted by `finetune --resume`: now both accept it."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_gemma_dir)
+    out = tmp_path / "out"
+    assert run.run_pipeline(config, out) == 0
+    config.write_text(config.read_text() + "  eval_batch_size: 3\n")
+    assert cli.call("run", ["--config", str(config), "--out", str(out)]) == 0
 
 
 def test_unknown_top_level_key_and_missing_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("out: x\ngenerte: {}\n")
-    with pytest.raises(SystemExit, match="unknown top-level key"):
+    with pytest.raises(ConfigError, match="unknown top-level key"):
         run.run_pipeline(bad, tmp_path / "o")
-    with pytest.raises(SystemExit, match="shipped configs: .*demo_quick"):
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="shipped configs: .*demo_quick"):
         run.resolve_config("no-such-config")
     assert run.resolve_config("demo_quick").name == "demo_quick.yaml"

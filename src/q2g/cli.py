@@ -5,7 +5,9 @@
     q2g generate ...   q2g finetune ...   q2g evaluate ...   q2g merge ...
 
 Each subcommand is the `main(argv)` of its module, imported only when chosen so `q2g --help`
-stays fast and a stage's heavy imports never slow another.
+stays fast and a stage's heavy imports never slow another. This is the one place where errors
+become exit codes (the table is in q2g.errors and the README): 2 bad input or settings, 1 a
+failed run, 130 Ctrl-C; the message is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -45,7 +47,26 @@ def main(argv=None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "demo_main" if name == "demo" else "main")
-    return int(entry(rest) or 0)
+    return run_entry(entry, rest)
+
+
+def call(command: str, argv=()) -> int:
+    """`q2g <command> argv...` from Python, with the command line's exit code (tests, scripts)."""
+    return main([command, *argv])
+
+
+def run_entry(entry, argv) -> int:
+    """Call a stage's main; its q2g errors become (message on stderr, exit code)."""
+    from q2g.errors import EXIT_INTERRUPTED, Q2GError
+
+    try:
+        return int(entry(argv) or 0)
+    except Q2GError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

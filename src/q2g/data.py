@@ -27,6 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from q2g.errors import DataError  # noqa: F401  (bad or missing input data: names file, line and field)
+
 SOURCES = ("gsm8k", "math")
 MATH_SUBJECTS = {
     "algebra": "Algebra",
@@ -42,8 +44,6 @@ DATA_DIR_ENV = "Q2G_DATA_DIR"
 SPLIT_VERSION = 1
 
 
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file, line and field."""
 
 
 def packaged_data_dir() -> Path:
@@ -64,25 +64,42 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
-    """Read a JSONL file; a bad line or a missing field raises DataError naming file:line."""
-    required = tuple(required)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
-    return rows
+def read_jsonl(path: Path, required: Iterable[str] = (), types: dict | None = None) -> list[dict]:
+    """Read a JSONL file; a bad line, a missing field or a field of the wrong type (`types`:
+    field -> type or tuple of types) raises DataError naming file:line; undecodable bytes name the
+    byte offset."""
+    required, types = tuple(required), types or {}
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    return [row for lineno, line in enumerate(text.split("\n"), 1) if line.strip()
+            for row in [_jsonl_row(path, lineno, line, required, types)]]
+
+
+def _jsonl_row(path, lineno: int, line: str, required: tuple, types: dict) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+    for key, kind in types.items():
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        value = row.get(key)
+        if key in row and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            names = "/".join(k.__name__ for k in kinds)
+            raise DataError(f"{path}:{lineno}: field {key!r} must be {names}, got {type(row[key]).__name__} "
+                            f"{json.dumps(row[key])[:40]}")
+    return row
 
 
 def _local_file(data_dir: Path, *parts: str) -> Path:

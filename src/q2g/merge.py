@@ -12,33 +12,35 @@ A quantized base is refused: merging into quantized weights would round the adap
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+
+from q2g.config import Config, option
+from q2g.errors import BadInput, RunFailed
 
 DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
 PROBE_PROBLEM = "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?"
 
 
-class MergeError(RuntimeError):
-    pass
+class MergeError(BadInput):
+    """An adapter or base model that cannot be merged as asked."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from q2g.config import add_config_arg
+@dataclass
+class MergeConfig(Config):
+    adapter: str | None = option(None, help="adapter folder (e.g. checkpoints/final) (required)")
+    out: str | None = option(None, help="folder for the merged model (required)")
+    base_model: str | None = option(None, help="base model (default: base_model_name_or_path of adapter_config.json)")
+    precision: str = option("fp32", choices=("bf16", "fp32"), help="dtype of the merge and the saved weights")
+    atol: float | None = option(None, min=0, help="max |logit difference| allowed (default: 1e-3 fp32, 0.5 bf16)")
+    device: str = option("auto", help="auto, cpu, cuda")
 
-    p = argparse.ArgumentParser(prog="q2g merge", description="Merge a LoRA adapter into its base model, checked on a probe.")
-    p.add_argument("--adapter", required=True, help="adapter folder (e.g. checkpoints/final)")
-    p.add_argument("--out", required=True, help="folder for the merged model")
-    p.add_argument("--base-model", help="base model (default: base_model_name_or_path of adapter_config.json)")
-    p.add_argument("--precision", default="fp32", choices=["bf16", "fp32"], help="dtype of the merge and the saved weights")
-    p.add_argument("--atol", type=float, help="max |logit difference| allowed (default: 1e-3 fp32, 0.5 bf16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    add_config_arg(p)
-    return p
+    def check(self) -> list[str]:
+        return [f"--{k} is required" for k in ("adapter", "out") if not getattr(self, k)]
 
 
 def adapter_base(adapter: Path, base_model: str | None) -> str:
@@ -98,20 +100,20 @@ def merge(adapter: Path, base: str, out: Path, dtype, device: str, tokenizer):
 
 
 def main(argv=None) -> int:
-    from q2g.config import parse_args
+    from q2g.config import load_config
     from q2g.io import atomic_write_json
-    from q2g.models import load_model, load_tokenizer, pick_device, pick_dtype
+    from q2g.models import load_model, load_tokenizer, pick_device, storage_dtype
 
-    args = parse_args(build_parser(), argv, section="merge")
+    args = load_config(MergeConfig, argv, prog="q2g merge", section="merge",
+                       description="Merge a LoRA adapter into its base model, checked on a probe.")
     adapter, out = Path(args.adapter), Path(args.out)
+    base = adapter_base(adapter, args.base_model)
     try:
-        base = adapter_base(adapter, args.base_model)
         refuse_quantized(base)
-    except (MergeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise MergeError(f"base model {base}: {e}") from None
     device = pick_device(args.device)
-    dtype = pick_dtype(args.precision, device)
+    dtype = storage_dtype(args.precision)
     has_tokenizer = (adapter / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     print(f"[merge] {adapter} into {base} at {args.precision} on {device}", flush=True)
@@ -126,8 +128,13 @@ def main(argv=None) -> int:
     print(f"[merge] probe ({ids.shape[1]} tokens): max |logit(merged) - logit(base + adapter)| = {diff:.3g} "
           f"(tolerance {atol:g}): {'OK' if ok else 'MISMATCH'}", flush=True)
     print(f"[merge] wrote {out}", flush=True)
-    return 0 if ok else 1
+    if not ok:
+        raise RunFailed(f"merged model's logits differ from base + adapter by {diff:.3g} > {atol:g}; "
+                        f"{out / 'merge_check.json'} has the numbers")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from q2g.cli import main as cli_main
+
+    sys.exit(cli_main(["merge", *sys.argv[1:]]))

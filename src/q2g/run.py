@@ -13,16 +13,17 @@ after a crash or Ctrl-C continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from q2g.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = "demo_gemma3-270m_reference.yaml"
 STAGES = ("generate", "finetune")
+OTHER_SECTIONS = ("sweep",)  # read by `q2g sweep`; `q2g run` ignores it
 
 
 def resolve_config(name: str) -> Path:
@@ -34,7 +35,7 @@ def resolve_config(name: str) -> Path:
     if shipped.exists():
         return shipped
     choices = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise SystemExit(f"error: config {name} not found (shipped configs: {choices})")
+    raise ConfigError(f"config {name} not found (shipped configs: {choices})")
 
 
 def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
@@ -45,65 +46,33 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
     return argv + ["--traces", str(out / "dataset"), "--out", str(out / "checkpoints")]
 
 
-def settings_hash(section: dict) -> str:
-    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def finetune_done(out: Path, section: dict) -> bool:
-    state = out / "checkpoints" / "run_state.json"
-    if not state.exists() or not (out / "checkpoints" / "final").exists():
-        return False
-    return json.loads(state.read_text()).get("settings_hash") == settings_hash(section)
-
-
-def run_finetune(config: Path, section: dict, out: Path) -> int:
-    from q2g import finetune
-    from q2g.io import atomic_write_json
-
-    ckpt = out / "checkpoints"
-    argv = stage_argv("finetune", config, out)
-    if ckpt.exists():
-        state = ckpt / "run_state.json"
-        if state.exists() and json.loads(state.read_text()).get("settings_hash") != settings_hash(section):
-            print(f"error: {ckpt} was made with other finetune settings; use another `out:` or delete it",
-                  file=sys.stderr)
-            return 2
-        if (ckpt / "metrics.jsonl").exists():  # a started run: continue it (--resume on nothing starts fresh)
-            argv.append("--resume")
-    ckpt.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(ckpt / "run_state.json", {"settings_hash": settings_hash(section), "done": False})
-    code = finetune.main(argv)
-    if code == 0:
-        atomic_write_json(ckpt / "run_state.json", {"settings_hash": settings_hash(section), "done": True})
-    return code
-
-
 def run_pipeline(config: Path, out: Path | None = None) -> int:
-    from q2g import generate
+    """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
+    the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
+    from q2g import finetune, generate
     from q2g.config import load_yaml
+    from q2g.errors import ConfigError
 
     data = load_yaml(config)
-    unknown = set(data) - {"out", *STAGES}
+    unknown = set(data) - {"out", *STAGES, *OTHER_SECTIONS}
     if unknown:
-        raise SystemExit(f"error: {config}: unknown top-level key(s) {sorted(unknown)}; expected out, generate, finetune")
+        raise ConfigError(f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, "
+                          f"{', '.join(STAGES + OTHER_SECTIONS)}")
     out = Path(out or data.get("out") or "runs/" + config.stem)
+    ckpt = out / "checkpoints"
+    gen_argv, ft_argv = stage_argv("generate", config, out), stage_argv("finetune", config, out)
+    # Both stages' settings are checked before either runs, so a typo in finetune: fails at once.
+    generate.parse(gen_argv)
+    finetune.parse(ft_argv)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(config, out / "run_config.yaml")
-    timings = {}
-    t0 = time.time()
+    timings, t0 = {}, time.time()
     print(f"[q2g run] stage 1/2 generate -> {out / 'dataset'}", flush=True)
-    code = generate.main(stage_argv("generate", config, out))
-    timings["generate"] = time.time() - t0
-    if code != 0:
-        return code
-    t1 = time.time()
-    if finetune_done(out, data.get("finetune") or {}):
-        print("[q2g run] stage 2/2 finetune: done already for these settings, skipped", flush=True)
-    else:
-        print(f"[q2g run] stage 2/2 finetune -> {out / 'checkpoints'}", flush=True)
-        code = run_finetune(config, data.get("finetune") or {}, out)
-        if code != 0:
-            return code
+    generate.main(gen_argv)
+    timings["generate"], t1 = time.time() - t0, time.time()
+    resume = ["--resume"] if (ckpt / "metrics.jsonl").exists() else []  # a started run: continue it
+    print(f"[q2g run] stage 2/2 finetune -> {ckpt}{' (resuming)' if resume else ''}", flush=True)
+    finetune.main(ft_argv + resume)
     timings["finetune"] = time.time() - t1
     summarize(out, timings)
     return 0

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from q2g.errors import RunFailed
+
 BACKENDS = ("hf", "vllm", "openai", "reference")
 # Problems per batch (the unit of one write and of resume) when --batch-size is not given.
 DEFAULT_BATCH_SIZE = {"hf": 32, "vllm": 512, "openai": 64, "reference": 64}
@@ -38,7 +40,7 @@ class Sample:
     truncated: bool = False  # stopped by the token limit, not by the model
 
 
-class BackendError(RuntimeError):
+class BackendError(RunFailed):
     """The backend failed in a way a retry will not fix; the message says what to do."""
 
 

@@ -4,7 +4,7 @@
 
 Prompts come from prompts.teacher_prompt (the chat template of an instruct teacher, the plain
 format for a base model). Generation is q2g.generation.generate: length-grouped batches, left
-padding, KV cache, stop at end-of-turn / EOS; bf16 on a GPU (models.pick_dtype). k samples of a
+padding, KV cache, stop at end-of-turn / EOS; bf16 on a GPU (models.resolve_precision). k samples of a
 problem are k copies of its prompt. `n_tokens` counts generated tokens including the stop token.
 """
 
@@ -30,11 +30,11 @@ class HFBackend:
 
     def __init__(self, teacher: str, *, temperature: float, top_p: float, max_new_tokens: int,
                  batch_size: int | None = None, precision: str = "auto", device: str = "auto"):
-        from q2g.models import load_model, load_tokenizer, pick_device, pick_dtype
+        from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
 
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(teacher, padding_side="left")
-        self.model = load_model(teacher, pick_dtype(precision, self.device), self.device).eval()
+        self.model = load_model(teacher, resolve_precision(precision, self.device).dtype, self.device).eval()
         self.end_ids = teacher_end_ids(self.tokenizer, self.model)
         self.sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.batch_size = batch_size or 32  # sequences per forward pass
