@@ -9,6 +9,7 @@ remote code is never trusted.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -18,6 +19,11 @@ from pathlib import Path
 from q2g.errors import ConfigError
 
 DEMO_MODEL = "pypi:gemma3-270m"
+# Token perplexity of the converted Gemma 3 270M on the first 512 tokens of the shipped WikiText
+# excerpt (one 512-token window, <bos> first), measured under transformers 5.24 on the CPU; a
+# conversion scoring outside [known / 1.5, known * 1.5] is broken (5.17 scored ~600 on such text).
+DEMO_KNOWN_PPL = 14.48
+DEMO_PPL_TOLERANCE = 1.5
 CACHE_ENV = "Q2G_CACHE"
 
 
@@ -139,6 +145,28 @@ def load_model(name: str, dtype=None, device: str = "cpu"):
     return model.to(device)
 
 
+def check_demo_model(model, tokenizer) -> dict:
+    """Score the fixed shipped excerpt; a perplexity far from the known value raises RunFailed."""
+    import transformers
+
+    from q2g import data
+    from q2g.errors import RunFailed
+    from q2g.evaluate import EvalConfig, perplexity
+
+    cfg = EvalConfig(ppl_max_length=512, ppl_stride=256, ppl_max_tokens=512)
+    ppl = perplexity(model, tokenizer, data.load_wikitext("packaged"), cfg, progress=False)["token_perplexity"]
+    ok = DEMO_KNOWN_PPL / DEMO_PPL_TOLERANCE <= ppl <= DEMO_KNOWN_PPL * DEMO_PPL_TOLERANCE
+    print(f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "
+          f"{'OK' if ok else 'BROKEN'}", flush=True)
+    if not ok:
+        raise RunFailed(
+            f"the Gemma 3 270M converted from its GGUF scores perplexity {ppl:.1f} on the shipped WikiText "
+            f"excerpt where a good conversion scores {DEMO_KNOWN_PPL}: transformers {transformers.__version__} "
+            f"converts this GGUF wrongly. Install a verified version (pip install 'transformers>=5.24,<6') "
+            f"and run again; nothing was saved.")
+    return {"wikitext_excerpt_ppl": ppl, "known": DEMO_KNOWN_PPL, "transformers": transformers.__version__}
+
+
 def demo_gemma_dir() -> Path:
     """The Gemma 3 270M from PyPI as a plain fp32 safetensors folder, converted on first use."""
     target = cache_dir() / "gemma-3-270m"
@@ -163,10 +191,12 @@ def demo_gemma_dir() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    check = check_demo_model(model, tok)  # a broken conversion is refused before anything is saved
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    (tmp / "q2g_check.json").write_text(json.dumps(check, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a killed conversion never leaves a half folder behind
     return target
