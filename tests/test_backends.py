@@ -258,6 +258,14 @@ def test_openai_keeps_the_servers_reasoning_field_per_mode(chat_server, field, m
     assert sample.n_tokens == 7  # usage.completion_tokens, the thinking included
 
 
+def test_load_backend_passes_the_reasoning_mode():
+    args = types.SimpleNamespace(temperature=0.3, top_p=0.9, max_new_tokens=8, teacher="t", base_url="http://x/v1",
+                                 api_key=None, concurrency=2, timeout=1.0, max_retries=0, reasoning="answer")
+    assert load_backend("openai", args).reasoning == "answer"
+    del args.reasoning  # a config without the option: the default
+    assert load_backend("openai", args).reasoning == "reasoning+answer"
+
+
 def test_the_answer_is_read_from_the_final_content_not_the_thinking(tmp_path):
     """A teacher that found 42 while thinking but answered 41 is wrong, whatever the mode."""
     from q2g.generate import judge

@@ -68,7 +68,8 @@ def test_no_validated_trace_is_an_error_naming_the_file(tmp_path, capsys):
 
 
 def sft_dataset(model_dir, out, tmp_path, **config):
-    """The train dataset as TRL's SFTTrainer prepares it (tokenized, labels built)."""
+    """The train dataset as TRL's SFTTrainer prepares it (tokenized; labels, or the completion mask)."""
+    pytest.importorskip("trl")  # not a q2g dependency: export writes files, TRL only reads them
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -79,6 +80,13 @@ def sft_dataset(model_dir, out, tmp_path, **config):
                          train_dataset=load_dataset("json", data_files=str(out), split="train"),
                          processing_class=AutoTokenizer.from_pretrained(model_dir))
     return trainer.train_dataset, trainer.processing_class
+
+
+def labels(example) -> list[int]:
+    """TRL 1.x builds `labels` (-100 off the completion); older TRL keeps `completion_mask` for its collator."""
+    if "labels" in example:
+        return example["labels"]
+    return [i if m else -100 for i, m in zip(example["input_ids"], example["completion_mask"])]
 
 
 @pytest.mark.parametrize("student", ["tiny_gemma_dir", "tiny_qwen_dir", "gemma_chat_dir"])
@@ -96,13 +104,13 @@ def test_trl_format_is_tokenized_by_sft_trainer_with_the_prompt_masked(dataset, 
         prompt = student_prompt_ids(tok, row["problem"])
         target = student_target_ids(tok, row["qwen_trace"]) + extra
         assert example["input_ids"] == prompt + target  # the ids q2g finetune trains on
-        assert example["labels"] == [-100] * len(prompt) + target  # the prompt, and only it, masked
+        assert labels(example) == [-100] * len(prompt) + target  # the prompt, and only it, masked
     if student == "gemma_chat_dir":
         assert data[0]["input_ids"][:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<start_of_turn>")]
         # With the end-of-turn as TRL's EOS the target is exactly q2g's, nothing appended.
         exact, _ = sft_dataset(model_dir, out, tmp_path, eos_token="<end_of_turn>")
         target = student_target_ids(tok, ROWS[0]["qwen_trace"])
-        assert exact[0]["labels"][-len(target) - 1:] == [-100] + target
+        assert labels(exact[0])[-len(target) - 1:] == [-100] + target
 
 
 def test_messages_format_renders_like_the_student_prompt_and_target(dataset, tmp_path, tiny_qwen_dir):

@@ -12,7 +12,7 @@ import pytest
 
 import q2g.generate as gen
 from q2g.backends import BackendError
-from test_backends import GSM8K, HANG, RESET, chat_server, client, fast_backoff  # noqa: F401 (fixtures)
+from test_backends import GSM8K, HANG, RESET, ChatServer, client  # the 127.0.0.1 server and client settings
 
 PROBLEMS = [dict(GSM8K, id=f"p{i}", problem=f"Problem {i}") for i in range(3)]
 FAULTS = {  # name: (script entry, what the error of a problem that got only that says)
@@ -24,6 +24,20 @@ FAULTS = {  # name: (script entry, what the error of a problem that got only tha
     "no_choices": ((200, {}, {"choices": [], "usage": {"completion_tokens": 0}}), r"answered without choices"),
 }
 RETRIED_BY_THE_SDK = ("500", "429", "hang", "reset")
+
+
+@pytest.fixture()
+def chat_server():
+    servers = []
+    yield lambda *args, **kw: servers.append(ChatServer(*args, **kw)) or servers[-1]
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """The SDK's first retry waits 0.5 s; 10 ms here (private constant: if it moves, tests only slow down)."""
+    monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.01, raising=False)
 
 
 def backend(url, **kw):
@@ -72,7 +86,7 @@ def read(path):
 
 def test_generate_records_a_failed_problem_and_the_next_run_asks_again(chat_server, tmp_path, capsys):
     gold = {p["problem"]: p["answer"] for p in gen.select_split(data_dir="packaged", limit=3, seed=0)[0]}
-    answer = lambda body: "\\boxed{%s}" % next(a for q, a in gold.items() if q in body["messages"][1]["content"])
+    answer = lambda body: "\\boxed{" + next(a for q, a in gold.items() if q in body["messages"][1]["content"]) + "}"
     server = chat_server(script=[FAULTS["not_json"][0]], text=answer)
     argv = ["--backend", "openai", "--base-url", server.url, "--data-dir", "packaged", "--limit", "3",
             "--concurrency", "1", "--max-retries", "1", "--timeout", "5", "--out", str(tmp_path)]

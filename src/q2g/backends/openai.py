@@ -147,7 +147,8 @@ class OpenAIBackend:
         except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
             # APITimeoutError is an APIConnectionError; 408/409 arrive as APIStatusError below.
             what = f"HTTP {e.status_code} {detail(e)}" if hasattr(e, "status_code") else f"{type(e).__name__}: {e}"
-            raise ProblemError(f"gave up after {tries(e, self.max_retries)} tries: {what}") from None
+            n = tries(e, self.max_retries)
+            raise ProblemError(f"gave up after {n} {'try' if n == 1 else 'tries'}: {what}") from None
         except openai.APIStatusError as e:  # 400 (e.g. prompt + max_tokens over the context) and other 4xx
             raise ProblemError(f"HTTP {e.status_code}: {detail(e)}") from None
         except (openai.APIResponseValidationError, ValueError) as e:  # ValueError: json.JSONDecodeError
