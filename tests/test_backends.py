@@ -1,8 +1,11 @@
-"""Teacher backends: reference rewrite, the OpenAI-compatible client against a real local HTTP
-server (success, 429 then success, 401, 5xx exhaustion, servers that ignore `n`), the hf backend
-on a tiny random Qwen2, and the vLLM backend's calls against a stand-in `vllm` module."""
+"""Teacher backends: reference rewrite, the OpenAI-compatible client (official SDK) against a real
+local HTTP server (success, 429 then success, 401, 5xx exhaustion, servers that ignore `n`,
+reasoning_content), thinking traces, the hf backend on a tiny random Qwen2, and the vLLM backend's
+calls against a stand-in `vllm` module. Faults (hangs, resets, bad bodies): test_openai_faults.py."""
 
 import json
+import socket
+import struct
 import sys
 import threading
 import types
@@ -11,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from q2g.answers import is_correct
-from q2g.backends import BackendError, Sample, load_backend, stable_seed
-from q2g.backends.openai import AuthError, OpenAIBackend, parse_retry_after, split_tokens
+from q2g.backends import BackendError, Sample, load_backend, split_thinking, stable_seed, thinking_sample
+from q2g.backends.openai import AuthError, OpenAIBackend, split_tokens
 from q2g.backends.reference import ReferenceBackend, reference_trace
 from q2g.data import load_gsm8k, load_math
 from q2g.prompts import FINAL_ANSWER_LINE, teacher_messages
@@ -56,46 +59,67 @@ def test_load_backend_rejects_an_unknown_name():
 
 # ---------------------------------------------------------------- openai: a real HTTP server
 
-class ChatServer:
-    """A chat-completions server on 127.0.0.1; `script` is a list of (status, headers, body or None)
-    answers used in order (None body: a normal completion), then normal completions."""
+HANG, RESET = "hang", "reset"  # script bodies: answer after `hang_s` seconds / cut the connection mid-body
 
-    def __init__(self, script=(), choices_per_request=None, text="The final answer is $\\boxed{42}$."):
+
+class ChatServer:
+    """A chat-completions server on 127.0.0.1; `script` is a list of (status, headers, body) answers
+    used in order, then normal completions. body: None = a normal completion, bytes = sent as is,
+    HANG = a normal completion after `hang_s` seconds, RESET = half a body, then a TCP reset;
+    anything else is sent as JSON. `message` adds fields to every completion's message."""
+
+    def __init__(self, script=(), choices_per_request=None, text="The final answer is $\\boxed{42}$.",
+                 message=None, hang_s=3.0):
         self.script, self.requests, self.text = list(script), [], text
-        self.choices_per_request = choices_per_request
+        self.choices_per_request, self.message, self.hang_s = choices_per_request, message or {}, hang_s
+        self.lock, self.released = threading.Lock(), threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                status, headers, payload = server.script.pop(0) if server.script else (200, {}, None)
-                if payload is None:
-                    payload = server.completion(body)
-                data = json.dumps(payload).encode()
+                with server.lock:
+                    server.requests.append({"path": self.path, "body": body,
+                                            "auth": self.headers.get("Authorization")})
+                    status, headers, payload = server.script.pop(0) if server.script else (200, {}, None)
+                if payload == HANG:
+                    server.released.wait(server.hang_s)  # bounded; close() releases it at once
+                    payload = None
+                data = payload if isinstance(payload, bytes) else json.dumps(
+                    server.completion(body) if payload in (None, RESET) else payload).encode()
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    if payload == RESET:  # SO_LINGER 0: close() sends RST, not FIN
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()
+                        return
+                    self.wfile.write(data)
+                except OSError:  # the client gave up on a hang: nothing to answer
+                    pass
 
             def log_message(self, *args):
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def completion(self, body):
         n = body["n"] if self.choices_per_request is None else self.choices_per_request
         text = self.text(body) if callable(self.text) else self.text
-        choices = [{"index": i, "message": {"role": "assistant", "content": f"{text} ({i})"},
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"{text} ({i})", **self.message},
                     "finish_reason": "stop"} for i in range(n)]
         return {"choices": choices, "usage": {"prompt_tokens": 30, "completion_tokens": 7 * n}}
 
     def close(self):
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -112,8 +136,14 @@ def chat_server():
         s.close()
 
 
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """The SDK's first retry waits 0.5 s (then 1, 2, ...); 10 ms here. Private: if it moves, tests only slow down."""
+    monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.01, raising=False)
+
+
 def client(url, **kw):
-    kw = {"temperature": 0.3, "top_p": 0.95, "max_new_tokens": 64, "api_key": "sk-test", "backoff": 0.01, **kw}
+    kw = {"temperature": 0.3, "top_p": 0.95, "max_new_tokens": 64, "api_key": "sk-test", **kw}
     return OpenAIBackend("teacher-model", base_url=url, **kw)
 
 
@@ -166,12 +196,88 @@ def test_openai_asks_again_when_the_server_ignores_n(chat_server):
     assert len({r["body"]["seed"] for r in server.requests}) == 3
 
 
-def test_split_tokens_and_retry_after():
+def test_split_tokens():
     assert split_tokens(10, ["aaaa", "a"]) == [8, 2]
     assert sum(split_tokens(7, ["ab", "abc", "a"])) == 7
     assert split_tokens(None, ["a b c", ""]) == [3, 0]
-    assert parse_retry_after("2.5") == 2.5 and parse_retry_after(None) is None
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+
+
+def test_openai_without_the_sdk_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'q2g\[openai\]'"):
+        client("http://127.0.0.1:9/v1")
+
+
+def test_openai_403_is_an_auth_error_with_the_server_message(chat_server):
+    server = chat_server(script=[(403, {}, {"error": {"message": "model not allowed for this key"}})])
+    with pytest.raises(AuthError, match=r"HTTP 403: model not allowed for this key.*--api-key"):
+        client(server.url, max_retries=3).generate([GSM8K], k=1, seed=0)
+    assert len(server.requests) == 1
+
+
+def test_openai_404_stops_the_run_naming_the_teacher(chat_server):
+    server = chat_server(script=[(404, {}, {"error": {"message": "The model `x` does not exist."}})])
+    with pytest.raises(BackendError, match=r"HTTP 404.*does not exist.*--teacher 'teacher-model'"):
+        client(server.url).generate([GSM8K, dict(GSM8K, id="p2")], k=1, seed=0)
+
+
+# ---------------------------------------------------------------- thinking teachers
+
+THOUGHT, ANSWER = "Let x be the number. 2x = 84, so x = 42.", "So the final answer is $\\boxed{42}$."
+
+
+def test_split_thinking_handles_inline_open_missing_and_unclosed_tags():
+    assert split_thinking(f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}") == (THOUGHT, ANSWER)
+    assert split_thinking(f"{THOUGHT}</think>{ANSWER}") == (THOUGHT, ANSWER)  # <think> was in the prompt
+    assert split_thinking(f"<think>{THOUGHT}") == (THOUGHT, "")  # cut off while thinking: no answer
+    assert split_thinking(ANSWER) == (None, ANSWER)
+
+
+@pytest.mark.parametrize("source", ["reasoning_content", "reasoning", "inline"])
+def test_every_source_of_reasoning_gives_the_same_trace_in_both_modes(source):
+    content = f"<think>{THOUGHT}</think>\n{ANSWER}" if source == "inline" else ANSWER
+    reasoning = None if source == "inline" else THOUGHT
+    kept = thinking_sample(content, 9, False, reasoning=reasoning, mode="reasoning+answer")
+    assert kept == Sample(f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}", 9, False, answer=ANSWER)
+    assert kept.answer_text == ANSWER
+    dropped = thinking_sample(content, 9, False, reasoning=reasoning, mode="answer")
+    assert dropped.text == ANSWER and dropped.answer_text == ANSWER
+    assert thinking_sample(ANSWER, 3, False) == Sample(ANSWER, 3, False)  # no thinking: unchanged
+    with pytest.raises(ValueError, match="--reasoning must be one of"):
+        thinking_sample(ANSWER, 3, False, mode="both")
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("mode", ["reasoning+answer", "answer"])
+def test_openai_keeps_the_servers_reasoning_field_per_mode(chat_server, field, mode):
+    server = chat_server(text=ANSWER, message={field: THOUGHT})
+    [[sample]] = client(server.url, reasoning=mode).generate([GSM8K], k=1, seed=0)
+    final = f"{ANSWER} (0)"
+    assert sample.answer_text == final
+    assert sample.text == (final if mode == "answer" else f"<think>\n{THOUGHT}\n</think>\n\n{final}")
+    assert sample.n_tokens == 7  # usage.completion_tokens, the thinking included
+
+
+def test_load_backend_passes_the_reasoning_mode():
+    args = types.SimpleNamespace(temperature=0.3, top_p=0.9, max_new_tokens=8, teacher="t", base_url="http://x/v1",
+                                 api_key=None, concurrency=2, timeout=1.0, max_retries=0, reasoning="answer")
+    assert load_backend("openai", args).reasoning == "answer"
+    del args.reasoning  # a config without the option: the default
+    assert load_backend("openai", args).reasoning == "reasoning+answer"
+
+
+def test_the_answer_is_read_from_the_final_content_not_the_thinking(tmp_path):
+    """A teacher that found 42 while thinking but answered 41 is wrong, whatever the mode."""
+    from q2g.generate import judge
+
+    problem = dict(GSM8K, answer="42")
+    wrong = thinking_sample("The final answer is $\\boxed{41}$.", 5, False, reasoning="\\boxed{42}")
+    silent = thinking_sample("", 5, False, reasoning="so \\boxed{42}")  # all thinking, no final content
+    right = thinking_sample(f"<think>\\boxed{{41}}?</think>{ANSWER}", 5, False)
+    records = judge(problem, [wrong, silent, right], {})
+    assert [(r["validated"], r.get("reason"), r["extracted_answer"]) for r in records] == [
+        (False, "wrong_answer", "41"), (False, "no_answer", None), (True, None, "42")]
+    assert records[2]["qwen_trace"].startswith("<think>\n\\boxed{41}?\n</think>")
 
 
 # ---------------------------------------------------------------- hf on a tiny random Qwen2

@@ -11,7 +11,7 @@ In order:
 3. keep a sample in traces.jsonl when it finished, its final answer equals the gold one
    (answers.is_correct) and no earlier correct sample of the problem has the same text; else
    write it to rejected.jsonl with a reason: truncated, no_answer, gold_unparseable,
-   wrong_answer or duplicate;
+   wrong_answer, duplicate, or failed (the backend could not get it: asked again on the next run);
 4. write summary.json (+ a table on screen) and config.json (the resolved settings).
 
 Resume: the problems are cut into batches planned over the whole ordered list, so a batch and
@@ -54,7 +54,7 @@ from q2g.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
 # (Batch size, device, precision, concurrency... change how fast, not what, and may differ.)
 GENERATION_KEYS = ("teacher", "backend", "datasets", "math_subjects", "math_levels", "temperature", "top_p",
                    "max_new_tokens", "samples_per_problem", "seed", "holdout", "holdout_fraction", "limit",
-                   "data_dir", "prompt_sha")
+                   "data_dir", "prompt_sha", "reasoning")
 OUTPUT_GLOBS = ("traces*.jsonl", "rejected*.jsonl", "summary*.json", "config.json", "split.json", "holdout.jsonl")
 DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before each batch (kill/resume test)
 
@@ -88,6 +88,8 @@ class GenerateConfig(Config):
     concurrency: int = option(8, min=1, help="openai: requests in flight")
     timeout: float = option(600.0, gt=0, help="openai: seconds per request")
     max_retries: int = option(6, min=0, help="openai: retries on 429/5xx/connection errors")
+    reasoning: str = option(backends.DEFAULT_REASONING, choices=backends.REASONING_MODES,
+                            help="thinking teachers: the trace is <think>reasoning</think> + answer, or the answer only")
     tensor_parallel_size: int = option(1, min=1, help="vllm: GPUs per model")
     precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"), help="hf/vllm weights")
     device: str = option("auto", help="hf: cuda, cpu, mps or auto")
@@ -168,11 +170,13 @@ def rejection(sample, problem: dict, extracted) -> str | None:
     """Why a sample is not a trace (None: it is one, unless a duplicate)."""
     from q2g.answers import is_correct
 
+    if sample.error:  # the backend could not get it; the next run asks again
+        return "failed"
     if sample.truncated:  # an unfinished trace would teach the student to stop mid-solution
         return "truncated"
     if extracted is None:
         return "no_answer"
-    verdict = is_correct(sample.text, problem["answer"], problem["source"])
+    verdict = is_correct(sample.answer_text, problem["answer"], problem["source"])
     return "gold_unparseable" if verdict is None else None if verdict else "wrong_answer"
 
 
@@ -182,7 +186,7 @@ def judge(problem: dict, samples: list, meta: dict) -> list[dict]:
 
     records, seen = [], set()
     for index, sample in enumerate(samples):
-        extracted, rule = extract_answer_with_rule(sample.text, problem["source"])
+        extracted, rule = extract_answer_with_rule(sample.answer_text, problem["source"])  # not the thinking
         reason = rejection(sample, problem, extracted)
         if reason is None:
             key = normalize_trace(sample.text)
@@ -192,6 +196,8 @@ def judge(problem: dict, samples: list, meta: dict) -> list[dict]:
                   "source": problem["source"], "validated": reason is None}
         if reason:
             record["reason"] = reason
+        if sample.error:
+            record["error"] = sample.error
         record.update(id=f"{problem['id']}#s{index}", problem_id=problem["id"], sample=index,
                       subject=problem["subject"], level=problem["level"], **meta,
                       extracted_answer=extracted, answer_rule=rule, n_tokens=sample.n_tokens)
@@ -202,6 +208,12 @@ def judge(problem: dict, samples: list, meta: dict) -> list[dict]:
 def read_records(paths: dict[str, Path]) -> list[dict]:
     """Records already written (traces and rejects); a torn last line is cut off the file."""
     return read_jsonl_tolerant(paths["traces"], repair=True) + read_jsonl_tolerant(paths["rejected"], repair=True)
+
+
+def retried(records: list[dict]) -> list[dict]:
+    """Records without the failed samples that a later run got (its record replaces them)."""
+    got = {r["id"] for r in records if r.get("reason") != "failed"}
+    return [r for r in records if r.get("reason") != "failed" or r["id"] not in got]
 
 
 def done_problems(records: list[dict], k: int) -> set[str]:
@@ -418,7 +430,7 @@ def generate(args, out, train, holdout, settings, config, order, shard) -> int:
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     paths = output_paths(out, shard)
     try:
-        records = read_records(paths)
+        records = [r for r in read_records(paths) if r.get("reason") != "failed"]  # failed: ask again
         previous = json.loads(paths["summary"].read_text(encoding="utf-8")) if paths["summary"].exists() else {}
     except (ValueError, KeyError) as e:
         raise DataError(str(e)) from None
@@ -435,12 +447,17 @@ def generate(args, out, train, holdout, settings, config, order, shard) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; every finished batch is in {out}: rerun the same command to resume", file=sys.stderr)
         raise
-    records = read_records(paths)
+    records = retried(read_records(paths))
     write_sorted(paths["traces"], [r for r in records if r["validated"]], order)
     write_sorted(paths["rejected"], [r for r in records if not r["validated"]], order)
-    summary = tally.summary(complete=True, **extra)
+    failed = sorted({r["problem_id"] for r in records if r.get("reason") == "failed"})
+    summary = tally.summary(complete=not failed, **extra)
     atomic_write_json(paths["summary"], summary)
     print_table(summary, f"{args.backend} traces -> {paths['traces']}")
+    if failed:
+        error = next(r["error"] for r in records if r.get("reason") == "failed")
+        raise RunFailed(f"{len(failed)} problem(s) failed (reason `failed` in {paths['rejected'].name}), e.g. "
+                        f"{failed[0]}: {error}\nRerun the same command to ask for them again.")
     if shard and (merged := merge_shards(out, order, required=False, extra=extra)):
         print_table(merged, f"all {shard[1]} shards complete: merged -> {out / 'traces.jsonl'}")
     return 0

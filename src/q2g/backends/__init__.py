@@ -12,10 +12,17 @@ counter, so a batch regenerated after a crash gives the same samples as the firs
 | --------- | ------------------------------------------------- | ------------------------------ |
 | hf        | transformers on this machine (q2g.generation)     | torch (a GPU for a 7B teacher) |
 | vllm      | vLLM's offline engine                             | pip install 'q2g[vllm]', a GPU |
-| openai    | any OpenAI-compatible /chat/completions server    | nothing (standard library)     |
+| openai    | any OpenAI-compatible /chat/completions server    | pip install 'q2g[openai]'      |
 | reference | the datasets' own worked solutions, no model      | nothing                        |
 
 Heavy imports happen inside the chosen backend's module only.
+
+Thinking teachers (Qwen3, DeepSeek-R1, QwQ) write a chain of thought before their answer: in the
+message's `reasoning_content` (vLLM's reasoning parser; `reasoning` on some servers) or inline as
+`<think>...</think>`. `--reasoning` decides what becomes the trace, the same way for every source:
+`reasoning+answer` (default) keeps it as `<think>\n{reasoning}\n</think>\n\n{answer}`, `answer` keeps
+the final content only. Either way the final answer is read from the final content alone
+(Sample.answer), never from the thinking.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ BACKENDS = ("hf", "vllm", "openai", "reference")
 # Problems per batch (the unit of one write and of resume) when --batch-size is not given.
 DEFAULT_BATCH_SIZE = {"hf": 32, "vllm": 512, "openai": 64, "reference": 64}
 API_KEY_ENVS = ("OPENAI_API_KEY", "Q2G_API_KEY")
+REASONING_MODES = ("reasoning+answer", "answer")  # --reasoning: what of a thinking teacher's output is the trace
+DEFAULT_REASONING = "reasoning+answer"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,12 @@ class Sample:
     text: str
     n_tokens: int  # tokens the teacher generated for it (see each backend for how counted)
     truncated: bool = False  # stopped by the token limit, not by the model
+    answer: str | None = None  # where the final answer is read from, when not all of `text` (thinking teachers)
+    error: str | None = None  # the backend could not get this sample: recorded as failed, asked again next run
+
+    @property
+    def answer_text(self) -> str:
+        return self.text if self.answer is None else self.answer
 
 
 class BackendError(RunFailed):
@@ -54,6 +70,36 @@ def stable_seed(*parts) -> int:
     return stable_int(*parts) % 2**31
 
 
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(reasoning, final content) of a text that may inline `<think>...</think>`.
+
+    A chat template that opens `<think>` in the prompt (Qwen3, DeepSeek-R1) leaves only the
+    closing tag in the output; a `<think>` never closed (cut off by the token limit) is all
+    reasoning and no answer. No tags: (None, text).
+    """
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if sep:
+        return head.split(THINK_OPEN, 1)[-1].strip(), tail.strip()
+    before, sep, after = text.partition(THINK_OPEN)
+    if sep and not before.strip():
+        return after.strip(), ""
+    return None, text
+
+
+def thinking_sample(content: str, n_tokens: int, truncated: bool, *, reasoning: str | None = None,
+                    mode: str = DEFAULT_REASONING) -> Sample:
+    """A Sample from a teacher's final content and its reasoning (given apart, or inline in `content`)."""
+    if mode not in REASONING_MODES:
+        raise ValueError(f"--reasoning must be one of {', '.join(REASONING_MODES)}, got {mode!r}")
+    inline, content = split_thinking(content or "")
+    reasoning = "\n\n".join(r.strip() for r in (reasoning, inline) if r and r.strip()) or None
+    if reasoning is None:
+        return Sample(content, n_tokens, truncated)
+    content = content.strip()
+    text = content if mode == "answer" else f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{content}"
+    return Sample(text, n_tokens, truncated, answer=content)
+
+
 def api_key(args) -> str | None:
     """--api-key, else $OPENAI_API_KEY, else $Q2G_API_KEY (a local server needs none)."""
     if getattr(args, "api_key", None):
@@ -64,6 +110,7 @@ def api_key(args) -> str | None:
 def load_backend(name: str, args):
     """The backend `name`, built from the parsed `q2g generate` options."""
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    reasoning = getattr(args, "reasoning", None) or DEFAULT_REASONING
     if name == "reference":
         from q2g.backends.reference import ReferenceBackend
 
@@ -74,16 +121,16 @@ def load_backend(name: str, args):
         from q2g.backends.hf import HFBackend
 
         return HFBackend(args.teacher, batch_size=args.batch_size, precision=args.precision,
-                         device=args.device, **sampling)
+                         device=args.device, reasoning=reasoning, **sampling)
     if name == "vllm":
         from q2g.backends.vllm import VLLMBackend
 
         return VLLMBackend(args.teacher, tensor_parallel_size=args.tensor_parallel_size,
-                           precision=args.precision, seed=args.seed, **sampling)
+                           precision=args.precision, seed=args.seed, reasoning=reasoning, **sampling)
     if name == "openai":
         from q2g.backends.openai import OpenAIBackend
 
         return OpenAIBackend(args.teacher, base_url=args.base_url, api_key=api_key(args),
                              concurrency=args.concurrency, timeout=args.timeout,
-                             max_retries=args.max_retries, **sampling)
+                             max_retries=args.max_retries, reasoning=reasoning, **sampling)
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -6,11 +6,12 @@ Prompts come from prompts.teacher_prompt (the chat template of an instruct teach
 format for a base model). Generation is q2g.generation.generate: length-grouped batches, left
 padding, KV cache, stop at end-of-turn / EOS; bf16 on a GPU (models.resolve_precision). k samples of a
 problem are k copies of its prompt. `n_tokens` counts generated tokens including the stop token.
+Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reasoning (backends).
 """
 
 from __future__ import annotations
 
-from q2g.backends import Sample, stable_seed
+from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
 from q2g.prompts import end_token_ids, teacher_prompt_ids
 
 
@@ -29,7 +30,8 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, teacher: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 batch_size: int | None = None, precision: str = "auto", device: str = "auto"):
+                 batch_size: int | None = None, precision: str = "auto", device: str = "auto",
+                 reasoning: str = DEFAULT_REASONING):
         from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
 
         self.device = pick_device(device)
@@ -38,6 +40,7 @@ class HFBackend:
         self.end_ids = teacher_end_ids(self.tokenizer, self.model)
         self.sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.batch_size = batch_size or 32  # sequences per forward pass
+        self.reasoning = reasoning
 
     def prompt_ids(self, problem: str) -> list[int]:
         return teacher_prompt_ids(self.tokenizer, problem)
@@ -50,5 +53,5 @@ class HFBackend:
         outs = generate(self.model, self.tokenizer, prompts, end_ids=self.end_ids,
                         batch_size=self.batch_size, seed=stable_seed(seed, *(p["id"] for p in problems)),
                         **self.sampling)
-        samples = [Sample(o.text, o.n_tokens, truncated=not o.stopped) for o in outs]
+        samples = [thinking_sample(o.text, o.n_tokens, not o.stopped, mode=self.reasoning) for o in outs]
         return [samples[i * k:(i + 1) * k] for i in range(len(problems))]

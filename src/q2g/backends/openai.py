@@ -1,60 +1,56 @@
-"""The `openai` backend: any OpenAI-compatible chat completions endpoint.
+"""The `openai` backend: any OpenAI-compatible chat completions endpoint, through the official SDK.
 
-    vllm serve Qwen/Qwen2.5-7B-Instruct          # or SGLang, llama.cpp, Ollama, a hosted API
-    q2g generate --backend openai --base-url http://localhost:8000/v1 --teacher Qwen/Qwen2.5-7B-Instruct
+    pip install 'q2g[openai]'
+    vllm serve Qwen/Qwen3-8B --reasoning-parser qwen3      # or SGLang, llama.cpp, Ollama, a hosted API
+    q2g generate --backend openai --base-url http://localhost:8000/v1 --teacher Qwen/Qwen3-8B
 
-Standard library only (urllib + a thread pool), so it adds no dependency. Each problem is one
-POST {base_url}/chat/completions with messages = prompts.teacher_messages(problem), temperature,
-top_p, max_tokens, n=k and a seed derived from the run seed and the problem id. Servers that
-ignore `n` (llama.cpp, Ollama) answer one choice; the rest is asked for in further requests.
+Each problem is one `chat.completions.create` with messages = prompts.teacher_messages(problem),
+temperature, top_p, max_tokens, n=k and a seed derived from the run seed and the problem id; at
+most --concurrency in flight. Servers that ignore `n` (llama.cpp, Ollama) answer one choice; the
+rest is asked for in further requests.
 
-Reliability: at most --concurrency requests in flight; 408/429/5xx and connection errors or
-timeouts are retried with exponential backoff (the server's Retry-After wins when it sends one);
-401/403 raise AuthError at once, other 4xx a BackendError with the server's message. A failed
-request fails its whole batch, so nothing partial is written.
+Retries and timeouts are the SDK's: --timeout seconds per attempt, --max-retries retries of
+408/409/429/5xx, timeouts and connection errors (a connection reset mid-body included), with
+exponential backoff and the server's Retry-After honoured. What is left after them:
+- 401/403 (AuthError) and 404 (wrong --base-url or --teacher) stop the run: every request would fail;
+- anything else (retries used up, a 400, a body that is not JSON, no choices) fails that problem
+  only: it comes back as k samples with `error` set, which generate records as `failed` and asks
+  for again on the next run. When every problem of a batch fails the server is down or
+  misconfigured, and the batch raises BackendError instead of recording a whole dataset of failures.
 
-`n_tokens` comes from usage.completion_tokens; with several choices in one answer that total is
-shared out in proportion to their text lengths (exact for k = 1). Without usage: word count.
+Thinking teachers: the reasoning is message.reasoning_content (vLLM's reasoning parser), else
+message.reasoning, else inline <think>...</think>; --reasoning keeps it or not (see q2g.backends).
+`n_tokens` comes from usage.completion_tokens (reasoning included); with several choices in one
+answer that total is shared out in proportion to their text lengths (exact for k = 1). Without
+usage: word count.
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
-import json
 import os
-import random
-import socket
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from q2g.backends import BackendError, Sample, stable_seed
+from q2g.backends import DEFAULT_REASONING, BackendError, Sample, stable_seed, thinking_sample
 from q2g.prompts import teacher_messages
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"  # vLLM's server; --base-url or $OPENAI_BASE_URL else
+NO_KEY = "EMPTY"  # the SDK insists on a key; a local server ignores it (vLLM's own examples use this)
 
 
 class AuthError(BackendError):
     pass
 
 
-class RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+class ProblemError(Exception):
+    """One problem could not be generated; the others of its batch go on."""
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds: a number or an HTTP date."""
-    if not value:
-        return None
+def import_openai():
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        import openai
+    except ImportError:
+        raise ImportError("the openai backend needs the OpenAI SDK: pip install 'q2g[openai]'") from None
+    return openai
 
 
 def split_tokens(total: int | None, texts: list[str]) -> list[int]:
@@ -67,81 +63,93 @@ def split_tokens(total: int | None, texts: list[str]) -> list[int]:
     return shares
 
 
+def detail(error) -> str:
+    """The server's own words from an SDK error: body.message when it sent one."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        body = body.get("message") or body
+    return str(body or error)[:300]
+
+
+def tries(error, max_retries: int) -> int:
+    """Attempts behind an SDK error (its retry-count header), max_retries + 1 if unknown."""
+    request = getattr(getattr(error, "response", None), "request", None) or getattr(error, "request", None)
+    try:
+        return int(request.headers["x-stainless-retry-count"]) + 1
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return max_retries + 1
+
+
 class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str, *, temperature: float, top_p: float, max_new_tokens: int,
                  base_url: str | None = None, api_key: str | None = None, concurrency: int = 8,
-                 timeout: float = 600.0, max_retries: int = 6, backoff: float = 1.0):
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
+                 timeout: float = 600.0, max_retries: int = 6, reasoning: str = DEFAULT_REASONING):
+        self.openai = import_openai()
+        base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.client = self.openai.OpenAI(base_url=base_url, api_key=api_key or NO_KEY, timeout=timeout,
+                                         max_retries=max_retries)
+        self.url = base_url + "/chat/completions"
+        self.model, self.reasoning = model, reasoning
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
-        self.concurrency, self.timeout = max(1, concurrency), timeout
-        self.max_retries, self.backoff = max_retries, backoff
+        self.concurrency, self.max_retries = max(1, concurrency), max_retries
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
             futures = [pool.submit(self.samples, p, k, seed) for p in problems]
-            return [f.result() for f in futures]
+            rows, failures = [], []
+            for problem, future in zip(problems, futures):
+                try:
+                    rows.append(future.result())
+                except ProblemError as e:
+                    failures.append(f"{problem['id']}: {e}")
+                    rows.append([Sample("", 0, error=str(e))] * k)
         finally:
-            # On an error, requests not yet started are dropped instead of sent.
+            # On an AuthError, requests not yet started are dropped instead of sent.
             pool.shutdown(wait=True, cancel_futures=True)
+        if problems and len(failures) == len(problems):
+            raise BackendError(f"{self.url}: every request of the batch failed, e.g. {failures[0]}")
+        return rows
 
     def samples(self, problem: dict, k: int, seed: int) -> list[Sample]:
         out: list[Sample] = []
         while len(out) < k:
-            body = {"model": self.model, "messages": teacher_messages(problem["problem"]),
-                    "n": k - len(out), "seed": stable_seed(seed, problem["id"], len(out)), **self.sampling}
-            reply = self.post(body)
-            choices = reply.get("choices") or []
-            if not choices:
-                raise BackendError(f"{self.url} answered without choices: {json.dumps(reply)[:300]}")
-            texts = [(c.get("message") or {}).get("content") or "" for c in choices]
-            tokens = split_tokens((reply.get("usage") or {}).get("completion_tokens"), texts)
-            out += [Sample(t, n, truncated=c.get("finish_reason") == "length")
-                    for t, n, c in zip(texts, tokens, choices)]
+            reply = self.create(teacher_messages(problem["problem"]), k - len(out),
+                                stable_seed(seed, problem["id"], len(out)))
+            if not getattr(reply, "choices", None):
+                raise ProblemError(f"{self.url} answered without choices: {str(reply)[:300]}")
+            out += self.parse(reply)
         return out[:k]
 
-    def post(self, body: dict) -> dict:
-        """POST with retries; exponential backoff (1, 2, 4, ... s, capped at 60, with jitter)."""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self.post_once(body)
-            except RetryableError as e:
-                if attempt == self.max_retries:
-                    raise BackendError(f"{self.url}: gave up after {attempt + 1} tries: {e}") from None
-                delay = e.retry_after
-                if delay is None:
-                    delay = min(60.0, self.backoff * 2**attempt) * random.uniform(0.8, 1.2)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+    def parse(self, reply) -> list[Sample]:
+        messages = [c.message for c in reply.choices]
+        texts = [getattr(m, "content", None) or "" for m in messages]
+        reasoning = [getattr(m, "reasoning_content", None) or getattr(m, "reasoning", None) for m in messages]
+        tokens = split_tokens(getattr(reply.usage, "completion_tokens", None), [
+            (r or "") + t for r, t in zip(reasoning, texts)])
+        return [thinking_sample(t, n, c.finish_reason == "length", reasoning=r, mode=self.reasoning)
+                for t, r, n, c in zip(texts, reasoning, tokens, reply.choices)]
 
-    def post_once(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"),
-                                         headers=headers, method="POST")
+    def create(self, messages: list[dict], n: int, seed: int):
+        """One chat completion (the SDK retries); errors turned into AuthError / BackendError / ProblemError."""
+        openai = self.openai
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            raise self.http_error(e) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout,
-                http.client.HTTPException) as e:
-            raise RetryableError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise BackendError(f"{self.url} answered something that is not JSON: {raw[:200]!r}") from None
-
-    def http_error(self, e: urllib.error.HTTPError) -> Exception:
-        detail = e.read()[:500].decode("utf-8", "replace").strip()
-        if e.code in (401, 403):
-            return AuthError(f"{self.url} refused the request (HTTP {e.code}: {detail or e.reason}). "
-                             "Check --api-key, $OPENAI_API_KEY or $Q2G_API_KEY.")
-        if e.code in (408, 429) or e.code >= 500:
-            return RetryableError(f"HTTP {e.code} {detail[:200]}", parse_retry_after(e.headers.get("Retry-After")))
-        return BackendError(f"{self.url} answered HTTP {e.code}: {detail or e.reason}")
+            return self.client.chat.completions.create(model=self.model, messages=messages, n=n, seed=seed,
+                                                       **self.sampling)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise AuthError(f"{self.url} refused the request (HTTP {e.status_code}: {detail(e)}). "
+                            "Check --api-key, $OPENAI_API_KEY or $Q2G_API_KEY.") from None
+        except openai.NotFoundError as e:
+            raise BackendError(f"{self.url} answered HTTP 404 ({detail(e)}): check --base-url, and that "
+                               f"--teacher {self.model!r} is the model's name on that server") from None
+        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
+            # APITimeoutError is an APIConnectionError; 408/409 arrive as APIStatusError below.
+            what = f"HTTP {e.status_code} {detail(e)}" if hasattr(e, "status_code") else f"{type(e).__name__}: {e}"
+            n = tries(e, self.max_retries)
+            raise ProblemError(f"gave up after {n} {'try' if n == 1 else 'tries'}: {what}") from None
+        except openai.APIStatusError as e:  # 400 (e.g. prompt + max_tokens over the context) and other 4xx
+            raise ProblemError(f"HTTP {e.status_code}: {detail(e)}") from None
+        except (openai.APIResponseValidationError, ValueError) as e:  # ValueError: json.JSONDecodeError
+            raise ProblemError(f"{self.url} answered something that is not a chat completion: {e}") from None

@@ -9,11 +9,12 @@ the hf backend so no second BOS is added. Each problem is one request with
 `SamplingParams(n=k, ..., seed=...)`, its seed derived from the run seed and the problem id, so a
 problem's samples do not depend on which other problems share its batch.
 `n_tokens` is the length of each completion's token ids; `truncated` is finish_reason == 'length'.
+Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reasoning (backends).
 """
 
 from __future__ import annotations
 
-from q2g.backends import Sample, stable_seed
+from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
 from q2g.prompts import teacher_prompt_ids
 
 DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -31,7 +32,8 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, teacher: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 tensor_parallel_size: int = 1, precision: str = "auto", seed: int = 0):
+                 tensor_parallel_size: int = 1, precision: str = "auto", seed: int = 0,
+                 reasoning: str = DEFAULT_REASONING):
         from q2g.models import resolve_model_path
 
         vllm = import_vllm()
@@ -42,6 +44,7 @@ class VLLMBackend:
                             dtype=DTYPES[precision], seed=seed, trust_remote_code=False)
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+        self.reasoning = reasoning
 
     def prompt(self, problem: str) -> dict:
         return {"prompt_token_ids": teacher_prompt_ids(self.tokenizer, problem)}
@@ -54,7 +57,7 @@ class VLLMBackend:
         outputs = self.llm.generate([self.prompt(p["problem"]) for p in problems], params, use_tqdm=False)
         result = []
         for out in outputs:
-            samples = [Sample(c.text, len(c.token_ids), truncated=c.finish_reason == "length")
+            samples = [thinking_sample(c.text, len(c.token_ids), c.finish_reason == "length", mode=self.reasoning)
                        for c in out.outputs]
             result.append((samples * k)[:k] if n == 1 else samples)
         return result
