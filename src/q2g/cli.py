@@ -58,13 +58,15 @@ def call(command: str, argv=()) -> int:
 
 def run_entry(entry, argv) -> int:
     """Call a stage's main; its q2g errors become (message on stderr, exit code)."""
-    from q2g.errors import EXIT_INTERRUPTED, Q2GError
+    from q2g.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Q2GError
 
     try:
         return int(entry(argv) or 0)
     except Q2GError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except SystemExit as e:  # argparse's own refusal (it has printed the message)
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -73,7 +73,7 @@ def _parts(hint) -> tuple[type, bool, bool]:
         hint = args[0]
     if typing.get_origin(hint) is list:
         return typing.get_args(hint)[0], True, optional
-    return hint, False, optional
+    return typing.get_origin(hint) or hint, False, optional
 
 
 def _type_ok(value, kind) -> bool:
@@ -101,6 +101,9 @@ def value_problem(value, hint, meta) -> str | None:
     kind, is_list, optional = _parts(hint)
     if value is None:
         return None if optional else "must be given (null is not allowed)"
+    if kind is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return None if ok else f"must be a mapping of name: value, got {value!r}"
     items = value if is_list else [value]
     if is_list and (not isinstance(value, (list, tuple)) or not value):
         return f"must be a non-empty list of {kind.__name__}"
@@ -171,12 +174,23 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         kw = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         if kind is bool:  # --flag (and --no-flag where the default is on)
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif kind is dict:  # --flag key=value, repeated; values read as YAML scalars
+            kw.update(action="append", type=_key_value, metavar="KEY=VALUE")
         else:
             kw.update(type=kind, metavar=(meta["choices"] and "{" + ",".join(map(str, meta["choices"])) + "}")
                       or name.upper())
             if is_list:
                 kw["nargs"] = "+"
         parser.add_argument(_flag(name, f), **kw)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value else ""
 
 
 def build_parser(classes, prog: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -214,7 +228,9 @@ def load_config(classes, argv=None, *, prog: str, description: str | None = None
         data, prefix = yaml_section(load_yaml(path), section)
         values = _normalise_keys(data, set(labels), path, prefix, prog)
         labels.update({k: f"{path}: {prefix}{k}" for k in values})
-    values.update(given)
+    for name, value in given.items():  # flags win; KEY=VALUE flags add to the file's mapping
+        values[name] = {**(values.get(name) or {}), **dict(value)} if isinstance(value, list) and value and \
+            isinstance(value[0], tuple) else value
     labels.update({k: _flag(k, fields_of_any(classes, k)) for k in given})
     problems = [p for cls in classes for p in field_problems(cls, values, labels)]
     if problems:

@@ -50,6 +50,9 @@ BASELINE_KEYS = ("base_model", "precision_used", "split_file", "eval_limit", "ev
                  "ppl_max_length", "ppl_stride", "ppl_max_tokens", "data_dir")
 
 
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+
+
 @dataclass
 class FinetuneConfig(Config):
     """Stage 2's options (the evaluation settings are evaluate.EvalConfig's, with the same flags)."""
@@ -83,6 +86,10 @@ class FinetuneConfig(Config):
     forgetting_budget: float = option(0.05, min=0, help="allowed relative rise of WikiText perplexity")
     on_forgetting: str = option("flag", choices=tuple(forgetting.POLICIES), help="what a run over budget does")
     min_rank: int = option(4, min=1, help="reduce-rank: never retrain below this rank")
+    report_to: list[str] = option(["none"], choices=TRACKERS, help="trackers for the training loss and every "
+                                                                    "evaluation row (Trainer integrations)")
+    trainer: dict | None = option(None, flag="--trainer-arg", help="any TrainingArguments field: --trainer-arg "
+                                  "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win")
 
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
@@ -90,7 +97,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     from q2g import data, models
     from q2g import evaluate as q2g_eval
     from q2g.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
-    from q2g.training import Run
+    from q2g.training import Run, training_arguments
 
     traces_path, split_path = locate_traces(cfg.traces, cfg.split)
     all_rows, rows = read_traces(traces_path)
@@ -111,6 +118,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
               "versions": versions()}
     out = Path(cfg.out)
     check_out_dir(cfg, out, config)
+    training_arguments(cfg, out, precision.autocast, config["optim_used"], 1, device)  # refuse bad trainer: now
     run = Run(cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config,
               precision=precision)
     if not cfg.no_eval:
@@ -207,21 +215,27 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
 
 def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dict:
     """Stage 2 as a function: train, evaluate every epoch, choose final/, write the report.
-    Returns {"out", "rows" (metrics.jsonl), "selection", "report", "wall_s"}; raises Q2GError."""
+    Returns {"out", "rows" (metrics.jsonl), "selection", "report", "wall_s"}; raises Q2GError.
+    Under `accelerate launch` every process trains; files are written by the main one."""
+    from q2g import distributed
     from q2g.io import atomic_write_json, read_jsonl_tolerant
     from q2g.training import baseline, train_all
 
-    t0 = time.time()
+    t0, main = time.time(), distributed.is_main()
     run = prepare(cfg, eval_cfg or EvalConfig())
-    run.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.out / "config.json", run.config)
-    run.rows = read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True)
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.out / "config.json", run.config)
+    run.rows = distributed.share(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True) if main else None)
     if cfg.baseline_from and run.records is not None and run.find(None, 0) is None:
         reuse_baseline(run, Path(cfg.baseline_from))
     train_all(run, baseline(run))
-    selection = finalize(run)
-    report_path = write_report(run, selection, time.time() - t0)
-    print(f"[finetune] done in {time.time() - t0:.0f} s; report: {report_path}", flush=True)
+    selection = report_path = None
+    if main:
+        selection = finalize(run)
+        report_path = write_report(run, selection, time.time() - t0)
+        print(f"[finetune] done in {time.time() - t0:.0f} s; report: {report_path}", flush=True)
+    distributed.wait()
     return {"out": run.out, "rows": run.rows, "selection": selection, "report": report_path,
             "wall_s": time.time() - t0}
 

@@ -67,19 +67,58 @@ def build_lora_model(model, rank: int, alpha: float, cfg):
         return get_peft_model(model, config)
 
 
+# TrainingArguments that q2g's own options decide (they win over a `trainer:` entry of the same
+# name), and those its machinery needs as they are (resume by epoch, masked labels, token counts).
+FROM_Q2G_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps",
+                    "num_train_epochs", "max_steps", "optim", "seed", "bf16", "fp16", "use_cpu", "report_to",
+                    "gradient_checkpointing", "lr_scheduler_type")
+FOR_Q2G_MACHINERY = ("output_dir", "remove_unused_columns", "label_names", "include_num_input_tokens_seen",
+                     "save_strategy", "logging_nan_inf_filter")
+
+
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
+    """TrainingArguments from q2g's options, the user's `trainer:` fields and q2g's fixed ones.
+    An unknown field or a value TrainingArguments refuses is a ConfigError naming it."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=str(run_dir), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,  # v5: a float in [0, 1) is a ratio of all steps
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, optim=optim, seed=cfg.seed,
-        bf16=amp == "bf16", fp16=amp == "fp16", use_cpu=device == "cpu",
-        save_strategy="epoch", save_total_limit=1,  # epoch-N/ keeps every adapter; this is for --resume
-        logging_strategy="steps", logging_steps=max(1, steps_per_epoch // 10), logging_first_step=True,
-        include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,
-        label_names=["labels"], dataloader_pin_memory=device != "cpu")
+    from q2g.errors import ConfigError
+
+    defaults = dict(save_total_limit=1,  # epoch-N/ keeps every adapter; checkpoint-* is for --resume
+                    logging_strategy="steps", logging_steps=max(1, steps_per_epoch // 10), logging_first_step=True,
+                    dataloader_pin_memory=device != "cpu")
+    ours = dict(per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                learning_rate=cfg.lr, lr_scheduler_type="cosine",
+                warmup_steps=cfg.warmup_ratio,  # v5: a float in [0, 1) is a ratio of all steps
+                num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, optim=optim, seed=cfg.seed,
+                bf16=amp == "bf16", fp16=amp == "fp16", use_cpu=device == "cpu",
+                report_to=[r for r in cfg.report_to if r != "none"] or "none",
+                output_dir=str(run_dir), remove_unused_columns=False, label_names=["labels"],
+                include_num_input_tokens_seen="non_padding", save_strategy="epoch",
+                logging_nan_inf_filter=False)  # a NaN loss must be seen, not averaged away
+    user = dict(cfg.trainer or {})
+    taken = sorted(set(user) & set(ours))
+    if taken:
+        print(f"[finetune] note: trainer field(s) {', '.join(taken)} are set by q2g's own options "
+              f"(see `q2g finetune --help`); the trainer: values are ignored", flush=True)
+    try:
+        return TrainingArguments(**{**defaults, **user, **ours})
+    except TypeError as e:  # an unknown field
+        name = str(e).split("'")[1] if "'" in str(e) else str(e)
+        raise ConfigError(f"trainer: {name!r} is not a TrainingArguments field (--trainer-arg / trainer:)") from None
+    except ValueError as e:
+        raise ConfigError(f"trainer: TrainingArguments refused the settings: {e}") from None
+
+
+def tracker_scalars(row: dict) -> dict:
+    """The evaluation fields of a metrics row, as scalars for TensorBoard / W&B / MLflow / Trackio
+    (the `eval_` prefix is what the Trainer integrations file under eval/)."""
+    keys = ("pass@1", "token_perplexity", "word_perplexity", "bits_per_byte", "ppl_change", "heldout_loss",
+            "answer_format_rate")
+    out = {f"eval_{k}": float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}
+    out.update({f"eval_pass@1/{k}": float(v) for k, v in (row.get("pass@1_by_source") or {}).items()})
+    if row.get("pass@1") is not None:
+        out["eval_over_budget"] = float(bool(row.get("flagged")))
+    return out
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -128,10 +167,13 @@ def describe(row: dict, budget: float) -> str:
 
 
 def record(run: Run, row: dict) -> None:
+    """Append a metrics row (the file is written by the main process only)."""
+    from q2g import distributed
     from q2g.io import append_jsonl
 
-    row = {**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    append_jsonl(run.out / "metrics.jsonl", [row])
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}
+    if distributed.is_main():
+        append_jsonl(run.out / "metrics.jsonl", [row])
     run.rows.append(row)
 
 
@@ -156,8 +198,21 @@ def epoch_row(run: Run, state, model, rank: int, alpha: float, run_dir: Path, si
 def make_callback(run: Run, rank: int, alpha: float, run_dir: Path):
     from transformers import TrainerCallback
 
+    from q2g import distributed
+
     class EpochEval(TrainerCallback):
-        """After every epoch: save epoch-N/, evaluate, write the metrics row, apply the policy."""
+        """After every epoch: save epoch-N/, evaluate, write the metrics row, apply the policy.
+        With several processes the main one does this and broadcasts the row."""
+        trainer = None  # set by train_run: rows are logged to the trackers through it
+
+        def log(self, row: dict) -> None:
+            if self.trainer is not None and (scalars := tracker_scalars(row)):
+                self.trainer.log(scalars)
+
+        def on_train_begin(self, args, state, control, **kw):
+            base = run.find(None, 0)
+            if base is not None and state.global_step == 0 and rank == run.cfg.lora_r:
+                self.log(base)  # the baseline, at step 0
 
         def on_epoch_begin(self, args, state, control, **kw):
             self.since = (time.time(), state.num_input_tokens_seen, state.global_step)
@@ -168,8 +223,10 @@ def make_callback(run: Run, rank: int, alpha: float, run_dir: Path):
             if row is not None:  # evaluated before a kill that came before this epoch's checkpoint
                 print(f"[finetune] epoch {epoch} (rank {rank}): kept the row already in metrics.jsonl", flush=True)
             else:
-                row = epoch_row(run, state, model, rank, alpha, run_dir, self.since)
+                row = epoch_row(run, state, model, rank, alpha, run_dir, self.since) if distributed.is_main() else None
+                row = distributed.share(row)
                 record(run, row)
+                self.log(row)
             loss = f"loss {row['train_loss']:.4f}, " if row.get("train_loss") is not None else ""
             print(f"[finetune] epoch {epoch} (rank {rank}): {loss}{row['train_tokens_per_s']:.0f} train tok/s | "
                   f"{describe(row, run.cfg.forgetting_budget)}", flush=True)
@@ -197,18 +254,23 @@ def baseline_row(run: Run, model) -> dict:
 
 
 def baseline(run: Run):
-    """Evaluate the base model once (epoch 0); returns the loaded model, or None if not needed."""
+    """Evaluate the base model once (epoch 0, on the main process); returns the loaded model, or
+    None if not needed (each training run then loads its own)."""
+    from q2g import distributed
+
     if run.find(None, 0) is not None:
         print("[finetune] baseline: already in metrics.jsonl", flush=True)
         return None
     if run.records is None:
         return None
-    model = load_base(run)
-    print(f"[finetune] baseline eval of {run.cfg.base_model}: {len(run.records)} holdout problems + WikiText...",
-          flush=True)
-    row = baseline_row(run, model)
-    record(run, row)
-    print(f"[finetune] baseline: {describe(row, run.cfg.forgetting_budget)}", flush=True)
+    model = row = None
+    if distributed.is_main():
+        model = load_base(run)
+        print(f"[finetune] baseline eval of {run.cfg.base_model}: {len(run.records)} holdout problems + WikiText...",
+              flush=True)
+        row = baseline_row(run, model)
+    record(run, distributed.share(row))
+    print(f"[finetune] baseline: {describe(run.rows[-1], run.cfg.forgetting_budget)}", flush=True)
     return model
 
 
@@ -216,6 +278,7 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
     """One LoRA training run at `rank` into `run_dir` (resumed from its checkpoint with --resume)."""
     from transformers import Trainer, set_seed
 
+    from q2g import distributed
     from q2g.io import atomic_write_json
     from q2g.sft_data import Collator
 
@@ -231,9 +294,11 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)
         targs = training_arguments(cfg, run_dir, run.precision.autocast, run.config["optim_used"],
                                    math.ceil(n_batches / cfg.grad_accum), run.config["device"])
+        callback = make_callback(run, rank, alpha, run_dir)
         trainer = Trainer(model=peft_model, args=targs, train_dataset=run.examples,
                           data_collator=Collator(run.tokenizer.pad_token_id), processing_class=run.tokenizer,
-                          callbacks=[make_callback(run, rank, alpha, run_dir)])
+                          callbacks=[callback])
+        callback.trainer = trainer
         resume = latest_checkpoint(run_dir) if cfg.resume else None
         if resume:
             print(f"[finetune] resuming rank {rank} from {resume}", flush=True)
@@ -242,7 +307,9 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
     rows = [r for r in run.rows if r["lora_rank"] == rank]
     result = {"rank": rank, "alpha": alpha, "epochs": [r["epoch"] for r in rows],
               "over_budget": any(r["flagged"] for r in rows)}
-    atomic_write_json(done_file, result)
+    if distributed.is_main():
+        atomic_write_json(done_file, result)
+    distributed.wait()
     return result
 
 
