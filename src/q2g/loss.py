@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from q2g.batching import causal_inputs
+
 IGNORE_INDEX = -100
 
 
@@ -149,20 +151,27 @@ class LabelOnlyLossTrainer(Trainer):
 
     Extra arguments: loss_chunk_size (positions per fp32 log-softmax block), fused ("auto", "liger",
     "never"), nonfinite_guard (a q2g.guards.NonFiniteGuard: also added as a callback, and told
-    every micro-batch's loss).
+    every micro-batch's loss), drop_right_padding_mask (default True: a right-padded batch goes
+    to the model without its attention mask, which changes no trained token and avoids the fully
+    masked sliding-window rows that NaN Gemma 3 on GPU kernels; see q2g.batching). The mask stays
+    in the batch, so the Trainer still counts non-padding tokens from it.
     """
 
-    def __init__(self, *args, loss_chunk_size: int = 1024, fused: str = "auto", nonfinite_guard=None, **kwargs):
+    def __init__(self, *args, loss_chunk_size: int = 1024, fused: str = "auto", nonfinite_guard=None,
+                 drop_right_padding_mask: bool = True, **kwargs):
         if nonfinite_guard is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
         super().__init__(*args, **kwargs)
         self.loss_chunk_size, self.fused, self.nonfinite_guard = loss_chunk_size, fused, nonfinite_guard
+        self.drop_right_padding_mask = drop_right_padding_mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or "labels" not in inputs:  # evaluation with predictions: the plain path
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         decoder, head, config = split_causal_lm(self.accelerator.unwrap_model(model))
         batch = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.drop_right_padding_mask:
+            batch = causal_inputs(batch)
         hidden = decoder(**batch, use_cache=False).last_hidden_state
         total, n = label_only_loss_sum(hidden, inputs["labels"], head, config, self.loss_chunk_size, self.fused)
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
