@@ -7,6 +7,7 @@ Both train a LoRA adapter (r16, alpha 32, dropout 0.05, q_proj/v_proj) on the pa
 problems' reference solutions (what the `reference` teacher writes), with the same batch size,
 accumulation, max length, learning rate and precision (bf16 on a GPU that has it, else fp32):
     q2g  LabelOnlyLossTrainer (label-only chunked loss) + finetune's Collator and build_dataset
+         (--packing: q2g.batching.PackedCollator instead, padding-free)
     TRL  SFTTrainer with its defaults on prompt/completion rows (completion-only loss; note that
          its default is gradient checkpointing ON, q2g's is off: --gradient-checkpointing on|off
          sets both)
@@ -65,6 +66,7 @@ def q2g_trainer(args, model, tok, bf16, out):
 
     from transformers import TrainingArguments
 
+    from q2g.batching import PackedCollator
     from q2g.finetune import Collator, build_dataset, build_lora_model
     from q2g.loss import LabelOnlyLossTrainer
 
@@ -73,8 +75,9 @@ def q2g_trainer(args, model, tok, bf16, out):
     peft_model = build_lora_model(model, LORA["r"], LORA["lora_alpha"], SimpleNamespace(
         gradient_checkpointing=ckpt, lora_dropout=LORA["lora_dropout"], target_modules=LORA["target_modules"]))
     targs = TrainingArguments(output_dir=out, remove_unused_columns=False, label_names=["labels"], **common_args(args, bf16))
+    collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)
     return LabelOnlyLossTrainer(model=peft_model, args=targs, train_dataset=examples,
-                                data_collator=Collator(tok.pad_token_id), processing_class=tok), ckpt
+                                data_collator=collator, processing_class=tok), ckpt
 
 
 def trl_trainer(args, model, tok, bf16, out):
@@ -132,7 +135,8 @@ def worker(args) -> dict:
 def print_table(args, results: dict) -> None:
     mem = "peak_gpu_mib" if args.device.startswith("cuda") else "peak_rss_mib"
     label = "GPU peak MiB" if mem == "peak_gpu_mib" else "peak RSS MiB"
-    print(f"\nLoRA r16 q_proj/v_proj, {'tiny random Gemma 3' if args.tiny else args.model} on {args.device}, batch "
+    packed = " (q2g packed)" if args.packing else ""
+    print(f"\nLoRA r16 q_proj/v_proj{packed}, {'tiny random Gemma 3' if args.tiny else args.model} on {args.device}, batch "
           f"{args.batch_size} x accum {args.grad_accum}, max length {args.seq_len}, {args.steps} timed steps after "
           f"{args.warmup} warm-up")
     print(f"{'trainer':<8} {'s/step':>9} {'real tok/s':>11} {label:>13} {'grad ckpt':>10} {'precision':>10} {'loss':>8}")
@@ -157,6 +161,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     p.add_argument("--gradient-checkpointing", default="default", choices=["default", "on", "off"],
                    help="default: each trainer's own (q2g off, TRL on)")
+    p.add_argument("--packing", action="store_true", help="q2g packs each batch into one row (q2g.batching.PackedCollator)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
     p.add_argument("--worker", choices=["q2g", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -112,3 +112,29 @@ def test_label_only_trainer_drops_the_mask_by_default(tmp_path):
         assert bool(torch.isfinite(loss)) == finite
         if finite:
             assert abs(loss.item() - want) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3-window-4"])
+def test_packed_batch_equals_padded_batch(request, kind):
+    """One packed row with per-example positions: the same loss and LoRA gradients as the padded
+    batch (no attention across examples, sliding windows included)."""
+    from q2g.batching import PackedCollator
+    from test_loss import examples, lora_grads, lora_model
+
+    path = request.getfixturevalue("tiny_qwen_dir" if kind == "qwen2" else "tiny_gemma_dir")
+    rows = examples(4)
+    padded, packed = Collator(0)(rows), PackedCollator()(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    assert (packed["labels"][:, 1:] != IGNORE_INDEX).sum() == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
+    results = []
+    for batch in (padded, packed):
+        model = lora_model(path)
+        if kind != "qwen2":
+            model.config.sliding_window = 4
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), lora_grads(model)))
+    (want, want_grads), (got, got_grads) = results
+    assert abs(got - want) <= 1e-5
+    for name in want_grads:
+        assert (got_grads[name] - want_grads[name]).abs().max() <= 1e-5, name

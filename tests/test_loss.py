@@ -122,14 +122,14 @@ def test_chunked_path_never_builds_full_logits(tiny_gemma_dir):
     assert (*batch["input_ids"].shape, vocab) in mode.shapes
 
 
-def train_one_step(trainer_cls, path, tmp_path, **kw):
+def train_one_step(trainer_cls, path, tmp_path, collator=None, **kw):
     model = lora_model(path)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              max_steps=1, learning_rate=1.0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
                              use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
                              remove_unused_columns=False, label_names=["labels"], train_sampling_strategy="sequential")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = trainer_cls(model=model, args=args, train_dataset=examples(4), data_collator=Collator(0), **kw)
+    trainer = trainer_cls(model=model, args=args, train_dataset=examples(4), data_collator=collator or Collator(0), **kw)
     trainer.train()
     delta = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
     loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
@@ -147,3 +147,28 @@ def test_trainer_step_equals_plain_trainer_with_accumulation(request, kind, tmp_
     for name in want:
         assert want[name].abs().max() > 0
         assert (got[name] - want[name]).abs().max().item() <= TOL, name
+
+
+def test_packed_batches_train_the_same_step(tiny_gemma_dir, tmp_path):
+    from q2g.batching import PackedCollator
+
+    want_loss, want = train_one_step(Trainer, tiny_gemma_dir, tmp_path / "plain")
+    got_loss, got = train_one_step(LabelOnlyLossTrainer, tiny_gemma_dir, tmp_path / "packed", collator=PackedCollator())
+    assert abs(got_loss - want_loss) <= TOL
+    assert all((got[n] - want[n]).abs().max().item() <= TOL for n in want)
+
+
+def test_liger_path_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_liger(name, *args, **kwargs):
+        if name.startswith("liger_kernel"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_liger)
+    head = torch.nn.Linear(4, 9, bias=False)
+    with pytest.raises(ImportError, match="pip install liger-kernel"):
+        label_only_loss_sum(torch.randn(1, 3, 4), torch.tensor([[1, 2, 3]]), head, object(), fused="liger")

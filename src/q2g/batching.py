@@ -17,9 +17,18 @@ q >= L + w - 1. transformers 5 no longer repairs such fully masked rows (`sdpa_m
 return NaN, and the next layer spreads it to every token of the row (0 x NaN where padded values
 are mixed in). Causal attention never lets a real token of a right-padded row see a later
 (padded) key, so the padding mask changes nothing that is trained: `causal_inputs` drops it.
+
+Padding-free packing (`PackedCollator`): a batch's examples are concatenated into one row with
+per-example position_ids; with no attention mask, transformers 5 reads the position resets as
+sequence boundaries and masks attention across examples (sdpa/eager: a block-diagonal mask;
+flash-attention: cu_seqlens), so no example sees another and no token is padding.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
 
 
 def padding_share(batches: list[list[int]]) -> float:
@@ -82,3 +91,24 @@ def fully_masked_rows(attention_mask, window: int) -> int:
     per row, the positions q >= L + window - 1 (L = real tokens)."""
     width = attention_mask.shape[1]
     return sum(max(0, width - (int(n) + window - 1)) for n in attention_mask.sum(1).tolist())
+
+
+@dataclass
+class PackedCollator:
+    """The batch's examples as one row: input_ids, labels and position_ids of shape [1, total].
+
+    The first label of every example is -100: the token before it belongs to another example,
+    so nothing is trained across a boundary (the shifted loss drops position 0 of a padded row
+    the same way; the count of trained tokens is the same as with padding).
+    """
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for b in batch:
+            ids += b["input_ids"]
+            labels += [IGNORE_INDEX] + list(b["labels"][1:])
+            positions += range(len(b["input_ids"]))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
