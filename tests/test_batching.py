@@ -138,3 +138,22 @@ def test_packed_batch_equals_padded_batch(request, kind):
     assert abs(got - want) <= 1e-5
     for name in want_grads:
         assert (got_grads[name] - want_grads[name]).abs().max() <= 1e-5, name
+
+
+def test_left_padding_nans_a_strict_kernel_and_the_guarded_mask_fixes_it():
+    """Generation pads on the left: a padded query sees only padding in every layer. The guarded
+    sdpa mask unmasks such rows, and every real token's logits equal eager's."""
+    from q2g.batching import use_guarded_sdpa
+
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(3, 64, (2, 12), generator=g), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    assert sliding_gemma("strict")(input_ids=ids, attention_mask=mask).logits[1, 5:].isnan().all()
+    want = sliding_gemma("eager")(input_ids=ids, attention_mask=mask).logits
+    model = use_guarded_sdpa(sliding_gemma("strict"), strict_attention)
+    got = model(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "sdpa_guarded_strict_attention"
+    assert (got[0] - want[0]).abs().max() <= 1e-5 and (got[1, 5:] - want[1, 5:]).abs().max() <= 1e-5
+    assert torch.isfinite(got).all()
+    real = use_guarded_sdpa(sliding_gemma("sdpa"))  # the registered torch sdpa: the same numbers on the CPU
+    assert (real(input_ids=ids, attention_mask=mask).logits[1, 5:] - want[1, 5:]).abs().max() <= 1e-5

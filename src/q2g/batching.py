@@ -18,6 +18,11 @@ return NaN, and the next layer spreads it to every token of the row (0 x NaN whe
 are mixed in). Causal attention never lets a real token of a right-padded row see a later
 (padded) key, so the padding mask changes nothing that is trained: `causal_inputs` drops it.
 
+Where a mask must stay (left-padded generation has the same fully masked rows, in every layer),
+`use_guarded_sdpa(model)` switches the model to sdpa with a mask that lets a row that sees
+nothing see everything instead (what transformers 4's `allow_torch_fix` did): those rows are
+padding, their output is never used, and it is finite.
+
 Padding-free packing (`PackedCollator`): a batch's examples are concatenated into one row with
 per-example position_ids; with no attention mask, transformers 5 reads the position resets as
 sequence boundaries and masks attention across examples (sdpa/eager: a block-diagonal mask;
@@ -112,3 +117,35 @@ class PackedCollator:
             positions += range(len(b["input_ids"]))
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
+
+
+GUARDED_SDPA = "sdpa_guarded"
+
+
+def guarded_sdpa_mask(*args, **kwargs):
+    """transformers' sdpa mask, with every fully masked query row unmasked (finite, unused output)."""
+    import torch
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def register_guarded_sdpa(attention=None) -> str:
+    """Register sdpa (or `attention`, an attention function) + the guarded mask under one name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    name = GUARDED_SDPA if attention is None else f"{GUARDED_SDPA}_{attention.__name__}"
+    AttentionInterface.register(name, attention or sdpa_attention_forward)
+    AttentionMaskInterface.register(name, guarded_sdpa_mask)
+    return name
+
+
+def use_guarded_sdpa(model, attention=None):
+    """Switch a loaded model to the guarded sdpa (see the module docstring); returns the model."""
+    model.set_attn_implementation(register_guarded_sdpa(attention))
+    return model
