@@ -72,3 +72,17 @@ def test_activation_term_is_close_to_what_autograd_saves(tiny_gemma_dir):
 
 def test_free_memory_on_cpu_is_positive():
     assert free_memory("cpu") > 0
+
+
+def test_gemma3_270m_logits_dominate():
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    # embed 262144*640 + 18 * (attn 1_638_400 + mlp 3_932_160 + norms 4*640 + 2*256) + final norm: the 268M model
+    assert count_params(cfg) == 167_772_160 + 18 * (1_638_400 + 3_932_160 + 3_072) + 640 == 268_098_176
+    shape = TrainShape(batch_size=8, seq_len=1024, label_only_loss=False)
+    full = estimate(cfg, shape)
+    assert full["activations"] == 8192 * 18 * (4 * 2048 + 10 * 640 + 3.5 * 1024 + 3 * 256) * 2  # 5.6 GB
+    assert full["logits"] == 8192 * 262144 * 14 > 5 * full["activations"]  # 30.1 GB of logits
+    assert estimate(cfg, replace(shape, label_only_loss=True))["logits"] == 1024 * 262144 * 10 + 2 * 8192 * 640 * 2
