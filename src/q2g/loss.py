@@ -12,6 +12,7 @@ On CUDA with `liger_kernel` installed its fused Triton kernel does the same work
 
 The loss is the sum over label tokens divided by the Trainer's `num_items_in_batch` (the label
 tokens of the whole accumulated batch), exactly as the model's own loss under the Trainer.
+One process only: the decoder is called directly, past any DDP/FSDP wrapper.
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ class LabelOnlyLossTrainer(Trainer):
         if nonfinite_guard is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
         super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:  # the decoder is called past the DDP/FSDP wrapper's forward
+            raise ValueError("LabelOnlyLossTrainer runs in one process (one GPU); use the plain Trainer "
+                             "(with use_liger_kernel=True) for multi-GPU runs")
         self.loss_chunk_size, self.fused, self.nonfinite_guard = loss_chunk_size, fused, nonfinite_guard
         self.drop_right_padding_mask = drop_right_padding_mask
 
