@@ -1,8 +1,10 @@
 """Peak training memory, estimated from the model config before anything is loaded, and what to do.
 
-    from q2g.memory import TrainShape, estimate, plan, free_memory
-    est = estimate(config, TrainShape(batch_size=8, seq_len=1024, dtype_bytes=2, lora_r=16))
-    print(plan(config, shape, free_memory("cuda")).message)
+    from q2g.memory import TrainShape, estimate, free_memory, plan
+    shape = TrainShape(batch_size=8, seq_len=1024, dtype_bytes=2, lora_r=16)
+    estimate(config, shape)            # {'weights': ..., 'lora': ..., 'activations': ..., 'logits': ..., 'total': ...}
+    p = plan(config, shape, free_memory("cuda"), grad_accum=4)
+    print(p.message)                   # p.shape.gradient_checkpointing, p.shape.batch_size, p.grad_accum to run with
 
 The terms (bytes; b = batch, s = sequence, h = hidden, I = MLP width, V = vocabulary, L = layers):
     weights      n_params x bytes of the weights' dtype (2 for bf16, 4 for fp32)
