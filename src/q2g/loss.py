@@ -1,0 +1,194 @@
+"""Causal-LM loss without the [batch, seq, vocab] logits: project only where a label is.
+
+    trainer = LabelOnlyLossTrainer(model=peft_model, args=targs, ..., loss_chunk_size=1024)
+
+A plain `model(**batch).loss` builds logits for every position (batch x seq x vocab, upcast to
+fp32: 8 x 1024 x 256000 x 4 bytes = 8.4 GB for Gemma, twice that with the gradient). Here the
+backbone returns hidden states, only the positions whose shifted label is not -100 are kept
+(position t predicts labels[t+1], as in transformers' ForCausalLMLoss), and the cross-entropy is
+computed over them in chunks whose gradient is taken inside the forward (the Liger Kernel trick):
+at most one [chunk, vocab] fp32 block is alive at a time, in the forward and in the backward.
+On CUDA with `liger_kernel` installed its fused Triton kernel does the same work faster.
+
+The loss is the sum over label tokens divided by the Trainer's `num_items_in_batch` (the label
+tokens of the whole accumulated batch), exactly as the model's own loss under the Trainer.
+One process only: the decoder is called directly, past any DDP/FSDP wrapper.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from q2g.batching import causal_inputs
+
+IGNORE_INDEX = -100
+
+
+def logit_transform(config) -> tuple[float | None, float]:
+    """(softcap, scale) of the model's final logits: logits = cap * tanh(scale * z / cap).
+
+    Gemma 2 (and Gemma 3 configs that set it) cap with `final_logit_softcapping`; Cohere multiplies
+    by `logit_scale`, Granite divides by `logits_scaling`. Unknown models: (None, 1.0).
+    """
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    return (float(cap) if cap else None), scale
+
+
+def select_label_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B, T, H], labels [B, T] -> (hidden rows [N, H] that predict a label, targets [N])."""
+    shift = labels[:, 1:]
+    keep = shift != IGNORE_INDEX
+    return hidden[:, :-1][keep], shift[keep]
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_i CE(transform(h_i @ W.T + b), y_i), with d/dh (and d/dW, d/db when needed) computed
+    chunk by chunk in the forward; the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size, softcap, scale):
+        need_w, need_b = weight.requires_grad, bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(h) if h.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            z = hc @ weight.t()
+            if bias is not None:
+                z = z + bias
+            z = z.float() * scale
+            if softcap is not None:
+                capped = torch.tanh(z / softcap)
+                z = capped * softcap
+            logp = torch.log_softmax(z, dim=-1)
+            total += -logp.gather(1, yc[:, None]).sum()
+            dz = logp.exp_()  # softmax - onehot = d CE / d z (the log-probs are not needed again)
+            dz[torch.arange(len(yc), device=dz.device), yc] -= 1
+            if softcap is not None:
+                dz *= 1 - capped.square()
+            if scale != 1.0:
+                dz *= scale
+            del logp, z
+            if grad_h is not None:
+                grad_h[start:start + chunk_size] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                grad_w += dz.t() @ hc.float()
+            if need_b:
+                grad_b += dz.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.dtypes[0]) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(ctx.dtypes[1]) if grad_b is not None else None
+        return gh, gw, gb, None, None, None, None
+
+
+def chunked_linear_cross_entropy(h, weight, targets, bias=None, chunk_size: int = 1024,
+                                 softcap: float | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropy of logits transform(h @ W.T + b) against targets; fp32."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLinearCE.apply(h, weight, bias, targets, chunk_size, softcap, scale)
+
+
+def is_liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_linear_cross_entropy(h, weight, targets, bias=None, softcap: float | None = None) -> torch.Tensor:
+    """Liger Kernel's fused linear cross-entropy (CUDA), summed. ImportError says what to install."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise ImportError("the fused loss needs Liger Kernel: pip install liger-kernel") from e
+    kwargs = {"softcap": softcap} if softcap is not None else {}
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)(weight, h, targets, bias)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def label_only_loss_sum(hidden, labels, lm_head, config, chunk_size: int = 1024,
+                        fused: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the shifted-label cross-entropy, number of label tokens) from the final hidden states.
+
+    fused: "auto" = Liger's kernel on CUDA when installed (and the model has no logit scaling),
+    else the chunked PyTorch path; "liger" = insist on Liger; "never" = always chunked.
+    """
+    h, targets = select_label_positions(hidden, labels)
+    softcap, scale = logit_transform(config)
+    n = torch.tensor(targets.numel(), device=h.device)
+    if targets.numel() == 0:  # a batch of prompts only: 0 with a graph, so backward still works
+        return hidden.sum() * 0.0, n
+    use_liger = fused == "liger" or (fused == "auto" and h.is_cuda and scale == 1.0 and is_liger_available())
+    if use_liger:
+        return liger_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, softcap), n
+    return chunked_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, chunk_size, softcap, scale), n
+
+
+def split_causal_lm(model):
+    """(decoder that returns last_hidden_state, lm_head, config) of a CausalLM, peft-wrapped or not."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if decoder is None or decoder is lm:
+        decoder = getattr(lm, "model", None)
+    head = lm.get_output_embeddings()
+    if decoder is None or head is None:
+        raise TypeError(f"{type(lm).__name__}: cannot find the decoder and lm_head of this model for the label-only loss")
+    return decoder, head, lm.config
+
+
+class LabelOnlyLossTrainer(Trainer):
+    """A Trainer whose training loss never builds full-vocabulary logits (see the module docstring).
+
+    Extra arguments: loss_chunk_size (positions per fp32 log-softmax block), fused ("auto", "liger",
+    "never"), nonfinite_guard (a q2g.guards.NonFiniteGuard: also added as a callback, and told
+    every micro-batch's loss), drop_right_padding_mask (default True: a right-padded batch goes
+    to the model without its attention mask, which changes no trained token and avoids the fully
+    masked sliding-window rows that NaN Gemma 3 on GPU kernels; see q2g.batching). The mask stays
+    in the batch, so the Trainer still counts non-padding tokens from it.
+    """
+
+    def __init__(self, *args, loss_chunk_size: int = 1024, fused: str = "auto", nonfinite_guard=None,
+                 drop_right_padding_mask: bool = True, **kwargs):
+        if nonfinite_guard is not None:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
+        super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:  # the decoder is called past the DDP/FSDP wrapper's forward
+            raise ValueError("LabelOnlyLossTrainer runs in one process (one GPU); use the plain Trainer "
+                             "(with use_liger_kernel=True) for multi-GPU runs")
+        self.loss_chunk_size, self.fused, self.nonfinite_guard = loss_chunk_size, fused, nonfinite_guard
+        self.drop_right_padding_mask = drop_right_padding_mask
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or "labels" not in inputs:  # evaluation with predictions: the plain path
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        decoder, head, config = split_causal_lm(self.accelerator.unwrap_model(model))
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.drop_right_padding_mask:
+            batch = causal_inputs(batch)
+        hidden = decoder(**batch, use_cache=False).last_hidden_state
+        total, n = label_only_loss_sum(hidden, inputs["labels"], head, config, self.loss_chunk_size, self.fused)
+        if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
+            return total / n.clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        loss = total / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite_guard is not None:
+            self.nonfinite_guard.observe_loss(loss, self.state.global_step + 1)
+        return loss
