@@ -62,19 +62,23 @@ def common_args(args, bf16: bool) -> dict:
 
 
 def q2g_trainer(args, model, tok, bf16, out):
-    from types import SimpleNamespace
-
-    from transformers import TrainingArguments
-
+    """q2g's own path: finetune's config -> training.training_arguments / build_lora_model, the
+    label-only loss trainer, length-grouped batches (its default)."""
     from q2g.batching import PackedCollator
-    from q2g.finetune import Collator, build_dataset, build_lora_model
+    from q2g.finetune import FinetuneConfig
     from q2g.loss import LabelOnlyLossTrainer
+    from q2g.sft_data import Collator, build_dataset
+    from q2g.training import build_lora_model, training_arguments
 
     ckpt = args.gradient_checkpointing == "on"
+    cfg = FinetuneConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.seq_len,
+                         lr=2e-4, warmup_ratio=0.0, max_steps=args.warmup + args.steps, gradient_checkpointing=ckpt,
+                         lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+                         target_modules=LORA["target_modules"], trainer={"save_strategy": "no", "logging_steps": 10**6})
     examples, _ = build_dataset(tok, rows(args.n_examples), args.seq_len)
-    peft_model = build_lora_model(model, LORA["r"], LORA["lora_alpha"], SimpleNamespace(
-        gradient_checkpointing=ckpt, lora_dropout=LORA["lora_dropout"], target_modules=LORA["target_modules"]))
-    targs = TrainingArguments(output_dir=out, remove_unused_columns=False, label_names=["labels"], **common_args(args, bf16))
+    peft_model = build_lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg)
+    targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
+    targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g saves per epoch for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)
     return LabelOnlyLossTrainer(model=peft_model, args=targs, train_dataset=examples,
                                 data_collator=collator, processing_class=tok), ckpt

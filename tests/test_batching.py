@@ -14,7 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask, slidin
 
 from q2g.batching import (causal_inputs, fully_masked_rows, is_right_padded, padding_report, padding_share,
                           sliding_windows, trainer_order)
-from q2g.finetune import IGNORE_INDEX, Collator
+from q2g.sft_data import IGNORE_INDEX, Collator
 
 
 def test_padding_share_by_hand():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from q2g.finetune import Collator
+from q2g.sft_data import Collator
 from q2g.guards import NonFiniteError, NonFiniteGuard
 from q2g.loss import LabelOnlyLossTrainer
 from test_loss import examples, lora_model

@@ -86,6 +86,13 @@ class FinetuneConfig(Config):
     forgetting_budget: float = option(0.05, min=0, help="allowed relative rise of WikiText perplexity")
     on_forgetting: str = option("flag", choices=tuple(forgetting.POLICIES), help="what a run over budget does")
     min_rank: int = option(4, min=1, help="reduce-rank: never retrain below this rank")
+    group_by_length: bool = option(True, help="batch traces of similar length together (less padding); "
+                                              "--no-group-by-length for random batches")
+    skip_nonfinite: bool = option(False, help="skip an optimizer step whose loss or gradient is NaN/inf (counted) "
+                                              "instead of stopping the run")
+    max_nonfinite_skips: int = option(3, min=0, help="--skip-nonfinite: this many skipped steps in a row still stop")
+    loss_chunk_size: int = option(1024, min=16, help="positions per chunk of the label-only cross-entropy "
+                                                     "(smaller: less memory for the logits)")
     report_to: list[str] = option(["none"], choices=TRACKERS, help="trackers for the training loss and every "
                                                                     "evaluation row (Trainer integrations)")
     trainer: dict | None = option(None, flag="--trainer-arg", help="any TrainingArguments field: --trainer-arg "
@@ -119,12 +126,41 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     out = Path(cfg.out)
     check_out_dir(cfg, out, config)
     training_arguments(cfg, out, precision.autocast, config["optim_used"], 1, device)  # refuse bad trainer: now
+    cfg = fit_memory(cfg, precision, device, config, [len(e["input_ids"]) for e in examples])
     run = Run(cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config,
               precision=precision)
     if not cfg.no_eval:
         run.records = q2g_eval.select_eval_subset(data.load_holdout(split_path), eval_cfg.eval_limit, eval_cfg.eval_seed)
         run.wikitext = data.load_wikitext(cfg.data_dir)
     return run
+
+
+def fit_memory(cfg: FinetuneConfig, precision, device: str, config: dict, lengths: list[int]) -> FinetuneConfig:
+    """Estimate the training peak (q2g.memory); turn on gradient checkpointing when that makes it
+    fit, else say what to change. Records the estimate and the padding share in `config`."""
+    from transformers import AutoConfig
+
+    from q2g import memory
+    from q2g.batching import padding_report
+    from q2g.models import resolve_model_path
+
+    shape = memory.TrainShape(cfg.batch_size, cfg.max_seq_len, precision.dtype.itemsize, cfg.lora_r,
+                              tuple(cfg.target_modules), cfg.gradient_checkpointing, loss_chunk_size=cfg.loss_chunk_size,
+                              optim_8bit=config["optim_used"] == "adamw_bnb_8bit")
+    model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.base_model), trust_remote_code=False)
+    p = memory.plan(model_config.get_text_config(), shape, memory.free_memory(device), cfg.grad_accum)
+    padding = padding_report(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
+    config.update(memory_plan={"action": p.action, "need_gb": p.need_bytes / memory.GB,
+                               "free_gb": p.free_bytes / memory.GB, "message": p.message},
+                  padding_share=padding["group_by_length" if cfg.group_by_length else "random"])
+    print(f"[finetune] memory: {p.message}; padding {config['padding_share']:.1%} of batch tokens", flush=True)
+    if p.action == "gradient_checkpointing":
+        print("[finetune] turning on gradient checkpointing so the run fits", flush=True)
+        config["gradient_checkpointing"] = True
+        return cfg.replace(gradient_checkpointing=True)
+    if p.action != "fits":
+        print(f"[finetune] WARNING: the estimate says this will not fit: {p.message}", flush=True)
+    return cfg
 
 
 def check_out_dir(cfg: FinetuneConfig, out: Path, config: dict) -> None:

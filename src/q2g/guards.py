@@ -22,8 +22,10 @@ import math
 import torch
 from transformers import TrainerCallback
 
+from q2g.errors import RunFailed
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(RunFailed):
     """A NaN or inf loss or gradient norm; the message names the step, the value and the last
     good adapter folder."""
 

@@ -71,7 +71,7 @@ def build_lora_model(model, rank: int, alpha: float, cfg):
 # name), and those its machinery needs as they are (resume by epoch, masked labels, token counts).
 FROM_Q2G_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps",
                     "num_train_epochs", "max_steps", "optim", "seed", "bf16", "fp16", "use_cpu", "report_to",
-                    "gradient_checkpointing", "lr_scheduler_type")
+                    "gradient_checkpointing", "lr_scheduler_type", "train_sampling_strategy")
 FOR_Q2G_MACHINERY = ("output_dir", "remove_unused_columns", "label_names", "include_num_input_tokens_seen",
                      "save_strategy", "logging_nan_inf_filter")
 
@@ -94,6 +94,7 @@ def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int
                 report_to=[r for r in cfg.report_to if r != "none"] or "none",
                 output_dir=str(run_dir), remove_unused_columns=False, label_names=["labels"],
                 include_num_input_tokens_seen="non_padding", save_strategy="epoch",
+                train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
                 logging_nan_inf_filter=False)  # a NaN loss must be seen, not averaged away
     user = dict(cfg.trainer or {})
     taken = sorted(set(user) & set(ours))
@@ -195,7 +196,13 @@ def epoch_row(run: Run, state, model, rank: int, alpha: float, run_dir: Path, si
             **evaluate(run, model, run_dir / "evals" / f"{name}.generations.jsonl")}
 
 
-def make_callback(run: Run, rank: int, alpha: float, run_dir: Path):
+def last_adapter(run: Run, rank: int) -> str | None:
+    """The newest saved epoch-N/ of this rank (what a NaN stop points the user to)."""
+    rows = [r for r in run.rows if r["lora_rank"] == rank and r.get("adapter")]
+    return str(run.out / rows[-1]["adapter"]) if rows else None
+
+
+def make_callback(run: Run, rank: int, alpha: float, run_dir: Path, guard=None):
     from transformers import TrainerCallback
 
     from q2g import distributed
@@ -225,6 +232,9 @@ def make_callback(run: Run, rank: int, alpha: float, run_dir: Path):
             else:
                 row = epoch_row(run, state, model, rank, alpha, run_dir, self.since) if distributed.is_main() else None
                 row = distributed.share(row)
+                if guard is not None:
+                    row = {**row, **guard.metrics()}
+                    guard.last_good_adapter = str(run.out / row["adapter"])
                 record(run, row)
                 self.log(row)
             loss = f"loss {row['train_loss']:.4f}, " if row.get("train_loss") is not None else ""
@@ -279,7 +289,9 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
     from transformers import Trainer, set_seed
 
     from q2g import distributed
+    from q2g.guards import NonFiniteGuard
     from q2g.io import atomic_write_json
+    from q2g.loss import LabelOnlyLossTrainer
     from q2g.sft_data import Collator
 
     cfg = run.cfg
@@ -294,10 +306,15 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)
         targs = training_arguments(cfg, run_dir, run.precision.autocast, run.config["optim_used"],
                                    math.ceil(n_batches / cfg.grad_accum), run.config["device"])
-        callback = make_callback(run, rank, alpha, run_dir)
-        trainer = Trainer(model=peft_model, args=targs, train_dataset=run.examples,
-                          data_collator=Collator(run.tokenizer.pad_token_id), processing_class=run.tokenizer,
-                          callbacks=[callback])
+        guard = NonFiniteGuard(skip=cfg.skip_nonfinite, max_consecutive=cfg.max_nonfinite_skips,
+                               last_good_adapter=last_adapter(run, rank))
+        callback = make_callback(run, rank, alpha, run_dir, guard)
+        kw = dict(model=peft_model, args=targs, train_dataset=run.examples, callbacks=[callback, guard],
+                  data_collator=Collator(run.tokenizer.pad_token_id), processing_class=run.tokenizer)
+        # The label-only chunked loss calls the decoder past the DDP wrapper, so several processes
+        # use the Trainer's own loss (and its full logits).
+        trainer = (LabelOnlyLossTrainer(**kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard)
+                   if distributed.num_processes() == 1 else Trainer(**kw))
         callback.trainer = trainer
         resume = latest_checkpoint(run_dir) if cfg.resume else None
         if resume:
