@@ -10,22 +10,32 @@ generation keeps teacher traces that `is_correct`, evaluation scores the student
 Extraction rules, tried in this order; the one that matched is returned with the answer, so a
 report can show how lenient the extraction had to be (as lm-evaluation-harness does):
   gsm8k: gsm8k_hash (`#### 72`), boxed, final_answer_is / answer_is, A_colon, last_number
-  math:  boxed (last `\\boxed{}` / `\\fbox{}`), final_answer_is / answer_is, A_colon
+  math:  final_answer_is when stated after the last box, boxed_multi (`\\boxed{2} and
+         \\boxed{3}` -> `2, 3`), boxed (last `\\boxed{}` / `\\fbox{}`), final_answer_is /
+         answer_is, A_colon, then math-verify's own extraction: mv_latex (`Answer \\[ 7 \\]`, the
+         last `$..$`), mv_expr (`answer: 40 percent`, else the last number).
+The math-verify rules read the last MV_TAIL_CHARS characters in the worker process described
+below, within the same time budget as the check that follows (one budget per `is_correct`).
+tests/test_answers_fuzz.py and tests/assets/math_labelled.jsonl (graded cases from Math-Verify's
+own tests) hold the rules to that budget and to >= 99% agreement.
 
 GSM8K answers are compared as exact rationals (`normalize_number`); a 1e-6 relative tolerance
 applies only when one side is not an integer. MATH answers go through the Hendrycks string
 normalisation (`normalize_math`, after https://github.com/hendrycks/math/blob/main/modeling/
-math_equivalence.py), then an exact numeric comparison, and only then math-verify's symbolic
-check. That last step runs in a separate worker process with a hard time budget per check
-(`CHECK_TIMEOUT_S`, or `timeout=`) and is judged wrong when it overruns: math-verify's own timeout
-uses signal.alarm, which fails off the main thread, and only killing a process stops a runaway
-sympy computation. Starting the worker (once, and again after a check overran) imports sympy in
-about 1-2 s that no check's budget pays for; checks from several threads take turns.
+math_equivalence.py, plus one spelling per relation, `\\leq` = `<=`, and `40 percent` = `40\\%`),
+then an exact numeric comparison, and only then math-verify's symbolic check. That last step
+runs in a separate worker process with a hard time budget per check (`CHECK_TIMEOUT_S`, or
+`timeout=`) and is judged wrong when it overruns: math-verify's own timeout uses signal.alarm,
+which fails off the main thread, and only killing a process stops a runaway sympy computation.
+Starting the worker (once, and again after a check overran) imports sympy in about 1-2 s that
+no check's budget pays for; checks from several threads take turns.
 
 Decisions: numbers are compared by value in MATH too, so `0.5` == `\\frac{1}{2}` (math-verify
 agrees); answers longer than 2000 characters, nested deeper than 8 brackets, or holding exponent
-towers (`9^{9^{9}}`) are judged wrong unless they match as strings. Model output is never
-evaluated: only math-verify's LaTeX parser reads it.
+towers (`9^{9^{9}}`) are judged wrong unless they match as strings. A MATH output with no stated
+answer is read as math-verify reads it (its last number, rule mv_expr), as lm-eval's flexible
+extractor does. Model output is never evaluated: math-verify's LaTeX parser reads it, and its
+expression parser sees only digits and `+-*/^()`.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ logger = logging.getLogger(__name__)
 CHECK_TIMEOUT_S = 2.0  # per symbolic check; worker start-up is not counted
 START_TIMEOUT_S = 60.0  # to spawn the worker and import sympy in it
 MAX_SYMBOLIC_CHARS = 2000
+MAX_NORMALIZED_CHARS = 20_000  # longer answers are compared as they are, not normalised
 MV_TAIL_CHARS = 3000  # math-verify's fallback extraction reads only the end of a solution
 MAX_SYMBOLIC_DEPTH = 8  # MATH golds nest 3 deep at most; latex2sympy is exponential in it
 REL_TOL = 1e-6
@@ -85,7 +96,8 @@ def last_boxed(text: str) -> str | None:
 
 # What may stand between boxes that together are one answer: `\boxed{2}, \boxed{3}`,
 # `$\boxed{1}$ and $\boxed{2}$`, `\boxed{a} \quad \text{or} \quad \boxed{b}`.
-_JOINER_RE = re.compile(r"(?:\s|[,;$]|\\[()\[\]]|\\q?quad|\\[,;: ]|\\text\{[^{}]{0,20}\b(?:and|or)\s*\}|\band\b|\bor\b)*")
+_JOINER_RE = re.compile(r"(?:\s|[,;$]|\\[()\[\]]|\\q?quad|\\[,;: ]|\band\b|\bor\b"
+                        r"|\\text\{[^{}]{0,20}\b(?:and|or)\s*\})*")
 _MAX_BOXES = 8
 
 
@@ -127,7 +139,8 @@ _ANSWER_IS_RE = re.compile(r"(final\s+)?answer\s+is\b\s*:?", re.IGNORECASE)
 # `[ \t*#>]` and not `\s`: a class that spans newlines makes this quadratic on blank lines.
 _A_COLON_RE = re.compile(r"^[ \t*#>]*(?:[Ff]inal [Aa]nswer|[Aa]nswer|ANSWER|A)[ \t*]*:\**", re.M)
 _HASH_RE = re.compile(r"####")
-_PROSE_IS_RE = re.compile(r"[A-Za-z][^\n]*\s(?:is|are|equals)\s+(?=[-\d$]|\\[(\[])")
+_MATHY_RE = re.compile(r"[ \t]*(?:[-\d$]|\\[(\[])")  # `is $5$`, `is 5`; not `is positive, because`
+_PROSE_IS_RE = re.compile(r"[A-Za-z][^\n]*\s(?:is|are|equals)\s+(?=[-\d$(\[\\])")
 _MATH_DELIMITERS = (  # opening string, closing pattern; `\$` is a dollar sign, not a delimiter
     ("$$", re.compile(r"(?<!\\)\$\$")), ("$", re.compile(r"(?<!\\)\$")),
     ("\\(", re.compile(r"\\\)")), ("\\[", re.compile(r"\\\]")),
@@ -173,7 +186,8 @@ def _gsm8k_spans(text: str):
 def _math_spans(text: str):
     stated = _last_match(_ANSWER_IS_RE, text)
     last_box = _last_match(_BOX_RE, text)
-    if stated and stated.group(1) and (last_box is None or stated.start() > last_box.start()):
+    if (stated and stated.group(1) and (last_box is None or stated.start() > last_box.start())
+            and _MATHY_RE.match(text, stated.end())):
         # `$.. = \boxed{255}$ .. The final answer is $10,455$.`: the model's last word counts
         yield "final_answer_is", _math_after(text, stated.end())
     yield "boxed_multi", boxed_together(text)
@@ -378,7 +392,11 @@ def answers_match(pred: str | None, gold, source: str, *, timeout: float | None 
             return None
         pred_value = normalize_number(pred)
         return pred_value is not None and _numbers_equal(pred_value, gold_value)
-    if not isinstance(gold, str) or not normalize_math(gold):
+    if not isinstance(gold, str) or not gold.strip():
+        return None
+    if max(len(gold), len(pred) if isinstance(pred, str) else 0) > MAX_NORMALIZED_CHARS:
+        return isinstance(pred, str) and pred.strip() == gold.strip()
+    if not normalize_math(gold):
         return None
     budget = CHECK_TIMEOUT_S if timeout is None else timeout
     return isinstance(pred, str) and _math_equal(pred, gold, budget)
@@ -427,8 +445,8 @@ def _mv_extract(text: str) -> tuple[str, str] | None:
         both = parse(text, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
         if len(both) < 2 or not both[1].strip():  # [value, the string it was read from]
             return None
-        expr = parse(text, [ExprExtractionConfig()], parsing_timeout=None)
-        rule = "mv_expr" if len(expr) > 1 and expr[1] == both[1] else "mv_latex"
+        latex = parse(text, [LatexExtractionConfig()], parsing_timeout=None)
+        rule = "mv_latex" if len(latex) > 1 and latex[1] == both[1] else "mv_expr"
         # Several $..$ groups read as one set come back joined by " and ".
         return _joined(both[1]) if rule == "mv_latex" else both[1], rule
     except Exception:
@@ -549,6 +567,16 @@ def _check_in_thread(pred: str, gold: str, timeout: float) -> bool:
 
 
 _WORKER = _Worker()
+
+
+def start_worker() -> bool:
+    """Start the math-verify worker now (up to START_TIMEOUT_S), so no later check waits for it.
+
+    Benchmarks and timing tests call it; graders need not: the first check starts it. False
+    where no process can be started (checks then run in a thread).
+    """
+    with _WORKER.lock:
+        return _WORKER._wait_ready()
 
 
 def _reset_worker() -> None:
