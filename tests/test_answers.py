@@ -150,12 +150,14 @@ def test_gsm8k_unparseable_gold_is_none(gold):
     ("The roots are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", "boxed_multi"),
     ("$$\\boxed{(3, 3)} \\text{ for part (a) and } \\boxed{(1, 1)}$$", "(3, 3), (1, 1)", "boxed_multi"),
     ("first \\boxed{1}, then \\boxed{2}", "2", "boxed"),
+    ("\\boxed{\\boxed{5}}", "5", "boxed"),
     # a final answer stated after the last box is the model's last word; prose after it is not
     ("$= \\boxed{255}$. Final Answer: The final answer is $10,455$. I hope it is correct.", "10,455",
      "final_answer_is"),
     ("$\\boxed{3}$. The final answer is positive, because", "3", "boxed"),
     ("Final answer: the smallest $k$ is 12.", "12", "A_colon"),
     ("Final Answer: The largest $n$ is $34$.", "34", "A_colon"),
+    ("The answer is x = 5, since the sum is 7", "x = 5, since the sum is 7", "answer_is"),
     # math-verify's own extraction when no strict rule reads the text
     ("So the value is\n\nAnswer \\[ 7 \\]", "7", "mv_latex"),
     ("Thus the matrix is $\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}$.",
@@ -176,6 +178,7 @@ def test_math_rules(text, answer, rule):
     ("1,\\!000", "1000"), ("3/4", "\\frac{3}{4}"), ("y = 2x + 3", "2x+3"), ("a=1, b=2", "a=1,b=2"),
     ("y \\leq 3", "y\\le3"), ("y <= 3", "y\\le3"), ("x \\geqslant 1", "x\\ge1"), ("x != 2", "x\\ne2"),
     ("40 percent", "40"), ("40 pct", "40"), ("7 = 11a+c", "7=11a+c"), ("32, 349", "32,349"),
+    ("a \\ltimes b", "a\\ltimesb"), ("x \\lt 3", "x<3"),
 ])
 def test_normalize_math(raw, normal):
     assert normalize_math(raw) == normal
@@ -236,6 +239,13 @@ def test_model_output_is_never_evaluated(tmp_path):
 
 CORPUS = Path(__file__).resolve().parent / "assets" / "math_labelled.jsonl"
 CORPUS_TIMEOUT_S = 10.0  # what is measured is the rules; on a busy machine a sympy sum takes > 2 s
+
+
+def test_fallback_reads_the_tail_with_dollars_paired(monkeypatch):
+    monkeypatch.setattr(answers, "MV_TAIL_CHARS", 40)
+    text = "so $" + "x + " * 30 + "1 = 2$ and the answer is clearly\n$5$"
+    assert answers._tail(text) == " and the answer is clearly\n$5$"  # cut inside `$..$`: after it
+    assert answers._tail("$$a$$ " + "b" * 60) == "b" * 40
 
 
 def test_labelled_math_corpus_agreement():

@@ -140,7 +140,8 @@ _ANSWER_IS_RE = re.compile(r"(final\s+)?answer\s+is\b\s*:?", re.IGNORECASE)
 _A_COLON_RE = re.compile(r"^[ \t*#>]*(?:[Ff]inal [Aa]nswer|[Aa]nswer|ANSWER|A)[ \t*]*:\**", re.M)
 _HASH_RE = re.compile(r"####")
 _MATHY_RE = re.compile(r"[ \t]*(?:[-\d$]|\\[(\[])")  # `is $5$`, `is 5`; not `is positive, because`
-_PROSE_IS_RE = re.compile(r"[A-Za-z][^\n]*\s(?:is|are|equals)\s+(?=[-\d$(\[\\])")
+# `the smallest $k$ is 12`; not `x = 5, since the sum is 7`
+_PROSE_IS_RE = re.compile(r"[A-Za-z][^\n=]{0,80}?\s(?:is|are|equals)\s+(?=[-\d$(\[\\])")
 _MATH_DELIMITERS = (  # opening string, closing pattern; `\$` is a dollar sign, not a delimiter
     ("$$", re.compile(r"(?<!\\)\$\$")), ("$", re.compile(r"(?<!\\)\$")),
     ("\\(", re.compile(r"\\\)")), ("\\[", re.compile(r"\\\]")),
@@ -218,11 +219,23 @@ def _rest_of_line(text: str, start: int) -> str:
 
 def _fallback_extract(text: str, timeout: float) -> tuple[str | None, str | None]:
     """math-verify's reading of the end of `text`, unless that end would be costly to parse."""
-    tail = text[-MV_TAIL_CHARS:]
+    tail = _tail(text)
     if _too_deep_or_huge(tail):
         return None, None
     found = _worker_call(("extract", tail), round(timeout, 1))
     return tuple(found) if found else (None, None)
+
+
+_DOLLAR_RE = re.compile(r"(?<!\\)\$\$?")  # one token per `$` or `$$`
+
+
+def _tail(text: str) -> str:
+    """The last MV_TAIL_CHARS of `text`, begun outside `$..$` / `$$..$$` so dollars still pair up."""
+    cut = max(len(text) - MV_TAIL_CHARS, 0)
+    if cut and len(_DOLLAR_RE.findall(text, 0, cut)) % 2:
+        inside = _DOLLAR_RE.search(text, cut)
+        cut = inside.end() if inside else cut
+    return text[cut:]
 
 
 def _math_after(text: str, start: int) -> str | None:
@@ -293,10 +306,11 @@ _REPLACEMENTS = (
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\u00b0", ""),
     ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
     ("\\ ", " "), ("~", " "),
-    # one spelling per relation: `\\leq`, `\\leqslant`, `<=` -> `\\le`
-    ("\\leqslant", "\\le"), ("\\geqslant", "\\ge"), ("\\leq", "\\le"), ("\\geq", "\\ge"),
-    ("<=", "\\le"), (">=", "\\ge"), ("\\neq", "\\ne"), ("!=", "\\ne"), ("\\lt", "<"), ("\\gt", ">"),
 )
+_RELATIONS = tuple((re.compile(pattern), new) for pattern, new in (  # one spelling per relation
+    (r"\\leq(?:slant)?(?![a-zA-Z])|<=", r"\\le"), (r"\\geq(?:slant)?(?![a-zA-Z])|>=", r"\\ge"),
+    (r"\\neq(?![a-zA-Z])|!=", r"\\ne"), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
+))
 _TEXT_CMDS = r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)"
 # Units are a trailing `\text{ cm}` (note the space, as in Hendrycks), maybe squared.
 _UNITS_RE = re.compile(_TEXT_CMDS + r"\{\s[^{}]*\}(?:\^\{?\d\}?)?$")
@@ -316,6 +330,8 @@ def normalize_math(s: str) -> str:
     """Hendrycks `strip_string`: `\\dfrac34` -> `\\frac{3}{4}`, `x = 5` -> `5`, `10^\\circ` -> `10`."""
     for old, new in _REPLACEMENTS:
         s = s.replace(old, new)
+    for pattern, new in _RELATIONS:  # `\\leq`, `\\leqslant`, `<=` -> `\\le`; `\\ltimes` stays
+        s = pattern.sub(new, s)
     s = s.strip()
     listed = ", " in s  # `32, 349` is two numbers, `32,349` one
     if _UNITS_RE.search(s) and _UNITS_RE.sub("", s).strip():  # `5\text{ cm}`, not `\text{ east}`
