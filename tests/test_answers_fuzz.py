@@ -3,7 +3,7 @@
 Each generated (model output, gold) pair mixes realistic solution endings with pathological
 LaTeX: brackets nested thousands deep, 10^6-digit numbers, long `\\frac` chains, exponent
 towers, unclosed boxes. Every check must return True, False or None and stay within the
-per-check budget. The test runs 10,000 GSM8K-style and 300 MATH-style cases (about 20 s on one
+per-check budget. The test runs 10,000 GSM8K-style and 300 MATH-style cases (25-45 s on one
 core); benchmarks/answer_fuzz.py runs the issue's full 10,000 + 2,000 and prints the worst time.
     PYTHONPATH=src pytest tests/test_answers_fuzz.py
 """

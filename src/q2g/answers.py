@@ -459,17 +459,19 @@ def _mv_extract(text: str) -> tuple[str, str] | None:
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
         both = parse(text, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
-        if len(both) < 2 or not both[1].strip():  # [value, the string it was read from]
+        if len(both) < 2 or not both[1].strip():  # [value, the string first tried]: nothing read
             return None
         latex = parse(text, [LatexExtractionConfig()], parsing_timeout=None)
-        rule = "mv_latex" if len(latex) > 1 and latex[1] == both[1] else "mv_expr"
-        # Several $..$ groups read as one set come back joined by " and ".
-        return _joined(both[1]) if rule == "mv_latex" else both[1], rule
+        if len(latex) > 1 and latex[1] == both[1]:
+            return _joined(latex[1]), "mv_latex"
+        expr = parse(text, [ExprExtractionConfig()], parsing_timeout=None)
+        return (expr[1], "mv_expr") if len(expr) > 1 else (_joined(both[1]), "mv_latex")
     except Exception:
         return None
 
 
 def _joined(latex: str) -> str:
+    """Several `$..$` groups read as one set come back joined by " and "."""
     parts = latex.split(" and ")
     return ", ".join(parts) if len(parts) > 1 else latex
 
