@@ -13,6 +13,7 @@ it), "expected": bool, "origin": where the case comes from}. Two sources:
   (GSM8K style, with decimal commas that q2g reads as thousands separators by design), and
   golds made of several boxes (not a MATH gold).
 - HAND: the forms issue #10 lists, written here, each with a near miss labelled False.
+The Math-Verify rows are copied from its test suite, Copyright The HuggingFace Team, Apache-2.0.
 """
 
 import ast
@@ -23,6 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "math_labelled.jsonl"
+sys.path.insert(0, str(HERE.parents[1] / "src"))
+from q2g.answers import last_boxed  # noqa: E402  the data layer's reading of a gold
 FILES = ["test_all.py", "test_numina_cases.py", "test_open_thoughts.py", "test_yujianll.py",
          "test_boxed.py", "test_strict.py"]
 SKIP_TESTS = {"test_number_extraction": "expression-only number formats (GSM8K style, decimal commas)",
@@ -128,9 +131,6 @@ def _case(test: str, names: list[str], row: tuple):
 
 def math_gold(gold: str) -> str | None:
     """What the data layer would store: the one `\\boxed{}` content, else the text inside `$..$`."""
-    sys.path.insert(0, str(HERE.parents[1] / "src"))
-    from q2g.answers import last_boxed
-
     boxes = len(re.findall(r"\\(?:boxed|fbox)\{", gold))
     if boxes > 1:
         return None
