@@ -4,8 +4,9 @@
 
 Prints one row per set: the checks made, the share whose verdict is the expected one (True
 against the problem's own gold, False against another problem's), and the time per check. The
-"other gold" rows are the ones that reach math-verify's symbolic check; the worker process that
-runs it is started (and timed) before any row, so no row pays for importing sympy.
+"other gold" rows are the ones that reach math-verify's symbolic check, the labelled corpus row
+(tests/assets/math_labelled.jsonl) also its extraction; the worker process that runs both is
+started (and timed) before any row, so no row pays for importing sympy.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "tests" / "assets" / "math_labelled.jsonl"
 
 
 def load(data: Path, name: str) -> list[dict]:
@@ -39,6 +41,8 @@ def cases(data: Path):
     yield "math500", [(r["solution"], r["answer"], "math", True) for r in m500]
     others = random.Random(0).sample([r["answer"] for r in m500], len(m500))
     yield "math500, other gold", [(r["solution"], o, "math", r["answer"] == o) for r, o in zip(m500, others)]
+    labelled = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    yield "math labelled corpus", [(r["text"], r["gold"], "math", r["expected"]) for r in labelled]
 
 
 def measure(checks) -> dict:
@@ -61,10 +65,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(default), help="the shared data folder")
     args = parser.parse_args()
 
-    from q2g.answers import CHECK_TIMEOUT_S, is_correct
+    from q2g.answers import CHECK_TIMEOUT_S, start_worker
 
     start = time.perf_counter()
-    is_correct("\\boxed{\\sqrt{4}}", "2", "math")  # starts the symbolic-check worker
+    start_worker()
     print(f"worker start-up: {time.perf_counter() - start:.2f} s; budget per check {CHECK_TIMEOUT_S} s\n")
     print(f"{'set':<26}{'n':>6}{'agree %':>9}{'median ms':>11}{'p99 ms':>9}{'worst ms':>10}")
     for name, checks in cases(args.data):

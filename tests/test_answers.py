@@ -1,14 +1,17 @@
-"""q2g.answers: each extraction rule, equivalences both ways, the hard time budget, never raising.
+"""q2g.answers: each extraction rule, equivalences both ways, agreement with a labelled corpus of
+MATH gradings (tests/assets/math_labelled.jsonl), the hard time budget, never raising.
 
 Fast and self-contained (no ../shared); the full-data checks are in test_answers_shared.py.
     PYTHONPATH=src pytest tests/test_answers.py
 """
 
+import json
 import multiprocessing
 import os
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -141,8 +144,27 @@ def test_gsm8k_unparseable_gold_is_none(gold):
     ("The answer is 3.5.", "3.5", "answer_is"),
     ("The answer is 5. I hope it is correct.", "5", "answer_is"),
     ("Answer: $(1, 2)$", "(1, 2)", "A_colon"),
-    ("The value is 5.", None, None),  # no last-number fallback for MATH: too often wrong
+    ("The value is 5.", "5", "mv_expr"),  # math-verify's fallback: the rule says how lenient
     ("\\boxed{} The answer is 4", "4", "answer_is"),
+    # several boxes that together are the answer; an earlier box in a sentence is not one of them
+    ("The roots are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", "boxed_multi"),
+    ("$$\\boxed{(3, 3)} \\text{ for part (a) and } \\boxed{(1, 1)}$$", "(3, 3), (1, 1)", "boxed_multi"),
+    ("first \\boxed{1}, then \\boxed{2}", "2", "boxed"),
+    ("\\boxed{\\boxed{5}}", "5", "boxed"),
+    # a final answer stated after the last box is the model's last word; prose after it is not
+    ("$= \\boxed{255}$. Final Answer: The final answer is $10,455$. I hope it is correct.", "10,455",
+     "final_answer_is"),
+    ("$\\boxed{3}$. The final answer is positive, because", "3", "boxed"),
+    ("Final answer: the smallest $k$ is 12.", "12", "A_colon"),
+    ("Final Answer: The largest $n$ is $34$.", "34", "A_colon"),
+    ("The answer is x = 5, since the sum is 7", "x = 5, since the sum is 7", "answer_is"),
+    # math-verify's own extraction when no strict rule reads the text
+    ("So the value is\n\nAnswer \\[ 7 \\]", "7", "mv_latex"),
+    ("Thus the matrix is $\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}$.",
+     "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "mv_latex"),
+    ("Of the five, $\\text{Evelyn}$ is the fastest.", "\\text{Evelyn}", "mv_latex"),
+    ("The share is 40 percent.", "40", "mv_expr"),
+    ("I cannot tell.", None, None),
 ])
 def test_math_rules(text, answer, rule):
     assert extract_answer_with_rule(text, "math") == (answer, rule)
@@ -154,6 +176,9 @@ def test_math_rules(text, answer, rule):
     ("\\$5", "5"), ("5\\%", "5"), ("5\\text{ cm}^2", "5"), ("\\text{(A)}", "(A)"),
     ("\\text{ east}", "east"), ("\\sqrt2", "\\sqrt{2}"), (".5", "0.5"), ("7.", "7"),
     ("1,\\!000", "1000"), ("3/4", "\\frac{3}{4}"), ("y = 2x + 3", "2x+3"), ("a=1, b=2", "a=1,b=2"),
+    ("y \\leq 3", "y\\le3"), ("y <= 3", "y\\le3"), ("x \\geqslant 1", "x\\ge1"), ("x != 2", "x\\ne2"),
+    ("40 percent", "40"), ("40 pct", "40"), ("7 = 11a+c", "7=11a+c"), ("32, 349", "32,349"),
+    ("a \\ltimes b", "a\\ltimesb"), ("x \\lt 3", "x<3"),
 ])
 def test_normalize_math(raw, normal):
     assert normalize_math(raw) == normal
@@ -167,11 +192,13 @@ MATH_EQUIVALENT = [
     # these need the symbolic check
     ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"), ("x^2+2x+1", "(x+1)^2"), ("\\{2,1\\}", "\\{1,2\\}"),
     ("\\pi/2", "\\frac{\\pi}{2}"), ("2\\sqrt{2}", "\\sqrt{8}"),
+    ("y \\leq 3", "y <= 3"), ("x \\neq 2", "x != 2"), ("40 percent", "40\\%"), ("2, 3", "3, 2"),
 ]
 MATH_DIFFERENT = [
     ("3", "4"), ("(1,2]", "[1,2)"), ("\\frac{1}{2}", "\\frac{1}{3}"), ("x^2", "x^3"),
     ("\\sqrt{2}", "2"), ("(1,2)", "(2,1)"), ("10", "100"), ("0.5", "5"), ("", "5"),
     ("2\\pi", "\\pi"), ("x+1", "x-1"),
+    ("32, 349", "32349"), ("11a+c", "7 = 11a+c"), ("y < 3", "y \\leq 3"), ("2, 3", "2, 4"),
 ]
 
 
@@ -203,9 +230,32 @@ def test_no_answer_is_false_and_bad_source_raises():
 def test_model_output_is_never_evaluated(tmp_path):
     marker = tmp_path / "pwned"
     payload = f"__import__('os').system('touch {marker}')"
-    for text in (f"\\boxed{{{payload}}}", f"The answer is {payload}"):
+    for text in (f"\\boxed{{{payload}}}", f"The answer is {payload}", f"so ${payload}$", f"so {payload}"):
         assert is_correct(text, "1", "math") is False
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- labelled corpus
+
+CORPUS = Path(__file__).resolve().parent / "assets" / "math_labelled.jsonl"
+CORPUS_TIMEOUT_S = 10.0  # what is measured is the rules; on a busy machine a sympy sum takes > 2 s
+
+
+def test_fallback_reads_the_tail_with_dollars_paired(monkeypatch):
+    monkeypatch.setattr(answers, "MV_TAIL_CHARS", 40)
+    text = "so $" + "x + " * 30 + "1 = 2$ and the answer is clearly\n$5$"
+    assert answers._tail(text) == " and the answer is clearly\n$5$"  # cut inside `$..$`: after it
+    assert answers._tail("$$a$$ " + "b" * 60) == "b" * 40
+
+
+def test_labelled_math_corpus_agreement():
+    # Graded cases from Math-Verify's test suite and issue #10 (see tests/assets/make_math_labelled.py).
+    rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    assert len(rows) >= 150 and {r["expected"] for r in rows} == {True, False}
+    verdicts = [is_correct(r["text"], r["gold"], "math", timeout=CORPUS_TIMEOUT_S) for r in rows]
+    wrong = [(r["origin"], r["gold"], extract_answer_with_rule(r["text"], "math"), r["expected"])
+             for r, verdict in zip(rows, verdicts) if verdict is not r["expected"]]
+    assert len(wrong) <= 0.01 * len(rows), wrong
 
 
 # ---------------------------------------------------------------- time budget
@@ -222,6 +272,15 @@ def test_timeout_returns_false_within_budget():
     assert result is False and took < 1.0 + SLACK_S
     # The runaway worker was killed; its replacement answers the next check.
     assert is_correct("\\boxed{\\sqrt{9}}", "3", "math") is True
+
+
+def test_extraction_and_check_share_one_budget():
+    # math-verify reads the answer (rule mv_latex), then the check overruns: one budget for both.
+    text = "so we get\n$$(a+b+c+d+1)^{30}$$"
+    assert extract_answer_with_rule(text, "math")[1] == "mv_latex"
+    result, took = _timed(is_correct, text, SLOW_GOLD, "math", timeout=1.0)
+    assert result is False and took < 1.0 + SLACK_S
+    assert answers.start_worker() is True  # the replacement worker is up again
 
 
 def test_timeout_from_a_thread():
