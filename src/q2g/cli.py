@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": ("q2g.evaluate", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
     "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
     "run": ("q2g.run", "generate -> finetune -> report from one YAML config, resuming finished stages"),
+    "sweep": ("q2g.sweep", "Optuna sweep of finetune settings: a Pareto front of accuracy vs forgetting"),
     "demo": ("q2g.run", "the offline demo: real Gemma 3 270M, shipped data, reference teacher"),
 }
 
