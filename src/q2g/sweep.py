@@ -456,6 +456,10 @@ def trial_row(number: int, folder: Path, settings: dict, result: dict, objective
             "epochs": [{k: r.get(k) for k in EPOCH_KEYS} for r in rows]}
 
 
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
+
+
 def progress(study, sweep: Sweep, trial, settings: dict) -> str:
     from optuna.trial import TrialState
 
@@ -463,8 +467,9 @@ def progress(study, sweep: Sweep, trial, settings: dict) -> str:
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     left = sweep.target - len(done)
     walls = [t.user_attrs["row"]["wall_s"] for t in done if (t.user_attrs.get("row") or {}).get("wall_s")]
-    eta = (f"ETA ~{left * sum(walls) / len(walls) / max(1, running) / 60:.0f} min "
-           f"({sum(walls) / len(walls) / 60:.1f} min per trial, {running} running)" if walls else "ETA after the first trial")
+    mean = sum(walls) / len(walls) if walls else None
+    eta = (f"ETA ~{_duration(left * mean / max(1, running))} ({_duration(mean)} per trial, {running} running)"
+           if mean else "ETA after the first trial")
     shown = ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items())
     return f"[sweep] trial {trial.number}: {shown} | {len(done)} of {sweep.target} finished, {left} left | {eta}"
 
@@ -474,13 +479,14 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> None:
     from optuna.trial import TrialState
 
     settings = trial_settings(sweep.dims, trial.params, sweep.finetune)
+    shown = {**{k: sweep.dims[k].value(v) for k, v in trial.params.items()}, **settings}  # + lora_alpha_ratio
     folder = sweep.out / f"trial-{trial.number:03d}"
-    print(progress(study, sweep, trial, settings) + (" (resumed)" if trial.user_attrs["attempts"] > 1 else ""),
+    print(progress(study, sweep, trial, shown) + (" (resumed)" if trial.user_attrs["attempts"] > 1 else ""),
           flush=True)
     try:
         cfg = sweep.finetune.replace(**settings, out=str(folder), resume=trial.user_attrs["attempts"] > 1)
         cfg = cfg.replace(baseline_from=str(ensure_baseline(sweep, cfg, baseline)))
-        row = trial_row(trial.number, folder, settings, train(cfg, sweep.eval_cfg), sweep.cfg.objectives)
+        row = trial_row(trial.number, folder, shown, train(cfg, sweep.eval_cfg), sweep.cfg.objectives)
     except KeyboardInterrupt:
         trial.set_user_attr("worker", None)  # let go: the next run takes it over and resumes it
         raise
@@ -592,7 +598,8 @@ def plot_front(path: Path, rows: list[dict], metric: str, budget: float) -> None
             for x, y, n in pts:
                 ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = sorted((r["ppl_change"] * 100, r["values"][metric] * scale) for r in rows if r["on_front"])
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=1, label="Pareto front")
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=1, marker="s", markersize=11,
+            markerfacecolor="none", label="Pareto front")
     ax.axvline(budget * 100, color="red", linestyle="--", label=f"budget (+{budget * 100:g}%)")
     ax.set(xlabel="WikiText perplexity change vs. base (%)",
            ylabel="pass@1 on the holdout (%)" if metric == "pass@1" else "held-out loss",
