@@ -247,6 +247,28 @@ def test_two_workers_share_one_study_without_repeating_settings(tmp_path):
     assert all("| **" + str(n) + "** |" in (out / "pareto.md").read_text() for n in front)
 
 
+def test_a_trial_is_orphaned_when_its_worker_is_gone():
+    study = optuna.create_study()
+    trial = study.ask()
+    frozen = lambda: study.trials[0]  # noqa: E731
+    assert not sweep.orphaned(frozen())  # just asked, claimed in a moment
+    sweep.claim(trial)
+    assert not sweep.orphaned(frozen()) and frozen().user_attrs["attempts"] == 1  # this process holds it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    trial.set_user_attr("worker", {**frozen().user_attrs["worker"], "pid": int(dead.stdout)})
+    assert sweep.orphaned(frozen())  # its process exited
+    trial.set_user_attr("worker", {"released": True})
+    assert sweep.orphaned(frozen())  # let go on Ctrl-C
+
+
+def test_sqlite_storage_url(tmp_path):
+    config = write_config(tmp_path / "s.yaml", GRID, extra_sweep="  n_trials: 2\n")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    sweep.run_sweep(config, tmp_path / "out", train=fake_train, baseline=fake_baseline, storage=url)
+    assert len(optuna.load_study(study_name="q2g-sweep", storage=url).trials) == 2
+    assert not (tmp_path / "out" / "study.journal").exists() and len(rows_of(tmp_path / "out")) == 2
+
+
 def test_tpe_never_reruns_settings_and_stops_at_the_space_size(tmp_path):
     config = write_config(tmp_path / "s.yaml", "    lora_r: [4, 8]\n    lora_dropout: [0.0, 0.1]\n", sampler="tpe",
                           extra_sweep="  n_trials: 10\n")

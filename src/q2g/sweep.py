@@ -21,6 +21,7 @@ for single-objective studies only.
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import hashlib
 import json
@@ -41,6 +42,7 @@ RATIO = "lora_alpha_ratio"  # searched in place of lora_alpha: alpha = ratio * r
 NOT_SEARCHABLE = ("out", "traces", "split", "resume", "baseline_from", "no_eval")  # set by the sweep itself
 STUDENT_KEYS = ("base_model", "precision", "device", "data_dir")  # what a baseline row depends on (+ eval)
 MAX_DUPLICATES = 50  # proposals in a row that repeat a trial before the sampler is taken to be done
+UNCLAIMED_S = 60  # a RUNNING trial no worker has claimed for this long was left by a dead process
 ENUMERATE_AFTER = 3  # ... or, in a finite space, before its untried points are enumerated instead
 EPOCH_KEYS = ("epoch", "lora_rank", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
 
@@ -207,7 +209,8 @@ def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     data = load_yaml(config)
     unknown = set(data) - {"out", *run.STAGES, "sweep"}
     if unknown:
-        raise ConfigError(f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, generate, finetune, sweep")
+        raise ConfigError(f"{config}: unknown top-level key(s) {sorted(unknown)}; "
+                          "expected out, generate, finetune, sweep")
     if not isinstance(data.get("sweep"), dict):
         raise ConfigError(f"{config}: no `sweep:` section (a mapping with space:, sampler:, objectives:, n_trials:)")
     values = _normalise_keys(data["sweep"], set(fields_of(SweepConfig)), config, "sweep.", "q2g sweep")
@@ -238,6 +241,13 @@ def study_settings(sweep: Sweep) -> dict:
     ev = {k: v for k, v in sweep.eval_cfg.to_dict().items() if k != "eval_batch_size"}
     return json.loads(json.dumps({"space": sweep.cfg.space, "sampler": sweep.cfg.sampler,
                                   "objectives": sweep.cfg.objectives, "finetune": ft, "eval": ev}, default=str))
+
+
+def resolved(sweep: Sweep) -> dict:
+    """DIR/sweep.json: the settings this sweep ran with (beside sweep_config.yaml, the file as given)."""
+    return {**study_settings(sweep), "config": str(sweep.config), "n_trials": sweep.target, "seed": sweep.cfg.seed,
+            "directions": {o: OBJECTIVES[o] for o in sweep.cfg.objectives}, "study_name": sweep.cfg.study_name,
+            "storage": sweep.cfg.storage or str(sweep.out / "study.journal")}
 
 
 # ---------------------------------------------------------------- the study and its workers
@@ -279,7 +289,8 @@ def without_stop(sampler_class):
 def make_sampler(optuna, sweep: Sweep, seed: int):
     cfg, n = sweep.cfg, sweep.target
     if cfg.sampler == "grid":  # the seed shuffles the grid: the same order in every process, or grid ids mix
-        return without_stop(optuna.samplers.GridSampler)({k: list(d.choices) for k, d in sweep.dims.items()}, seed=cfg.seed)
+        grid = {k: list(d.choices) for k, d in sweep.dims.items()}
+        return without_stop(optuna.samplers.GridSampler)(grid, seed=cfg.seed)
     if cfg.sampler == "nsga2":  # a population of half the trials: at least two generations
         return optuna.samplers.NSGAIISampler(population_size=max(2, min(50, n // 2)), seed=seed)
     return optuna.samplers.TPESampler(n_startup_trials=max(1, min(10, n // 2)), seed=seed)
@@ -321,9 +332,11 @@ def process_id(pid: int) -> str | None:
 
 
 def orphaned(trial) -> bool:
-    """A RUNNING trial no live worker holds: its process died (or let go of it on Ctrl-C)."""
+    """A RUNNING trial no live worker holds: its process died, or let go of it on Ctrl-C."""
     worker = trial.user_attrs.get("worker")
-    if not worker:
+    if worker is None:  # killed between ask and claim (a worker elsewhere claims within milliseconds)
+        return (datetime.datetime.now() - trial.datetime_start).total_seconds() > UNCLAIMED_S
+    if worker.get("released"):
         return True
     if worker["host"] != socket.gethostname():
         return False  # another machine's; only its own worker can tell
@@ -374,17 +387,20 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     `train(cfg, eval_cfg)` (default finetune.run_finetune) and `baseline(cfg, eval_cfg, path)`
     (default evaluate_baseline) are replaceable for tests."""
     from q2g import finetune, generate
+    from q2g.io import atomic_write_json
 
     optuna = load_optuna()
     sweep = load_sweep(Path(config), out, **overrides)
     sweep.out.mkdir(parents=True, exist_ok=True)
-    print(f"[sweep] {sweep.cfg.sampler} over {', '.join(sweep.dims)} -> {sweep.out} ({sweep.target} trials)", flush=True)
+    study = open_study(optuna, sweep)  # refuses a study of other settings before anything runs
+    print(f"[sweep] {sweep.cfg.sampler} over {', '.join(sweep.dims)} -> {sweep.out} ({sweep.target} trials)",
+          flush=True)
     with locked(sweep.lock):
         shutil.copy(sweep.config, sweep.out / "sweep_config.yaml")
+        atomic_write_json(sweep.out / "sweep.json", resolved(sweep))
         generate.main(sweep.gen_argv)
     if not set(STUDENT_KEYS) & set(sweep.dims):  # one baseline for all: score it before the first trial
         ensure_baseline(sweep, sweep.finetune, baseline or evaluate_baseline)
-    study = open_study(optuna, sweep)
     while True:
         with locked(sweep.lock):
             trial = next_trial(optuna, study, sweep)
@@ -488,7 +504,7 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> None:
         cfg = cfg.replace(baseline_from=str(ensure_baseline(sweep, cfg, baseline)))
         row = trial_row(trial.number, folder, shown, train(cfg, sweep.eval_cfg), sweep.cfg.objectives)
     except KeyboardInterrupt:
-        trial.set_user_attr("worker", None)  # let go: the next run takes it over and resumes it
+        trial.set_user_attr("worker", {"released": True})  # the next run takes it over and resumes it
         raise
     except Exception as e:
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
@@ -544,38 +560,58 @@ def _fmt(key: str, v) -> str:
     return f"{v:.4f}" if key == "heldout_loss" else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def pareto_lines(sweep: Sweep, rows: list[dict], best: dict | None, failed: list) -> list[str]:
-    objectives, budget = sweep.cfg.objectives, sweep.finetune.forgetting_budget
+def _md(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """One line per trial: its settings, final pass@1 (overall, per source), forgetting; front in bold."""
     keys = list(dict.fromkeys(k for r in rows for k in r["settings"]))
     sources = sorted({s for r in rows for s in (r.get("pass@1_by_source") or {})})
-    lines = [f"# q2g sweep: {sweep.cfg.study_name}", "",
-             f"{len(rows)} of {sweep.target} trials finished ({sweep.cfg.sampler} sampler over "
-             f"{', '.join(sweep.dims)}); objectives: {OBJECTIVES[objectives[0]]} {objectives[0]}, minimize "
-             f"{objectives[1]} (WikiText perplexity change vs. the base model). Front rows are **bold**.", "",
-             "| trial | front | " + " | ".join(keys) + " | pass@1 | " + " | ".join(f"pass@1 {s}" for s in sources)
-             + " | heldout loss | ppl change | over budget | train s | adapter |",
-             "| ---: | :---: | " + " | ".join("---" for _ in keys) + " | ---: | " + "".join("---: | " for _ in sources)
-             + "---: | ---: | :---: | ---: | --- |"]
+    loss = any(r.get("heldout_loss") is not None for r in rows)
+    head = ["trial", "front", *keys, "pass@1", *(f"pass@1 {s}" for s in sources), *(["heldout loss"] if loss else []),
+            "ppl change", "over budget", "train s", "adapter"]
+    align = ["---:", ":---:", *("---" for _ in keys), *("---:" for _ in range(1 + len(sources) + loss)),
+             "---:", ":---:", "---:", "---"]
+    lines = [_md(head), _md(align)]
     for r in rows:
         b = "**" if r["on_front"] else ""
-        cells = [f"{b}{r['trial']}{b}", "yes" if r["on_front"] else ""]
-        cells += [_fmt(k, r["settings"].get(k)) for k in keys] + [_fmt("pass@1", r["pass@1"])]
-        cells += [_fmt("pass@1", (r.get("pass@1_by_source") or {}).get(s)) for s in sources]
-        cells += [_fmt("heldout_loss", r.get("heldout_loss")), _fmt("ppl_change", r["ppl_change"]),
-                  "**yes**" if r["over_budget"] else "no", f"{r['train_s']:.0f}", r["adapter"] or "none (base model)"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Forgetting budget: WikiText perplexity may rise by at most {budget * 100:g}%.", ""]
+        by_source = r.get("pass@1_by_source") or {}
+        cells = [f"{b}{r['trial']}{b}", "yes" if r["on_front"] else "", *(_fmt(k, r["settings"].get(k)) for k in keys),
+                 _fmt("pass@1", r["pass@1"]), *(_fmt("pass@1", by_source.get(s)) for s in sources),
+                 *([_fmt("heldout_loss", r.get("heldout_loss"))] if loss else []), _fmt("ppl_change", r["ppl_change"]),
+                 "**yes**" if r["over_budget"] else "no", f"{r['train_s']:.0f}", r["adapter"] or "none (base model)"]
+        lines.append(_md(cells))
+    return lines
+
+
+def best_lines(sweep: Sweep, best: dict | None) -> list[str]:
+    """The best trial within the budget, and the commands that load its adapter."""
+    budget, first = sweep.finetune.forgetting_budget, sweep.cfg.objectives[0]
+    lines = [f"Forgetting budget: WikiText perplexity may rise by at most {budget * 100:g}%.", ""]
     if best is None:
-        lines.append("**No trial stayed within the forgetting budget.**")
-    else:
+        return lines + ["**No trial stayed within the forgetting budget.**"]
+    shown = ", ".join(f"{k}={_fmt(k, v)}" for k, v in best["settings"].items())
+    lines.append(f"Best within the budget: **trial {best['trial']}** ({first} {_fmt(first, best['values'][first])}, "
+                 f"perplexity {_fmt('ppl_change', best['ppl_change'])}; {shown}).")
+    if best["adapter"]:
         model = best["settings"].get("base_model", sweep.finetune.base_model)
         data_dir = best["settings"].get("data_dir", sweep.finetune.data_dir)
-        lines += [f"Best within the budget: **trial {best['trial']}** ({objectives[0]} "
-                  f"{_fmt(objectives[0], best['values'][objectives[0]])}, perplexity {_fmt('ppl_change', best['ppl_change'])}; "
-                  + ", ".join(f"{k}={_fmt(k, v)}" for k, v in best["settings"].items()) + "). Load its adapter:", "",
-                  "```", f"q2g evaluate --model {model} --adapter {best['adapter']} "
-                  f"--split {sweep.out / 'dataset' / 'split.json'}" + (f" --data-dir {data_dir}" if data_dir else ""),
+        split = sweep.out / "dataset" / "split.json"
+        lines += ["Load its adapter (or merge it):", "", "```",
+                  f"q2g evaluate --model {model} --adapter {best['adapter']} --split {split}"
+                  + (f" --data-dir {data_dir}" if data_dir else ""),
                   f"q2g merge --adapter {best['adapter']} --out {sweep.out / 'merged'}", "```"]
+    return lines
+
+
+def pareto_lines(sweep: Sweep, rows: list[dict], best: dict | None, failed: list) -> list[str]:
+    first, second = sweep.cfg.objectives
+    summary = (f"{len(rows)} of {sweep.target} trials finished ({sweep.cfg.sampler} sampler over "
+               f"{', '.join(sweep.dims)}); objectives: {OBJECTIVES[first]} {first}, minimize {second} "
+               "(WikiText perplexity change vs. the base model). Front rows are in bold.")
+    lines = [f"# q2g sweep: {sweep.cfg.study_name}", "", summary, ""]
+    lines += table_lines(rows) + [""] + best_lines(sweep, best)
     if failed:
         lines += ["", "Failed trials: " + "; ".join(f"{t.number} ({t.user_attrs['error']})" for t in failed)]
     return lines + ["", "![accuracy vs forgetting](pareto.png)"]
@@ -590,9 +626,10 @@ def plot_front(path: Path, rows: list[dict], metric: str, budget: float) -> None
 
     scale = 100 if metric == "pass@1" else 1
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for over, style in ((False, dict(color="tab:blue", marker="o", label="within budget")),
-                        (True, dict(color="tab:red", marker="x", label="over budget"))):
-        pts = [(r["ppl_change"] * 100, r["values"][metric] * scale, r["trial"]) for r in rows if r["over_budget"] == over]
+    for over, style in ((False, {"color": "tab:blue", "marker": "o", "label": "within budget"}),
+                        (True, {"color": "tab:red", "marker": "x", "label": "over budget"})):
+        pts = [(r["ppl_change"] * 100, r["values"][metric] * scale, r["trial"])
+               for r in rows if r["over_budget"] == over]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], **style)
             for x, y, n in pts:
