@@ -269,8 +269,9 @@ def test_sqlite_storage_url(tmp_path):
     assert not (tmp_path / "out" / "study.journal").exists() and len(rows_of(tmp_path / "out")) == 2
 
 
-def test_tpe_never_reruns_settings_and_stops_at_the_space_size(tmp_path):
-    config = write_config(tmp_path / "s.yaml", "    lora_r: [4, 8]\n    lora_dropout: [0.0, 0.1]\n", sampler="tpe",
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_samplers_never_rerun_settings_and_stop_at_the_space_size(tmp_path, sampler):
+    config = write_config(tmp_path / "s.yaml", "    lora_r: [4, 8]\n    lora_dropout: [0.0, 0.1]\n", sampler=sampler,
                           extra_sweep="  n_trials: 10\n")
     result = sweep.run_sweep(config, tmp_path / "out", train=fake_train, baseline=fake_baseline)
     assert len(result["rows"]) == 4 and len(set(settings_of(result["rows"]))) == 4
