@@ -187,6 +187,19 @@ def test_bad_sweep_section_and_override(tmp_path, capsys):
         sweep.load_sweep(config)
 
 
+def test_a_point_finetune_refuses_stops_the_sweep_before_it_starts(tmp_path, monkeypatch):
+    from q2g.finetune import FinetuneConfig
+
+    def check(self):  # a cross-field rule, as a future FinetuneConfig.check might have
+        return ["lora_r 16 on all-linear is too big"] if (self.lora_r, self.target_modules) == (16, ["all-linear"]) else []
+
+    config = write_config(tmp_path / "s.yaml", GRID)
+    sweep.load_sweep(config, tmp_path / "out")
+    monkeypatch.setattr(FinetuneConfig, "check", check)
+    with pytest.raises(ConfigError, match=r"the point \{'lora_r': 16, 'target_modules': \['all-linear'\]\} is refused"):
+        sweep.load_sweep(config, tmp_path / "out")
+
+
 def test_alpha_ratio_and_list_choices_become_finetune_settings(tmp_path):
     space = "    lora_r: [4, 16]\n    lora_alpha_ratio: [2]\n    target_modules: [[q_proj, v_proj], all-linear]\n"
     s = sweep.load_sweep(write_config(tmp_path / "s.yaml", space), tmp_path / "out")

@@ -24,6 +24,7 @@ import argparse
 import datetime
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -200,6 +201,20 @@ def trial_settings(dims: dict, params: dict, base) -> dict:
     return values
 
 
+def check_points(dims: dict, base, where: str, limit: int = 4096) -> None:
+    """Build the FinetuneConfig of every point (a range: its ends) so that a combination finetune
+    refuses (a cross-field rule) stops the sweep before its first trial, not in the middle."""
+    axes = {k: list(d.choices) if d.choices is not None else [d.low, d.high] for k, d in dims.items()}
+    if math.prod(len(v) for v in axes.values()) > limit:
+        return
+    for point in itertools.product(*axes.values()):
+        settings = trial_settings(dims, dict(zip(axes, point)), base)
+        try:
+            base.replace(**settings)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: sweep.space: the point {settings} is refused by finetune: {e}") from None
+
+
 # ---------------------------------------------------------------- reading the config
 
 def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
@@ -232,6 +247,7 @@ def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     if cfg.n_trials is None and size is None:
         raise ConfigError(f"{config}: sweep.n_trials is needed when the space has a range")
     target = min(n for n in (cfg.n_trials, size) if n is not None)
+    check_points(dims, ft, str(config))
     return Sweep(config, out, cfg, dims, ft, eval_cfg, gen_argv, target, size)
 
 
@@ -439,7 +455,7 @@ def ensure_baseline(sweep: Sweep, cfg, baseline) -> Path:
             print(f"[sweep] baseline of {cfg.base_model} -> {path}", flush=True)
             baseline(cfg, sweep.eval_cfg, path)
     row = json.loads(path.read_text(encoding="utf-8"))["row"]
-    if "heldout_loss" in sweep.cfg.objectives and row.get("heldout_loss") is None:
+    if "heldout_loss" in sweep.cfg.objectives and "heldout_loss" not in row:
         raise ConfigError(f"{sweep.config}: sweep.objectives: the metrics rows have no heldout_loss (not measured by "
                           "this q2g's evaluation yet); use objectives [pass@1, ppl_change]")
     return path
