@@ -596,7 +596,7 @@ def table_lines(rows: list[dict]) -> list[str]:
         cells = [f"{b}{r['trial']}{b}", "yes" if r["on_front"] else "", *(_fmt(k, r["settings"].get(k)) for k in keys),
                  _fmt("pass@1", r["pass@1"]), *(_fmt("pass@1", by_source.get(s)) for s in sources),
                  *([_fmt("heldout_loss", r.get("heldout_loss"))] if loss else []), _fmt("ppl_change", r["ppl_change"]),
-                 "**yes**" if r["over_budget"] else "no", f"{r['train_s']:.0f}", r["adapter"] or "none (base model)"]
+                 "**yes**" if r["over_budget"] else "no", f"{r['train_s']:.{0 if r['train_s'] >= 10 else 1}f}", r["adapter"] or "none (base model)"]
         lines.append(_md(cells))
     return lines
 
