@@ -64,7 +64,7 @@ class Config:
 
 # ---------------------------------------------------------------- types and checks
 
-def _parts(hint) -> tuple[type, bool, bool]:
+def field_kind(hint) -> tuple[type, bool, bool]:
     """(element type, is a list, may be None) of a field annotation such as `list[int] | None`."""
     optional = False
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -98,7 +98,7 @@ def _range_problem(value, meta) -> str | None:
 
 def value_problem(value, hint, meta) -> str | None:
     """Why `value` is not allowed for a field (None: it is)."""
-    kind, is_list, optional = _parts(hint)
+    kind, is_list, optional = field_kind(hint)
     if value is None:
         return None if optional else "must be given (null is not allowed)"
     if kind is dict:
@@ -168,7 +168,7 @@ def _flag(name: str, f: dataclasses.Field) -> str:
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
     """One argparse option per field; defaults are suppressed so only given flags show up."""
     for name, (f, hint) in fields_of(cls).items():
-        kind, is_list, _ = _parts(hint)
+        kind, is_list, _ = field_kind(hint)
         meta, default = f.metadata, f.default_factory() if f.default is _MISSING else f.default
         help_text = meta["help"] + ("" if default is None else f" (default: {default})")
         kw = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
@@ -202,7 +202,7 @@ def build_parser(classes, prog: str, description: str | None = None) -> argparse
     return parser
 
 
-def _normalise_keys(data: dict, known: set, path, prefix: str, prog: str) -> dict:
+def normalise_keys(data: dict, known: set, path, prefix: str, prog: str) -> dict:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -226,7 +226,7 @@ def load_config(classes, argv=None, *, prog: str, description: str | None = None
     values, labels = {}, {name: _flag(name, f) for cls in classes for name, (f, _) in fields_of(cls).items()}
     if path:
         data, prefix = yaml_section(load_yaml(path), section)
-        values = _normalise_keys(data, set(labels), path, prefix, prog)
+        values = normalise_keys(data, set(labels), path, prefix, prog)
         labels.update({k: f"{path}: {prefix}{k}" for k in values})
     for name, value in given.items():  # flags win; KEY=VALUE flags add to the file's mapping
         values[name] = {**(values.get(name) or {}), **dict(value)} if isinstance(value, list) and value and \

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.config import Config, _normalise_keys, _parts, field_problems, fields_of, load_yaml, option, value_problem
+from q2g.config import Config, normalise_keys, field_kind, field_problems, fields_of, load_yaml, option, value_problem
 from q2g.errors import BadInput, ConfigError, RunFailed
 
 OBJECTIVES = {"pass@1": "maximize", "heldout_loss": "minimize", "ppl_change": "minimize"}
@@ -130,7 +130,7 @@ def dimension(name: str, spec, fields: dict) -> Dimension:
                          + "; evaluation settings are the same for every trial: set them in finetune:")
     else:
         hint, meta = fields[name][1], fields[name][0].metadata
-    kind, is_list, _ = _parts(hint)
+    kind, is_list, _ = field_kind(hint)
     if isinstance(spec, list):
         return categorical(spec, hint, meta, kind, is_list)
     if isinstance(spec, dict):
@@ -228,7 +228,7 @@ def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
                           "expected out, generate, finetune, sweep")
     if not isinstance(data.get("sweep"), dict):
         raise ConfigError(f"{config}: no `sweep:` section (a mapping with space:, sampler:, objectives:, n_trials:)")
-    values = _normalise_keys(data["sweep"], set(fields_of(SweepConfig)), config, "sweep.", "q2g sweep")
+    values = normalise_keys(data["sweep"], set(fields_of(SweepConfig)), config, "sweep.", "q2g sweep")
     labels = {k: f"{config}: sweep.{k}" for k in values}
     for k, v in overrides.items():
         if v is not None:
