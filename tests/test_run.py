@@ -72,3 +72,15 @@ def test_unknown_top_level_key_and_missing_config(tmp_path):
     with pytest.raises(ConfigError, match="shipped configs: .*demo_quick"):
         run.resolve_config("no-such-config")
     assert run.resolve_config("demo_quick").name == "demo_quick.yaml"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in run.CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_is_valid(name, tmp_path):
+    """Each stage section of every shipped config passes its typed config (no training)."""
+    from q2g import finetune, generate
+
+    path = run.resolve_config(name)
+    generate.parse(run.stage_argv("generate", path, tmp_path))
+    cfg, eval_cfg = finetune.parse(run.stage_argv("finetune", path, tmp_path))
+    assert cfg.out == str(tmp_path / "checkpoints") and eval_cfg.eval_batch_size >= 1
+    assert path.read_text().startswith("# q2g ")  # the first line is the command that runs it
