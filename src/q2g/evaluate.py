@@ -570,7 +570,7 @@ def metrics_row(m: dict | None, p: dict | None, math_s: float, ppl_s: float, h: 
     if p:
         row.update({"token_perplexity": p["token_perplexity"], "word_perplexity": p["word_perplexity"],
                     "bits_per_byte": p["bits_per_byte"], "ppl_tokens_scored": p["n_tokens_scored"],
-                    "ppl_protocol": p["protocol"], "eval_ppl_tokens_per_s": p["n_tokens_scored"] / max(ppl_s, 1e-9)})
+                    "ppl_protocol": p.get("protocol"), "eval_ppl_tokens_per_s": p["n_tokens_scored"] / max(ppl_s, 1e-9)})
     return {**row, "eval_s": math_s + heldout_s + ppl_s}
 
 
