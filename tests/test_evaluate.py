@@ -256,6 +256,10 @@ def test_cli_end_to_end(tmp_path, tiny_gemma_dir, split_path, capsys):
     assert m["n"] == 4 and isinstance(m["pass@1"], float) and "generations" not in m
     assert sum(s["n"] for s in m["by_source"].values()) == 4 and len(m["by_source"]) == 3
     assert p["n_tokens_scored"] == 256 and p["truncated"] is True and p["bos"] == "<bos>"
+    assert result["ppl_protocol"] == p["protocol"] == "q2g" and 0 <= m["answer_format_rate"] <= 1
+    h = result["heldout"]  # the same 4 problems' reference solutions, in the training format
+    assert h["heldout_n"] == 4 and h["heldout_tokens"] > 40 and 0 < h["heldout_loss"] < 20
+    assert result["row"]["heldout_loss"] == h["heldout_loss"]
     assert all(isinstance(p[k], float) and p[k] > 1 for k in ("token_perplexity", "word_perplexity", "byte_perplexity"))
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(row["n_tokens"] <= 8 for row in rows)

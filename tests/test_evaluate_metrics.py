@@ -251,3 +251,41 @@ def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):
     generation.vllm_engine("m", dtype="bfloat16", lora_rank=8, gpu_memory_utilization=0.3)
     generation.vllm_engine("m", dtype="bfloat16", lora_rank=33, gpu_memory_utilization=0.3)
     assert [b["max_lora_rank"] for b in fake_vllm.built] == [16, 64]
+
+
+# ---------------------------------------------------------------- the command
+
+@pytest.fixture(scope="module")
+def split_path(tmp_path_factory):
+    train, held, settings = data.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
+    return data.write_split(tmp_path_factory.mktemp("dataset"), train, held, settings)
+
+
+def test_cli_lm_eval_protocol_named_in_eval_json(tmp_path, tiny_gemma_dir):
+    from q2g import cli
+
+    out = tmp_path / "eval"
+    argv = ["--model", str(tiny_gemma_dir), "--no-math", "--data-dir", "packaged", "--ppl-protocol", "lm-eval",
+            "--ppl-max-tokens", "200", "--ppl-max-length", "64", "--ppl-stride", "32", "--out", str(out)]
+    assert cli.call("evaluate", argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["ppl_protocol"] == result["ppl"]["protocol"] == result["eval_config"]["ppl_protocol"] == "lm-eval"
+    assert result["ppl"]["n_documents"] == 1 and result["ppl"]["truncated"] is True
+    assert result["ppl"]["n_tokens_scored"] <= 200 and result["ppl"]["stride"] is None
+
+
+def test_cli_vllm_backend_uses_the_adapter_folder(tmp_path, tiny_gemma_dir, split_path, fake_vllm):
+    from peft import LoraConfig, get_peft_model
+
+    from q2g import cli
+
+    get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=8, target_modules=["v_proj"])) \
+        .save_pretrained(tmp_path / "adapter")
+    argv = ["--model", str(tiny_gemma_dir), "--adapter", str(tmp_path / "adapter"), "--split", str(split_path),
+            "--no-ppl", "--eval-backend", "vllm", "--eval-limit", "3", "--out", str(tmp_path / "eval")]
+    assert cli.call("evaluate", argv) == 0
+    (call,) = fake_vllm.calls
+    assert call["lora"].lora_path == str(tmp_path / "adapter") and len(call["prompts"]) == 3
+    assert fake_vllm.built[0]["max_lora_rank"] == 8
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["math"]["backend"] == "vllm" and result["heldout"]["heldout_n"] == 3

@@ -76,3 +76,19 @@ def test_sampling_uses_static_batches(model_tok, monkeypatch):
     monkeypatch.setattr(generation, "generate_static", lambda *a, **kw: calls.append(kw) or [])
     generation.generate(model, tok, _prompts(tok), temperature=0.7, seed=3)
     assert calls and calls[0]["temperature"] == 0.7 and calls[0]["seed"] == 3
+
+
+def test_refill_with_a_peft_model(tiny_gemma_dir):
+    """The training callback evaluates the peft-wrapped model: same tokens there too."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = models.load_tokenizer(str(tiny_gemma_dir), padding_side="left")
+    model = get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.eval()
+    ids = _prompts(tok)[:5]
+    kw = dict(max_new_tokens=20, end_ids=[5, 9], batch_size=2)
+    assert generation.generate_refill(model, tok, ids, **kw) == generation.generate_static(model, tok, ids, **kw)
