@@ -46,6 +46,19 @@ def test_refill_equals_static_token_for_token(model_tok):
         assert len({g.n_tokens for g in new}) >= 3 and any(not g.stopped for g in new)
 
 
+def test_timeline_stays_as_long_as_the_longest_row(model_tok, monkeypatch):
+    """Rows that joined late share the timeline; columns no row needs any more are cut off."""
+    model, tok = model_tok
+    ids, widths = _prompts(tok), []
+    step = generation._step
+    monkeypatch.setattr(generation, "_step", lambda m, run: widths.append(run.mask.shape[1]) or step(m, run))
+    free = generation.generate_static(model, tok, ids, max_new_tokens=20, batch_size=9)
+    end_ids = sorted({free[k].token_ids[4 + 4 * k] for k in range(1, 4)})
+    kw = dict(max_new_tokens=20, end_ids=end_ids, batch_size=3)
+    assert generation.generate_refill(model, tok, ids, **kw) == generation.generate_static(model, tok, ids, **kw)
+    assert max(widths, default=0) <= max(len(p) for p in ids) + 20
+
+
 def test_rows_end_where_they_should(model_tok):
     model, tok = model_tok
     ids = _prompts(tok)[:4]

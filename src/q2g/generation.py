@@ -149,7 +149,28 @@ def _keep(run: _Batch, keep: list[int]) -> _Batch:
 
     idx = torch.tensor(keep, dtype=torch.long, device=run.mask.device)
     run.cache.batch_select_indices(idx)
-    return _Batch(run.cache, run.mask[idx], run.positions[idx], [run.rows[i] for i in keep], run.last[idx])
+    return _trim_left(_Batch(run.cache, run.mask[idx], run.positions[idx], [run.rows[i] for i in keep], run.last[idx]))
+
+
+def _trim_left(run: _Batch) -> _Batch:
+    """Drop the timeline's leading positions that no remaining row attends to, so the timeline
+    stays as long as its longest row (else it would grow by every refill, and each step with it)."""
+    if not len(run):
+        return run
+    first = int(run.mask.any(0).int().argmax())
+    if first == 0:
+        return run
+    run.mask = run.mask[:, first:]
+    total = run.mask.shape[1]
+    for layer in run.cache.layers:
+        if getattr(layer, "is_sliding", False):
+            keep = min(total, layer.sliding_window - 1)
+            layer.keys, layer.values = layer.keys[..., -keep:, :], layer.values[..., -keep:, :]
+        else:
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = total
+    return run
 
 
 def _cache_kwarg(model) -> str:
