@@ -45,13 +45,18 @@ def bench_pass1(model, tok, problems, new_tokens, batch_size, path, device, extr
 
     ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
     run = generation.generate_static if path == "static" else generation.generate_refill
+    forwards = [0]  # model forwards (decode steps + prefills): the machine-independent cost
+    hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     start = time.perf_counter()
-    gens = run(model, tok, ids, max_new_tokens=new_tokens, end_ids=prompts.end_token_ids(tok),
-               stop_strings=(*prompts.STUDENT_STOP_STRINGS, *extra_stop), batch_size=batch_size)
+    try:
+        gens = run(model, tok, ids, max_new_tokens=new_tokens, end_ids=prompts.end_token_ids(tok),
+                   stop_strings=(*prompts.STUDENT_STOP_STRINGS, *extra_stop), batch_size=batch_size)
+    finally:
+        hook.remove()
     seconds = time.perf_counter() - start
     n = sum(g.n_tokens for g in gens)
     return {"what": f"pass@1 decode {path} batch {batch_size}", "tokens": n, "seconds": seconds, "tok_s": n / seconds,
-            "problems_s": len(ids) / seconds, "stopped": sum(g.stopped for g in gens)}, gens
+            "problems_s": len(ids) / seconds, "stopped": sum(g.stopped for g in gens), "forwards": forwards[0]}, gens
 
 
 def print_pass1_table(rows: list[dict], title: str) -> None:
@@ -59,10 +64,11 @@ def print_pass1_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("measurement", "new tokens", "rows stopped", "seconds", "problems/s", "x static", "same tokens"):
+    for col in ("measurement", "new tokens", "rows stopped", "forwards", "seconds", "problems/s", "x static",
+                "same tokens"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for row in rows:
-        table.add_row(row["what"], str(row["tokens"]), str(row["stopped"]), f"{row['seconds']:.2f}",
+        table.add_row(row["what"], str(row["tokens"]), str(row["stopped"]), str(row["forwards"]), f"{row['seconds']:.2f}",
                       f"{row['problems_s']:.2f}", f"{row['speedup']:.2f}", row["same"])
     Console(width=130).print(table)
 

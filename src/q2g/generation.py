@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Refill once this share of the slots is free (or all are): each refill is one prefill forward,
+# so refilling every single freed slot would add nearly a forward per prompt.
+REFILL_AT = 0.25
 # Tokens decoded from a row's end to look for a stop string after each step (a stop string
 # spanning more tokens than this is still found, by the final check on the whole text).
 STOP_TAIL_TOKENS = 12
@@ -211,7 +214,7 @@ def generate_refill(model, tokenizer, prompts: list[list[int]], *, max_new_token
     with torch.inference_mode():
         while queue or (run is not None and len(run)):
             free = batch_size - (len(run) if run is not None else 0)
-            if queue and free > 0:
+            if queue and (free >= REFILL_AT * batch_size or free == batch_size):
                 new, queue = queue[:free], queue[free:]
                 run = _merge(run, _prefill(model, [prompts[i] for i in new], new, pad_id, device))
                 toks.update({i: [] for i in new})
