@@ -1,12 +1,13 @@
-"""Batched text generation with a transformers model: the teacher's `hf` backend and the
-student's evaluation both call `generate`.
+"""Batched text generation: the teacher's `hf` backend and the student's evaluation both call
+`generate` (transformers, in-process); `--eval-backend vllm` calls `generate_vllm`.
 
 Greedy (temperature == 0) runs `generate_refill`: a decode loop over a KV cache in which a row
-that ends (end token, stop string, or its token cap) leaves the batch at once and the next
-prompt takes its slot, so no forward is spent on finished rows and the batch stays full. The
-new prompts are prefilled on their own and their cache is joined to the running one, left-padded
-to the same timeline (masked positions; every row keeps its own position ids), so each row sees
-exactly the context it would see alone. Prompts enter longest first (an OOM shows up at once).
+that ends (end token, stop string, or its token cap) leaves the batch at once, and once a quarter
+of the slots is free the next prompts take them, so finished rows cost no compute and the batch
+stays full. New prompts are prefilled on their own and their cache is joined to the running one,
+left-padded to the same timeline (masked positions; every row keeps its own position ids), so
+each row sees exactly the context it would see alone; timeline columns no running row attends to
+any more are cut off. Prompts enter longest first (an OOM shows up at once).
 
 Sampling (temperature > 0) runs `generate_static`, the former path: prompts sorted by length and
 cut into batches, each one `model.generate` call, seeded per batch so a rerun of the same batch
@@ -290,6 +291,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
 
 
 # ---------------------------------------------------------------- vLLM (`--eval-backend vllm`)
+# vLLM is imported only here, when chosen. Tested against a stand-in module
+# (tests/test_evaluate_metrics.py), which checks the calls, not vLLM itself.
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 _ENGINES: dict = {}  # one engine per (base model, dtype) for the whole process
