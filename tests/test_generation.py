@@ -83,12 +83,17 @@ def test_progress_counts_every_prompt_once(model_tok):
     assert sum(n for n, _ in seen) == 9 and sum(k for _, k in seen) == sum(g.n_tokens for g in gens)
 
 
-def test_sampling_uses_static_batches(model_tok, monkeypatch):
+def test_sampling_and_penalties_use_static_batches(model_tok, monkeypatch):
     model, tok = model_tok
     calls = []
     monkeypatch.setattr(generation, "generate_static", lambda *a, **kw: calls.append(kw) or [])
     generation.generate(model, tok, _prompts(tok), temperature=0.7, seed=3)
     assert calls and calls[0]["temperature"] == 0.7 and calls[0]["seed"] == 3
+    assert generation.plain_greedy(model)
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.05)  # as Qwen2.5-Instruct ships
+    assert not generation.plain_greedy(model)
+    generation.generate(model, tok, _prompts(tok))
+    assert len(calls) == 2 and calls[1]["temperature"] == 0.0
 
 
 def test_refill_with_a_peft_model(tiny_gemma_dir):

@@ -277,12 +277,27 @@ def _static_row(tokenizer, row: list[int], end: set[int], stop_strings) -> Gener
     return _finish(tokenizer, toks, end, stop_strings, bool(toks) and toks[-1] in end)
 
 
+# generation_config fields that change greedy decoding in `model.generate` (Qwen2.5-Instruct ships
+# repetition_penalty 1.05): the refill loop is plain argmax, so such a model keeps model.generate.
+_LOGITS_PROCESSING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                      "suppress_tokens": None, "begin_suppress_tokens": None, "min_new_tokens": None,
+                      "min_length": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                      "sequence_bias": None, "exponential_decay_length_penalty": None}
+
+
+def plain_greedy(model) -> bool:
+    """True when the model's generation config leaves greedy decoding as plain argmax."""
+    config = getattr(model, "generation_config", None)
+    return all(getattr(config, k, neutral) in (neutral, None) for k, neutral in _LOGITS_PROCESSING.items())
+
+
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, end_ids=(), stop_strings=(),
              batch_size: int = 8, seed: int = 0, progress=None) -> list[Generation]:
-    """Generate a continuation for each prompt: greedy by `generate_refill`, sampling by
-    `generate_static`. `progress(n_done_prompts, n_new_tokens)` is called as prompts finish."""
-    if temperature > 0:
+    """Generate a continuation for each prompt: greedy by `generate_refill`, sampling (or a
+    generation config that processes logits, see `plain_greedy`) by `generate_static`.
+    `progress(n_done_prompts, n_new_tokens)` is called as prompts finish."""
+    if temperature > 0 or not plain_greedy(model):
         return generate_static(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, end_ids=end_ids, stop_strings=stop_strings, batch_size=batch_size,
                                seed=seed, progress=progress)
