@@ -184,7 +184,8 @@ class FakeVLLM:
             def generate(self, prompts, params, use_tqdm=True, lora_request=None):
                 folder = lora_request and lora_request.lora_path
                 fake.calls.append({"prompts": prompts, "params": params.kw, "lora": lora_request,
-                                   "adapter_config": folder and json.loads(open(f"{folder}/adapter_config.json").read())})
+                                   "adapter_config": folder and json.loads(open(f"{folder}/adapter_config.json").read()),
+                                   "weights": folder and open(f"{folder}/adapter_model.safetensors", "rb").read()})
                 out = types.SimpleNamespace
                 return [out(outputs=[out(text="So 2 + 2 = 4.\nThe final answer is $\\boxed{4}$.", token_ids=[7] * 5,
                                          finish_reason="stop")]) for _ in prompts]
@@ -228,7 +229,7 @@ def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_p
     assert base["row"]["answer_format_rate"] == 1.0 and base["math"]["generations"][0]["n_tokens"] == 5
     (built,) = fake_vllm.built
     assert built["model"] == str(tiny_gemma_dir) and built["enable_lora"] is True and built["max_loras"] == 1
-    assert built["dtype"] == "float32" and built["max_lora_rank"] == 8 and built["gpu_memory_utilization"] == 0.4
+    assert built["dtype"] == "float32" and built["max_lora_rank"] == 64 and built["gpu_memory_utilization"] == 0.4
     call = fake_vllm.calls[0]
     assert call["lora"] is None  # the base model: no adapter
     assert call["prompts"] == [{"prompt_token_ids": prompts.student_prompt_ids(tok, r["problem"])} for r in RECORDS]
@@ -247,10 +248,9 @@ def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_p
 
 
 def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):
-    generation.vllm_engine("m", dtype="bfloat16", lora_rank=16, gpu_memory_utilization=0.3)
-    generation.vllm_engine("m", dtype="bfloat16", lora_rank=8, gpu_memory_utilization=0.3)
-    generation.vllm_engine("m", dtype="bfloat16", lora_rank=33, gpu_memory_utilization=0.3)
-    assert [b["max_lora_rank"] for b in fake_vllm.built] == [16, 64]
+    for rank in (0, 16, 64, 100, 8):  # the base model first, then adapters
+        generation.vllm_engine("m", dtype="bfloat16", lora_rank=rank, gpu_memory_utilization=0.3)
+    assert [b["max_lora_rank"] for b in fake_vllm.built] == [64, 128]
 
 
 # ---------------------------------------------------------------- the command
@@ -286,6 +286,34 @@ def test_cli_vllm_backend_uses_the_adapter_folder(tmp_path, tiny_gemma_dir, spli
     assert cli.call("evaluate", argv) == 0
     (call,) = fake_vllm.calls
     assert call["lora"].lora_path == str(tmp_path / "adapter") and len(call["prompts"]) == 3
-    assert fake_vllm.built[0]["max_lora_rank"] == 8
+    assert fake_vllm.built[0]["max_lora_rank"] == 64
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["math"]["backend"] == "vllm" and result["heldout"]["heldout_n"] == 3
+
+
+def test_finetune_with_vllm_backend_and_lm_eval_protocol(tmp_path, tiny_gemma_dir, fake_vllm):
+    """The per-epoch callback, unchanged: every epoch's row gets the new metrics; vLLM sees the
+    base model, then each epoch's adapter (the weights saved in epoch-N/) as a LoRARequest."""
+    from q2g import cli
+
+    ds = tmp_path / "dataset"
+    train, holdout, settings = data.select_split(data_dir="packaged", limit=5, seed=0)
+    data.write_split(ds, train, holdout, settings)
+    (ds / "traces.jsonl").write_text("".join(json.dumps({**r, "qwen_trace": r["reference_solution"], "validated": True})
+                                             + "\n" for r in train))
+    out = tmp_path / "ck"
+    argv = ["--base-model", str(tiny_gemma_dir), "--traces", str(ds), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "128", "--warmup-ratio", "0", "--lr", "1e-3",
+            "--eval-limit", "2", "--eval-max-new-tokens", "8", "--ppl-max-tokens", "128", "--data-dir", "packaged",
+            "--eval-backend", "vllm", "--ppl-protocol", "lm-eval", "--ppl-max-length", "64", "--ppl-stride", "32"]
+    assert cli.call("finetune", argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["eval_backend"] == "vllm" and r["ppl_protocol"] == "lm-eval" and r["answer_format_rate"] == 1.0
+               and r["heldout_n"] == 2 and r["heldout_loss"] > 0 for r in rows)
+    assert rows[2]["heldout_loss"] != rows[0]["heldout_loss"]  # training moved it
+    assert len(fake_vllm.built) == 1 and [c["lora"] is None for c in fake_vllm.calls] == [True, False, False]
+    for call, epoch in zip(fake_vllm.calls[1:], (1, 2)):
+        assert call["weights"] == (out / f"epoch-{epoch}" / "adapter_model.safetensors").read_bytes()
+    report = (out / "report.md").read_text()
+    assert "| held-out solution loss (nats/token) |" in report and "protocol `lm-eval`" in report

@@ -222,7 +222,7 @@ def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir):
     with _saved_adapter(model, adapter_dir) as folder:
         engine = generation.vllm_engine(
             base.config.name_or_path, dtype=str(next(base.parameters()).dtype).removeprefix("torch."),
-            lora_rank=generation.adapter_rank(folder) if folder else 8,
+            lora_rank=generation.adapter_rank(folder) if folder else 0,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.eval_seed)
         return generation.generate_vllm(engine, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, end_ids=end_ids,
                                         stop_strings=prompts.STUDENT_STOP_STRINGS, adapter_dir=folder,

@@ -310,6 +310,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
 # (tests/test_evaluate_metrics.py), which checks the calls, not vLLM itself.
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+# The engine is built for adapters up to this rank at least: the base model (epoch 0) comes first,
+# before any adapter says its rank, and a rebuild costs a model load.
+VLLM_MIN_LORA_RANK = 64
 _ENGINES: dict = {}  # one engine per (base model, dtype) for the whole process
 
 
@@ -334,7 +337,7 @@ def vllm_engine(base: str, *, dtype: str, lora_rank: int, gpu_memory_utilization
     """The process's vLLM engine for `base`, with LoRA on (adapters come per request, never
     merged). Built once and kept across epochs; rebuilt only for an adapter of a higher rank."""
     vllm, _ = import_vllm()
-    need = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), lora_rank)
+    need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_rank, VLLM_MIN_LORA_RANK)), lora_rank)
     held = _ENGINES.get((base, dtype))
     if held is None or held["max_lora_rank"] < need:
         _ENGINES.pop((base, dtype), None)
