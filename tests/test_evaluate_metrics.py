@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,10 +183,10 @@ class FakeVLLM:
                 fake.built.append(kw)
 
             def generate(self, prompts, params, use_tqdm=True, lora_request=None):
-                folder = lora_request and lora_request.lora_path
+                folder = lora_request and Path(lora_request.lora_path)
                 fake.calls.append({"prompts": prompts, "params": params.kw, "lora": lora_request,
-                                   "adapter_config": folder and json.loads(open(f"{folder}/adapter_config.json").read()),
-                                   "weights": folder and open(f"{folder}/adapter_model.safetensors", "rb").read()})
+                                   "adapter_config": folder and json.loads((folder / "adapter_config.json").read_text()),
+                                   "weights": folder and (folder / "adapter_model.safetensors").read_bytes()})
                 out = types.SimpleNamespace
                 return [out(outputs=[out(text="So 2 + 2 = 4.\nThe final answer is $\\boxed{4}$.", token_ids=[7] * 5,
                                          finish_reason="stop")]) for _ in prompts]

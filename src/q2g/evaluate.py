@@ -288,7 +288,6 @@ def _example_batches(examples: list[dict], max_rows: int, bytes_per_position: in
 
 def _examples_nll(model, batch, pad_id) -> tuple[float, int]:
     """Summed NLL and count of the labelled tokens of a batch (teacher-forced, shifted by one)."""
-    import torch
     import torch.nn.functional as F
 
     from q2g.sft_data import IGNORE_INDEX, Collator

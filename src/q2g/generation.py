@@ -124,8 +124,6 @@ def _join_caches(a, b, len_a: int, len_b: int):
 
 
 def _prefill(model, prompts: list[list[int]], rows: list[int], pad_id: int, device) -> _Batch:
-    import torch
-
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
