@@ -1,9 +1,15 @@
-"""Speed of q2g.evaluate on the real Gemma 3 270M: greedy generation tokens/s at batch 1 vs 8
-(fp32, and bf16 autocast on the CPU), and sliding-window perplexity tokens/s at window 512 vs 1024.
+"""Speed of q2g.evaluate on the real Gemma 3 270M: pass@1 decoding old vs new (one
+`model.generate` per length-sorted batch vs the refill loop, which drops finished rows and
+refills their slots; same tokens, checked here), greedy generation tokens/s at batch 1 vs 8 (fp32,
+and bf16 autocast on the CPU), and sliding-window perplexity tokens/s at window 512 vs 1024.
 
     python benchmarks/eval_speed.py                      # ~10 min on 2 idle CPU cores
     python benchmarks/eval_speed.py --problems 4 --new-tokens 16 --ppl-tokens 1024   # quick look
+    python benchmarks/eval_speed.py --model <tiny model folder> --only pass1 --extra-stop e   # a smoke run
 
+The pass@1 table decodes as evaluation does (end tokens and "\nProblem:" stop): its gain is the
+share of slots a static batch wastes on rows that already ended, so it depends on how unevenly the
+model stops. `--extra-stop` adds stop strings, to make a random tiny model stop unevenly.
 Run on purpose, never as a timed test. The first run converts the model (~1 min, once).
 """
 
@@ -31,6 +37,50 @@ def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device)
     seconds = time.perf_counter() - start
     n = sum(g.n_tokens for g in gens)
     return {"what": f"generate {kind} batch {batch_size}", "tokens": n, "seconds": seconds, "tok_s": n / seconds}
+
+
+def bench_pass1(model, tok, problems, new_tokens, batch_size, path, device, extra_stop=()) -> tuple[dict, list]:
+    """pass@1 decoding as evaluation runs it, by the `static` (old) or `refill` (new) path."""
+    from q2g import generation, prompts
+
+    ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
+    run = generation.generate_static if path == "static" else generation.generate_refill
+    forwards = [0]  # model forwards (decode steps + prefills): the machine-independent cost
+    hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    start = time.perf_counter()
+    try:
+        gens = run(model, tok, ids, max_new_tokens=new_tokens, end_ids=prompts.end_token_ids(tok),
+                   stop_strings=(*prompts.STUDENT_STOP_STRINGS, *extra_stop), batch_size=batch_size)
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - start
+    n = sum(g.n_tokens for g in gens)
+    return {"what": f"pass@1 decode {path} batch {batch_size}", "tokens": n, "seconds": seconds, "tok_s": n / seconds,
+            "problems_s": len(ids) / seconds, "stopped": sum(g.stopped for g in gens), "forwards": forwards[0]}, gens
+
+
+def print_pass1_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("measurement", "new tokens", "rows stopped", "forwards", "seconds", "problems/s", "x static",
+                "same tokens"):
+        table.add_column(col, justify="left" if col == "measurement" else "right")
+    for row in rows:
+        table.add_row(row["what"], str(row["tokens"]), str(row["stopped"]), str(row["forwards"]), f"{row['seconds']:.2f}",
+                      f"{row['problems_s']:.2f}", f"{row['speedup']:.2f}", row["same"])
+    Console(width=130).print(table)
+
+
+def pass1_rows(model, tok, problems, args, device) -> list[dict]:
+    rows = []
+    for bs in args.pass1_batch_sizes:
+        old, old_gens = bench_pass1(model, tok, problems, args.new_tokens, bs, "static", device, args.extra_stop)
+        new, new_gens = bench_pass1(model, tok, problems, args.new_tokens, bs, "refill", device, args.extra_stop)
+        same = "yes" if [g.token_ids for g in old_gens] == [g.token_ids for g in new_gens] else "NO"
+        rows += [{**old, "speedup": 1.0, "same": ""}, {**new, "speedup": old["seconds"] / new["seconds"], "same": same}]
+    return rows
 
 
 def bench_ppl(model, tok, text, max_length, n_tokens, batch_size, kind, device) -> dict:
@@ -72,6 +122,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--pass1-problems", type=int, default=32, help="GSM8K + MATH problems for the pass@1 table")
+    p.add_argument("--pass1-batch-sizes", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--extra-stop", nargs="*", default=[], help="stop strings added in the pass@1 table")
+    p.add_argument("--only", choices=("all", "pass1"), default="all")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +136,13 @@ def main() -> None:
     text = data.load_wikitext("packaged")
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     bench_generation(model, tok, problems[:1], 4, 1, "fp32", device)  # warm-up
+    mixed = data.load_gsm8k("test", "packaged")[: args.pass1_problems // 2]
+    mixed += data.load_math("test", data_dir="packaged")[: args.pass1_problems - len(mixed)]
+    print_pass1_table(pass1_rows(model, tok, mixed, args, device),
+                      f"pass@1 decoding: {len(mixed)} GSM8K + MATH problems, cap {args.new_tokens} new tokens, "
+                      f"old (static batches) vs new (refill)")
+    if args.only == "pass1":
+        return
 
     gen_rows = [bench_generation(model, tok, problems, args.new_tokens, bs, kind, device)
                 for kind in ("fp32", "bf16-autocast") for bs in (1, 8)]

@@ -163,7 +163,7 @@ def _record(i, source, subject, answer):
 
 SCRIPT = [  # (record, generated text, correct?)
     (_record(0, "gsm8k", None, "18"), "She makes 9 * 2 = 18 dollars.\nThe final answer is $\\boxed{18}$.", True),
-    (_record(1, "gsm8k", None, "3"), "So it takes 4 bolts.\nThe final answer is $\\boxed{4}$.", False),
+    (_record(1, "gsm8k", None, "3"), "So it takes 4 bolts.", False),  # found by last_number: not stated
     (_record(2, "math", "algebra", "5"), "Solving, $x = 5$. The final answer is $\\boxed{5}$.", True),
     (_record(3, "math", "algebra", "\\frac{1}{2}"), "The final answer is $\\boxed{\\frac{1}{2}}$.", True),
     (_record(4, "math", "algebra", "7"), "The final answer is $\\boxed{8}$.", False),
@@ -193,9 +193,15 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
     assert tuple(calls["stop_strings"]) == prompts.STUDENT_STOP_STRINGS
     assert [g["correct"] is True for g in res["generations"]] == [ok for _, _, ok in SCRIPT]
     assert res["n"] == 6 and res["correct"] == 3 and res["pass@1"] == pytest.approx(0.5)
-    assert res["by_source"] == {"gsm8k": {"pass@1": 0.5, "n": 2, "correct": 1},
-                                "math/algebra": {"pass@1": pytest.approx(2 / 3), "n": 3, "correct": 2},
-                                "math/counting_and_probability": {"pass@1": 0.0, "n": 1, "correct": 0}}
+    stats = {k: {x: v[x] for x in ("pass@1", "n", "correct", "answer_format_rate")} for k, v in res["by_source"].items()}
+    assert stats == {"gsm8k": {"pass@1": 0.5, "n": 2, "correct": 1, "answer_format_rate": 0.5},
+                     "math/algebra": {"pass@1": pytest.approx(2 / 3), "n": 3, "correct": 2, "answer_format_rate": 1.0},
+                     "math/counting_and_probability": {"pass@1": 0.0, "n": 1, "correct": 0, "answer_format_rate": 0.0}}
+    # stated: 4 of 6 (not "I cannot tell.", not the bare last number); extracted at all: 5 of 6
+    assert res["answer_format_rate"] == pytest.approx(4 / 6) and res["answer_extracted_rate"] == pytest.approx(5 / 6)
+    assert [g["rule"] for g in res["generations"]][:2] == ["boxed", "last_number"]
+    row = evaluate.metrics_row(res, None, 1.0, 0.0)
+    assert row["answer_format_rate"] == pytest.approx(4 / 6) and row["answer_format_rate_by_source"]["gsm8k"] == 0.5
     g = res["generations"][0]
     assert set(g) >= {"id", "source", "subject", "problem", "answer", "generation", "extracted", "rule",
                       "correct", "n_tokens", "stopped"}
@@ -250,6 +256,10 @@ def test_cli_end_to_end(tmp_path, tiny_gemma_dir, split_path, capsys):
     assert m["n"] == 4 and isinstance(m["pass@1"], float) and "generations" not in m
     assert sum(s["n"] for s in m["by_source"].values()) == 4 and len(m["by_source"]) == 3
     assert p["n_tokens_scored"] == 256 and p["truncated"] is True and p["bos"] == "<bos>"
+    assert result["ppl_protocol"] == p["protocol"] == "q2g" and 0 <= m["answer_format_rate"] <= 1
+    h = result["heldout"]  # the same 4 problems' reference solutions, in the training format
+    assert h["heldout_n"] == 4 and h["heldout_tokens"] > 40 and 0 < h["heldout_loss"] < 20
+    assert result["row"]["heldout_loss"] == h["heldout_loss"]
     assert all(isinstance(p[k], float) and p[k] > 1 for k in ("token_perplexity", "word_perplexity", "byte_perplexity"))
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(row["n_tokens"] <= 8 for row in rows)

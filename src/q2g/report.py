@@ -1,7 +1,7 @@
 """The fine-tuning report: the seed's before/after table, the forgetting verdict, and plots.
 
     from q2g.report import write_report
-    write_report("checkpoints", metrics_rows, info)   # -> checkpoints/report.md (+ two PNGs)
+    write_report("checkpoints", metrics_rows, info)   # -> checkpoints/report.md (+ its PNGs)
 
 `metrics_rows` are the rows of metrics.jsonl (epoch 0 = the base model); `info` describes the run
 (keys used, all optional: base_model, teachers [{teacher, backend, n}], budget, policy, final
@@ -36,8 +36,13 @@ def after_row(rows: list[dict], final: dict | None) -> tuple[dict | None, str]:
     return None, "after fine-tune"
 
 
+def _num(x, digits=3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
 def results_table(base: dict | None, after: dict | None, label: str) -> list[str]:
-    """metric | baseline | after | change: pass@1 per source, overall, WikiText perplexity."""
+    """metric | baseline | after | change: pass@1 per source, overall, answer format rate,
+    held-out solution loss, WikiText perplexity."""
     base, after = base or {}, after or {}
     lines = [f"| metric | baseline | {label} | change |", "| --- | ---: | ---: | ---: |"]
     sources = sorted(set(base.get("pass@1_by_source") or {}) | set(after.get("pass@1_by_source") or {}))
@@ -47,10 +52,16 @@ def results_table(base: dict | None, after: dict | None, label: str) -> list[str
         lines.append(f"| pass@1 {key}" + (f" (n={n})" if n else "") + f" | {_pct(a)} | {_pct(b)} | {_pp(a, b)} |")
     a, b = base.get("pass@1"), after.get("pass@1")
     lines.append(f"| pass@1 overall | {_pct(a)} | {_pct(b)} | {_pp(a, b)} |")
+    a, b = base.get("answer_format_rate"), after.get("answer_format_rate")
+    if a is not None or b is not None:
+        lines.append(f"| answer format rate (final answer stated) | {_pct(a)} | {_pct(b)} | {_pp(a, b)} |")
+    a, b = base.get("heldout_loss"), after.get("heldout_loss")
+    if a is not None or b is not None:
+        diff = "n/a" if a is None or b is None else f"{b - a:+.3f}"
+        lines.append(f"| held-out solution loss (nats/token) | {_num(a)} | {_num(b)} | {diff} |")
     a, b = base.get("token_perplexity"), after.get("token_perplexity")
     change = forgetting.relative_change(a, b) if a and b is not None else None
-    fmt = (lambda x: "n/a" if x is None else f"{x:.3f}")
-    lines.append(f"| WikiText perplexity (token) | {fmt(a)} | {fmt(b)} | "
+    lines.append(f"| WikiText perplexity (token) | {_num(a)} | {_num(b)} | "
                  f"{'n/a' if change is None else f'{change:+.1%}'} |")
     return lines
 
@@ -69,13 +80,15 @@ def teacher_line(teachers: list[dict] | None) -> str:
 
 
 def epochs_table(rows: list[dict]) -> list[str]:
-    lines = ["| epoch | rank | step | train loss | train tok/s | pass@1 | WikiText ppl | change | over budget |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    lines = ["| epoch | rank | step | train loss | train tok/s | pass@1 | answer format | held-out loss | "
+             "WikiText ppl | change | over budget |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for r in rows:
         loss, tps, ppl, ch = r.get("train_loss"), r.get("train_tokens_per_s"), r.get("token_perplexity"), r.get("ppl_change")
         lines.append(f"| {r['epoch']} | {r.get('lora_rank') or 'base'} | {r.get('step', 0)} | "
                      f"{'' if loss is None else f'{loss:.4f}'} | {'' if tps is None else f'{tps:.0f}'} | "
-                     f"{_pct(r.get('pass@1'))} | {'n/a' if ppl is None else f'{ppl:.3f}'} | "
+                     f"{_pct(r.get('pass@1'))} | {_pct(r.get('answer_format_rate'))} | "
+                     f"{_num(r.get('heldout_loss'), 4)} | {_num(ppl)} | "
                      f"{'' if ch is None else f'{ch:+.1%}'} | {'**yes**' if r.get('flagged') else 'no'} |")
     return lines
 
@@ -95,8 +108,16 @@ def verdict_lines(rows: list[dict], after: dict | None, info: dict) -> list[str]
     return lines
 
 
+# (metrics key, file, title): one plot per epoch-wise metric that the rows hold.
+PLOTS = (("pass@1", "pass_at_1.png", "pass@1 on the holdout"),
+         ("answer_format_rate", "answer_format.png", "answer format rate (final answer stated)"),
+         ("heldout_loss", "heldout_loss.png", "held-out solution loss (nats/token)"),
+         ("token_perplexity", "perplexity.png", "WikiText token perplexity"))
+
+
 def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
-    """pass_at_1.png and perplexity.png: per epoch, one line per LoRA rank, with the budget line."""
+    """One PNG per metric of PLOTS that some row has: per epoch, one line per LoRA rank, the
+    base model's level, and on perplexity the budget line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,11 +127,13 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
     base = next((r for r in rows if r.get("epoch") == 0), None)
     ranks = sorted({r["lora_rank"] for r in rows if r.get("lora_rank")}, reverse=True)
     paths = []
-    for key, name, title in (("pass@1", "pass_at_1.png", "pass@1 on the holdout"),
-                             ("token_perplexity", "perplexity.png", "WikiText token perplexity")):
+    for key, name, title in PLOTS:
+        if all(r.get(key) is None for r in rows):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for rank in ranks:
-            pts = ([(0, base[key])] if base else []) + [(r["epoch"], r[key]) for r in rows if r.get("lora_rank") == rank]
+            pts = ([(0, base.get(key))] if base else []) + [(r["epoch"], r.get(key)) for r in rows
+                                                            if r.get("lora_rank") == rank]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"LoRA r={rank}")
@@ -126,6 +149,26 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
         plt.close(fig)
         paths.append(out_dir / name)
     return paths
+
+
+PROTOCOLS = {"q2g": "protocol `q2g`: sliding windows, <bos> in every window",
+             "lm-eval": "protocol `lm-eval`: lm-evaluation-harness's wikitext task (its articles, detokenizer, windows and counts)",
+             "lm-eval-raw": "protocol `lm-eval-raw`: lm-eval's windows and counts, without its detokenizer"}
+
+
+def _protocol_line(protocol: str | None) -> str:
+    return PROTOCOLS.get(protocol or "q2g", f"protocol `{protocol}`")
+
+
+def _backend(row: dict) -> str:
+    return f", generated with {row['eval_backend']}" if row.get("eval_backend") else ""
+
+
+def _heldout_line(row: dict) -> str:
+    if row.get("heldout_loss") is None:
+        return ""
+    return (f"{row.get('heldout_n')} reference solutions ({row.get('heldout_tokens')} tokens) scored for the "
+            f"held-out loss; ")
 
 
 def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
@@ -148,14 +191,16 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
               f"{info.get('precision')} on {info.get('device')}.",
               f"- Training data: {info.get('n_train_examples')} validated traces ({info.get('n_train_tokens')} tokens).",
               f"- Evaluation: {scored.get('n_eval', 'n/a')} holdout problems scored (greedy pass@1, the same problems "
-              f"every epoch); {scored.get('ppl_tokens_scored', 'n/a')} WikiText tokens scored for perplexity.",
+              f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
+              f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
               ]
     if info.get("wall_s") is not None:
         lines.append(f"- Wall time: {info['wall_s'] / 60:.1f} min.")
     lines += ["", "## Every evaluation", ""] + epochs_table(rows)
     if evaluated:
-        plot(out_dir, rows, info.get("budget", 0.05))
-        lines += ["", "![pass@1 per epoch](pass_at_1.png)", "", "![WikiText perplexity per epoch](perplexity.png)"]
+        titles = {name: title for _, name, title in PLOTS}
+        for path in plot(out_dir, rows, info.get("budget", 0.05)):
+            lines += ["", f"![{titles[path.name]} per epoch]({path.name})"]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
