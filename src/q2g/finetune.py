@@ -44,10 +44,12 @@ from q2g.models import PRECISIONS
 RESUME_KEYS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "batch_size",
                "grad_accum", "warmup_ratio", "epochs", "max_steps", "max_seq_len", "seed", "optim_used",
                "precision_used", "n_train_examples", "on_forgetting", "forgetting_budget", "min_rank",
-               "eval_limit", "eval_max_new_tokens", "eval_seed", "ppl_max_length", "ppl_stride", "ppl_max_tokens")
+               "eval_limit", "eval_max_new_tokens", "eval_seed", "ppl_max_length", "ppl_stride", "ppl_max_tokens",
+               "ppl_protocol", "heldout_loss_limit", "heldout_max_seq_len", "eval_backend")
 # What a reused baseline row must have been made with (see --baseline-from).
 BASELINE_KEYS = ("base_model", "precision_used", "split_file", "eval_limit", "eval_max_new_tokens", "eval_seed",
-                 "ppl_max_length", "ppl_stride", "ppl_max_tokens", "data_dir")
+                 "ppl_max_length", "ppl_stride", "ppl_max_tokens", "data_dir", "ppl_protocol", "heldout_loss_limit",
+                 "heldout_max_seq_len", "eval_backend")
 
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
@@ -130,7 +132,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     run = Run(cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config,
               precision=precision)
     if not cfg.no_eval:
-        run.records = q2g_eval.select_eval_subset(data.load_holdout(split_path), eval_cfg.eval_limit, eval_cfg.eval_seed)
+        run.records = data.load_holdout(split_path)  # evaluate_model draws its fixed subsets from it
         run.wikitext = data.load_wikitext(cfg.data_dir)
     return run
 
@@ -228,6 +230,16 @@ def finalize(run) -> dict:
     return selection
 
 
+def holdout_kind(split_file: str) -> str:
+    """What the holdout is, for the report: the official test splits or a random share of train."""
+    from q2g import data
+
+    settings = data.read_split(split_file).get("settings", {})
+    if settings.get("holdout") == "official-test":
+        return "official test splits (GSM8K test, MATH test of the chosen subjects)"
+    return f"a random {settings.get('holdout_fraction', 0.2):.0%} of the train problems (seed {settings.get('seed', 0)})"
+
+
 def versions() -> dict:
     import peft
     import torch
@@ -237,6 +249,7 @@ def versions() -> dict:
 
 
 def write_report(run, selection: dict, wall_s: float) -> Path:
+    from q2g import evaluate as q2g_eval
     from q2g.report import write_report as write
 
     c = run.config
@@ -245,7 +258,9 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
             "n_train_tokens": c["n_train_tokens"], "epochs": c["epochs"], "lora_r": c["lora_r"],
             "lora_alpha": c["lora_alpha"], "target_modules": c["target_modules"], "optim": c["optim_used"],
             "precision": c["precision_used"], "device": c["device"], "wall_s": wall_s,
-            "eval_problems": len(run.records) if run.records is not None else None}
+            "eval_problems": len(q2g_eval.select_eval_subset(run.records, run.eval_cfg.eval_limit))
+            if run.records is not None else None, "holdout": holdout_kind(c["split_file"]),
+            "padding_share": c.get("padding_share"), "group_by_length": c.get("group_by_length")}
     return write(run.out, run.rows, info)
 
 

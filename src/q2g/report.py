@@ -194,6 +194,13 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
               f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
               f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
               ]
+    if info.get("holdout"):
+        lines.append(f"- Holdout: {info['holdout']}.")
+    if info.get("padding_share") is not None:
+        lines.append(f"- Batches: {info['padding_share']:.1%} of the batch tokens were padding"
+                     f"{' (length-grouped)' if info.get('group_by_length') else ''}.")
+    if any(r.get("nonfinite_skips") for r in rows):
+        lines.append(f"- Non-finite steps skipped (--skip-nonfinite): {max(r.get('nonfinite_skips') or 0 for r in rows)}.")
     if info.get("wall_s") is not None:
         lines.append(f"- Wall time: {info['wall_s'] / 60:.1f} min.")
     lines += ["", "## Every evaluation", ""] + epochs_table(rows)

@@ -143,14 +143,14 @@ def save_adapter(model, tokenizer, folder: Path, config: dict) -> None:
 
 # ---------------------------------------------------------------- evaluation rows
 
-def evaluate(run: Run, model, gen_path: Path) -> dict:
+def evaluate(run: Run, model, gen_path: Path, adapter_dir: Path | None = None) -> dict:
     """pass@1 + perplexity of the in-memory model -> the evaluation fields of a metrics row."""
     from q2g.io import write_jsonl
 
     if run.records is None:
         return {"pass@1": None, "token_perplexity": None, "ppl_change": None, "flagged": False}
     result = q2g_eval.evaluate_model(model, run.tokenizer, run.records, run.wikitext, run.eval_cfg,
-                                     precision=run.precision)
+                                     precision=run.precision, adapter_dir=adapter_dir)
     write_jsonl(gen_path, result["math"]["generations"])
     row = result["row"]
     change = forgetting.relative_change(run.baseline_ppl() or row["token_perplexity"], row["token_perplexity"])
@@ -162,7 +162,10 @@ def describe(row: dict, budget: float) -> str:
     if row.get("pass@1") is None:
         return "not evaluated (--no-eval)"
     by = ", ".join(f"{k} {v:.1%}" for k, v in row["pass@1_by_source"].items())
-    return (f"pass@1 {row['pass@1']:.1%} ({by}) | WikiText ppl {row['token_perplexity']:.3f}: "
+    extra = "".join(f" | {label} {row[k]:{fmt}}" for k, label, fmt in (
+        ("heldout_loss", "held-out loss", ".4f"), ("answer_format_rate", "answer format", ".0%"))
+        if row.get(k) is not None)
+    return (f"pass@1 {row['pass@1']:.1%} ({by}){extra} | WikiText ppl {row['token_perplexity']:.3f}: "
             f"{forgetting.verdict(row['ppl_change'], budget)} | eval {row['eval_s']:.0f} s "
             f"({row['eval_problems_per_s']:.2f} problems/s, {row['eval_ppl_tokens_per_s']:.0f} ppl tok/s)")
 
@@ -193,7 +196,7 @@ def epoch_row(run: Run, state, model, rank: int, alpha: float, run_dir: Path, si
             "adapter": str((run_dir / name).relative_to(run.out)),
             "train_loss": sum(losses) / len(losses) if losses else None, "train_tokens": tokens,
             "train_tokens_per_s": tokens / max(train_s, 1e-9), "train_s": train_s,
-            **evaluate(run, model, run_dir / "evals" / f"{name}.generations.jsonl")}
+            **evaluate(run, model, run_dir / "evals" / f"{name}.generations.jsonl", run_dir / name)}
 
 
 def last_adapter(run: Run, rank: int) -> str | None:
@@ -276,8 +279,8 @@ def baseline(run: Run):
     model = row = None
     if distributed.is_main():
         model = load_base(run)
-        print(f"[finetune] baseline eval of {run.cfg.base_model}: {len(run.records)} holdout problems + WikiText...",
-              flush=True)
+        n = len(q2g_eval.select_eval_subset(run.records, run.eval_cfg.eval_limit))
+        print(f"[finetune] baseline eval of {run.cfg.base_model}: {n} holdout problems + WikiText...", flush=True)
         row = baseline_row(run, model)
     record(run, distributed.share(row))
     print(f"[finetune] baseline: {describe(run.rows[-1], run.cfg.forgetting_budget)}", flush=True)
