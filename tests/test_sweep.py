@@ -329,7 +329,7 @@ def test_shipped_demo_config_on_the_tiny_gemma(tmp_path, tiny_gemma_dir, capsys)
         assert metrics[0]["reused_from"] == str(out / "baseline.json")  # the baseline was scored once
         assert [m["epoch"] for m in metrics] == [0, 1] and metrics[1]["step"] == 3
         assert (Path(r["adapter"]) / "adapter_model.safetensors").exists()
-        assert r["values"] == {"pass@1": r["pass@1"], "ppl_change": r["ppl_change"]} and len(r["epochs"]) == 1
+        assert r["values"] == {"heldout_loss": r["heldout_loss"], "ppl_change": r["ppl_change"]} and len(r["epochs"]) == 1
         assert r["settings"]["lora_alpha"] == r["settings"]["lora_r"] * r["settings"]["lora_alpha_ratio"]
     assert rows[0]["settings"] != rows[1]["settings"]
     assert (out / "pareto.png").exists() and "Best within the budget" in (out / "pareto.md").read_text()
