@@ -27,13 +27,13 @@ def autocast(kind: str, device: str):
 
 
 def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device) -> dict:
-    from q2g import generation, prompts
+    from q2g import decoding, prompts
 
     ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
     start = time.perf_counter()
     with autocast(kind, device):
         # No stop strings / end ids: every row runs the full budget, so rows/s compare fairly.
-        gens = generation.generate(model, tok, ids, max_new_tokens=new_tokens, batch_size=batch_size)
+        gens = decoding.generate(model, tok, ids, max_new_tokens=new_tokens, batch_size=batch_size)
     seconds = time.perf_counter() - start
     n = sum(g.n_tokens for g in gens)
     return {"what": f"generate {kind} batch {batch_size}", "tokens": n, "seconds": seconds, "tok_s": n / seconds}
@@ -41,10 +41,10 @@ def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device)
 
 def bench_pass1(model, tok, problems, new_tokens, batch_size, path, device, extra_stop=()) -> tuple[dict, list]:
     """pass@1 decoding as evaluation runs it, by the `static` (old) or `refill` (new) path."""
-    from q2g import generation, prompts
+    from q2g import decoding, prompts
 
     ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
-    run = generation.generate_static if path == "static" else generation.generate_refill
+    run = decoding.generate_static if path == "static" else decoding.generate_refill
     forwards = [0]  # model forwards (decode steps + prefills): the machine-independent cost
     hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     start = time.perf_counter()

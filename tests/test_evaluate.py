@@ -11,7 +11,7 @@ import pytest
 from q2g import cli
 import torch
 
-from q2g import data, evaluate, generation, models, prompts
+from q2g import data, decoding, evaluate, models, prompts
 from q2g.evaluate import EvalConfig
 
 TEXT = (
@@ -178,9 +178,9 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
 
     def fake_generate(m, t, prompt_ids, **kw):
         calls.update(kw, prompts=prompt_ids, training=m.training)
-        return [generation.Generation(text=text, n_tokens=10 + i, stopped=i != 5) for i, (_, text, _) in enumerate(SCRIPT)]
+        return [decoding.Generation(text=text, n_tokens=10 + i, stopped=i != 5) for i, (_, text, _) in enumerate(SCRIPT)]
 
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(decoding, "generate", fake_generate)
     model.train()
     model.model.embed_tokens.eval()  # a module the trainer left in eval mode stays so
     res = evaluate.math_pass_at_1(model, tok, records, EvalConfig(eval_max_new_tokens=33, eval_batch_size=2), progress=False)

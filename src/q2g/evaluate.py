@@ -9,7 +9,7 @@ TrainerCallback every epoch; `q2g evaluate` is the same thing from the command l
 
 pass@1: greedy decoding from `prompts.student_prompt_ids` (the format the student is trained
 on), stopped at its end token or at the start of a new problem, graded by `answers.is_correct`.
-`--eval-backend hf` decodes in-process (generation.generate); `vllm` sends the same token ids to
+`--eval-backend hf` decodes in-process (decoding.generate); `vllm` sends the same token ids to
 a vLLM engine, the base model's weights plus the epoch's adapter as a LoRARequest (no merge).
 answer_format_rate: the share of generations that state a final answer within the token cap:
 an answer `answers.extract_answer_with_rule` finds by a rule other than GSM8K's last-number
@@ -50,7 +50,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g import generation, prompts
+from q2g import decoding, prompts
 from q2g.config import Config, option
 from q2g.models import PRECISIONS
 from q2g.data import source_key  # noqa: F401  (re-exported: callers group results by it)
@@ -220,11 +220,11 @@ def _saved_adapter(model, adapter_dir):
 def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir):
     base = _base_model(model)
     with _saved_adapter(model, adapter_dir) as folder:
-        engine = generation.vllm_engine(
+        engine = decoding.vllm_engine(
             base.config.name_or_path, dtype=str(next(base.parameters()).dtype).removeprefix("torch."),
-            lora_rank=generation.adapter_rank(folder) if folder else 0,
+            lora_rank=decoding.adapter_rank(folder) if folder else 0,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.eval_seed)
-        return generation.generate_vllm(engine, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, end_ids=end_ids,
+        return decoding.generate_vllm(engine, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, end_ids=end_ids,
                                         stop_strings=prompts.STUDENT_STOP_STRINGS, adapter_dir=folder,
                                         seed=cfg.eval_seed)
 
@@ -249,7 +249,7 @@ def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progr
                 elapsed = bar.format_dict["elapsed"] or 1e-9
                 bar.set_postfix(tok_s=f"{n_tokens[0] / elapsed:.1f}")
 
-            gens = generation.generate(
+            gens = decoding.generate(
                 model, tokenizer, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
                 end_ids=end_ids, stop_strings=prompts.STUDENT_STOP_STRINGS,
                 batch_size=cfg.eval_batch_size, seed=cfg.eval_seed, progress=tick)

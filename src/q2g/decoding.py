@@ -12,7 +12,7 @@ any more are cut off. Prompts enter longest first (an OOM shows up at once).
 Sampling (temperature > 0) runs `generate_static`, the former path: prompts sorted by length and
 cut into batches, each one `model.generate` call, seeded per batch so a rerun of the same batch
 gives the same text. A batch there runs until its longest row ends; for greedy decoding it gives
-the same tokens as the refill loop (tests/test_generation.py) and is kept as the reference and
+the same tokens as the refill loop (tests/test_decoding.py) and is kept as the reference and
 for benchmarks/eval_speed.py.
 
 Either way a row ends at any end token or pad token (counted), or at the token that completes a

@@ -1,11 +1,11 @@
-"""q2g.generation: the refill loop (finished rows leave, new prompts take their slots) gives the
+"""q2g.decoding: the refill loop (finished rows leave, new prompts take their slots) gives the
 same greedy tokens as one `model.generate` per batch, on tiny random Gemma3 (sliding-window
 layers, <bos>) and Qwen2 (chat template), with rows ending at end tokens, stop strings and the cap."""
 
 import pytest
 import torch
 
-from q2g import generation, models, prompts
+from q2g import decoding, models, prompts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,14 +31,14 @@ def _prompts(tok):
 def test_refill_equals_static_token_for_token(model_tok):
     model, tok = model_tok
     ids = _prompts(tok)
-    free = generation.generate_static(model, tok, ids, max_new_tokens=30, batch_size=9)
+    free = decoding.generate_static(model, tok, ids, max_new_tokens=30, batch_size=9)
     # End tokens and a stop string taken from the free runs, so rows end at different steps.
     end_ids = sorted({g.token_ids[4 + 3 * k] for k, g in enumerate(free[:3])})
     stop = free[4].text[8:10] or "zz"
     for batch_size in (1, 3, 4):
         kw = dict(max_new_tokens=30, end_ids=end_ids, stop_strings=(stop,), batch_size=batch_size)
-        old = generation.generate_static(model, tok, ids, **kw)
-        new = generation.generate_refill(model, tok, ids, **kw)
+        old = decoding.generate_static(model, tok, ids, **kw)
+        new = decoding.generate_refill(model, tok, ids, **kw)
         assert [g.token_ids for g in new] == [g.token_ids for g in old]
         assert new == old  # text, n_tokens, stopped too
     assert any(g.stopped for g in new)
@@ -50,27 +50,27 @@ def test_timeline_stays_as_long_as_the_longest_row(model_tok, monkeypatch):
     """Rows that joined late share the timeline; columns no row needs any more are cut off."""
     model, tok = model_tok
     ids, widths = _prompts(tok), []
-    step = generation._step
-    monkeypatch.setattr(generation, "_step", lambda m, run: widths.append(run.mask.shape[1]) or step(m, run))
-    free = generation.generate_static(model, tok, ids, max_new_tokens=20, batch_size=9)
+    step = decoding._step
+    monkeypatch.setattr(decoding, "_step", lambda m, run: widths.append(run.mask.shape[1]) or step(m, run))
+    free = decoding.generate_static(model, tok, ids, max_new_tokens=20, batch_size=9)
     end_ids = sorted({free[k].token_ids[4 + 4 * k] for k in range(1, 4)})
     kw = dict(max_new_tokens=20, end_ids=end_ids, batch_size=3)
-    assert generation.generate_refill(model, tok, ids, **kw) == generation.generate_static(model, tok, ids, **kw)
+    assert decoding.generate_refill(model, tok, ids, **kw) == decoding.generate_static(model, tok, ids, **kw)
     assert max(widths, default=0) <= max(len(p) for p in ids) + 20
 
 
 def test_rows_end_where_they_should(model_tok):
     model, tok = model_tok
     ids = _prompts(tok)[:4]
-    free = generation.generate(model, tok, ids, max_new_tokens=12, batch_size=2)
+    free = decoding.generate(model, tok, ids, max_new_tokens=12, batch_size=2)
     assert all(g.n_tokens == 12 and not g.stopped and len(g.token_ids) == 12 for g in free)
     end = free[0].token_ids[5]
-    got = generation.generate(model, tok, ids, max_new_tokens=12, end_ids=[end], batch_size=2)
+    got = decoding.generate(model, tok, ids, max_new_tokens=12, end_ids=[end], batch_size=2)
     first = free[0].token_ids.index(end) + 1
     assert got[0].token_ids == free[0].token_ids[:first] and got[0].stopped and got[0].n_tokens == first
     # a stop string: the text is cut before it, the row ends at the token that completed it
     stop = free[1].text[3:6]
-    got = generation.generate(model, tok, ids, max_new_tokens=12, stop_strings=(stop,), batch_size=2)
+    got = decoding.generate(model, tok, ids, max_new_tokens=12, stop_strings=(stop,), batch_size=2)
     assert got[1].stopped and stop not in got[1].text and free[1].text.startswith(got[1].text)
     assert got[1].token_ids == free[1].token_ids[:got[1].n_tokens]
 
@@ -78,7 +78,7 @@ def test_rows_end_where_they_should(model_tok):
 def test_progress_counts_every_prompt_once(model_tok):
     model, tok = model_tok
     seen = []
-    gens = generation.generate(model, tok, _prompts(tok), max_new_tokens=6, batch_size=4,
+    gens = decoding.generate(model, tok, _prompts(tok), max_new_tokens=6, batch_size=4,
                                progress=lambda n, k: seen.append((n, k)))
     assert sum(n for n, _ in seen) == 9 and sum(k for _, k in seen) == sum(g.n_tokens for g in gens)
 
@@ -86,13 +86,13 @@ def test_progress_counts_every_prompt_once(model_tok):
 def test_sampling_and_penalties_use_static_batches(model_tok, monkeypatch):
     model, tok = model_tok
     calls = []
-    monkeypatch.setattr(generation, "generate_static", lambda *a, **kw: calls.append(kw) or [])
-    generation.generate(model, tok, _prompts(tok), temperature=0.7, seed=3)
+    monkeypatch.setattr(decoding, "generate_static", lambda *a, **kw: calls.append(kw) or [])
+    decoding.generate(model, tok, _prompts(tok), temperature=0.7, seed=3)
     assert calls and calls[0]["temperature"] == 0.7 and calls[0]["seed"] == 3
-    assert generation.plain_greedy(model)
+    assert decoding.plain_greedy(model)
     monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.05)  # as Qwen2.5-Instruct ships
-    assert not generation.plain_greedy(model)
-    generation.generate(model, tok, _prompts(tok))
+    assert not decoding.plain_greedy(model)
+    decoding.generate(model, tok, _prompts(tok))
     assert len(calls) == 2 and calls[1]["temperature"] == 0.0
 
 
@@ -109,4 +109,4 @@ def test_refill_with_a_peft_model(tiny_gemma_dir):
     model.eval()
     ids = _prompts(tok)[:5]
     kw = dict(max_new_tokens=20, end_ids=[5, 9], batch_size=2)
-    assert generation.generate_refill(model, tok, ids, **kw) == generation.generate_static(model, tok, ids, **kw)
+    assert decoding.generate_refill(model, tok, ids, **kw) == decoding.generate_static(model, tok, ids, **kw)
