@@ -167,6 +167,8 @@ CASES = [
     C("ft-model-offline", "finetune", ["--base-model", "q2g-test/not-cached-2b"],
       ("q2g-test/not-cached-2b is not in the local hub cache and the hub is offline", "download it first"),
       env={"HF_HUB_OFFLINE": "1"}),
+    C("ft-model-is-a-file", "finetune", ["--base-model", "$TMP/f.txt"],
+      "no folder $TMP/f.txt, and $TMP/f.txt is not a hub id", files={"f.txt": "keep me\n"}),
     C("ft-model-not-a-model", "finetune", ["--base-model", "$TMP/empty"], "$TMP/empty has no config.json",
       files={"empty/notes.txt": "not a model\n"}),
     # ------------------------------------------------------------ finetune: traces and split
@@ -181,6 +183,9 @@ CASES = [
       "$TMP/ds/traces.jsonl:1: field 'problem' must be str, got list", files=traces({**TRACE, "problem": ["a", "b"]})),
     C("ft-answer-dict", "finetune", ["--traces", "$TMP/ds"],
       "$TMP/ds/traces.jsonl:1: field 'answer' must be str/int/float, got dict", files=traces({**TRACE, "answer": {}})),
+    C("ft-validated-text", "finetune", ["--traces", "$TMP/ds"],
+      "$TMP/ds/traces.jsonl:2: field 'validated' must be bool, got str \"yes\"",
+      files=traces(TRACE, {**TRACE, "validated": "yes"})),
     C("ft-trace-source", "finetune", ["--traces", "$TMP/ds"], "trace t1: source 'aime' is not one of gsm8k, math",
       files=traces({**TRACE, "source": "aime"})),
     C("ft-trace-array", "finetune", ["--traces", "$TMP/ds"], "$TMP/ds/traces.jsonl:1: expected a JSON object, got list",
@@ -378,3 +383,41 @@ def test_bad_input(case, tmp_path, dataset, tiny_gemma_dir, adapter, capsys, mon
     after = snapshot(tmp_path, dataset, tiny_gemma_dir, adapter)
     assert sorted(set(after) - set(before)) == [], "written although refused"
     assert {k for k in before if after.get(k, "gone") != before[k]} == set(), "changed although refused"
+
+
+# ---------------------------------------------------------------- the model-name check on its own
+
+def fake_hub_cache(root: Path, repo_id: str) -> Path:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/config.json}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    return root
+
+
+def test_model_names(tmp_path, monkeypatch, tiny_gemma_dir):
+    from huggingface_hub import constants
+
+    from q2g import models
+    from q2g.errors import BadInput
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub", "org/cached")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.check_model_name(str(tiny_gemma_dir))  # a model folder
+    models.check_model_name("org/cached")  # in the cache: fine offline
+    for name in ("./x", "/no/such/dir", "~/no-such-q2g-model", "a/b/c", "bad name!", "org/-x"):
+        with pytest.raises(BadInput, match="is not a hub id"):
+            models.check_model_name(name)
+    with pytest.raises(BadInput, match="org/other is not in the local hub cache and the hub is offline"):
+        models.check_model_name("org/other")
+
+    # Not marked offline, but the hub does not answer (a closed local port: refused at once).
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(BadInput, match="org/other is not in the local hub cache and the hub is offline"):
+        models.check_model_name("org/other")
+    models.check_model_name("org/cached")

@@ -115,7 +115,7 @@ def merge(adapter: Path, base: str, out: Path, dtype, device: str, tokenizer):
 
 def main(argv=None) -> int:
     from q2g.config import load_config
-    from q2g.io import atomic_write_json
+    from q2g.io import atomic_write_json, writes_to
     from q2g.models import check_model_name, load_model, load_tokenizer, pick_device, storage_dtype
 
     args = load_config(MergeConfig, argv, prog="q2g merge", section="merge",
@@ -133,14 +133,15 @@ def main(argv=None) -> int:
     has_tokenizer = (adapter / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     print(f"[merge] {adapter} into {base} at {args.precision} on {device}", flush=True)
-    ids, reference = merge(adapter, base, out, dtype, device, tokenizer)
-    merged = load_model(str(out), dtype, device)  # check what was written, not what is in memory
-    diff = (probe_logits(merged, ids) - reference).abs().max().item()
-    atol = args.atol if args.atol is not None else DEFAULT_ATOL[args.precision]
-    ok = diff <= atol
-    atomic_write_json(out / "merge_check.json", {"adapter": str(adapter), "base_model": base, "precision": args.precision,
-                                                 "probe_tokens": ids.shape[1], "max_abs_logit_diff": diff,
-                                                 "atol": atol, "ok": ok})
+    with writes_to(out, hint="free some space, then rerun the same command"):
+        ids, reference = merge(adapter, base, out, dtype, device, tokenizer)
+        merged = load_model(str(out), dtype, device)  # check what was written, not what is in memory
+        diff = (probe_logits(merged, ids) - reference).abs().max().item()
+        atol = args.atol if args.atol is not None else DEFAULT_ATOL[args.precision]
+        ok = diff <= atol
+        atomic_write_json(out / "merge_check.json", {"adapter": str(adapter), "base_model": base,
+                                                     "precision": args.precision, "probe_tokens": ids.shape[1],
+                                                     "max_abs_logit_diff": diff, "atol": atol, "ok": ok})
     print(f"[merge] probe ({ids.shape[1]} tokens): max |logit(merged) - logit(base + adapter)| = {diff:.3g} "
           f"(tolerance {atol:g}): {'OK' if ok else 'MISMATCH'}", flush=True)
     print(f"[merge] wrote {out}", flush=True)

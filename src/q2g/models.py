@@ -208,6 +208,8 @@ def check_model_name(name: str, kind: str = "model") -> None:
 
 def _from_pretrained(loader, name: str, kind: str, **kw):
     check_model_name(name, kind)
+    if name != DEMO_MODEL and not Path(name).expanduser().is_dir() and hub_offline():
+        kw["local_files_only"] = True  # cached (checked above): do not spend a minute retrying the hub
     try:
         return loader.from_pretrained(resolve_model_path(name), trust_remote_code=False, **kw)
     except OSError as e:  # e.g. a hub id that does not exist: transformers says so in its first line
@@ -239,9 +241,12 @@ def check_target_modules(name: str, targets: list[str]) -> None:
 
     if list(targets) == ["all-linear"]:
         return
-    config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an early check only: whatever keeps the model from building, loading it says
+        return
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
