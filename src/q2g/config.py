@@ -273,8 +273,9 @@ def _build(cls, values: dict, labels: dict):
     names = set(fields_of(cls))
     try:
         return cls(**{k: v for k, v in values.items() if k in names})
-    except ConfigError as e:  # a cross-field rule: name where the values came from
-        given = sorted({labels[k] for k in names & set(values) if labels.get(k, k) != k})
+    except ConfigError as e:  # a cross-field rule: say which file set the options it names
+        flags = {k: _flag(k, fields_of(cls)[k][0]) for k in names & set(values)}
+        given = sorted({labels[k] for k, flag in flags.items() if flag in str(e) and labels.get(k, flag) != flag})
         where = f" (set at {', '.join(given)})" if given else ""
         raise ConfigError(f"{e}{where}") from None
     except TypeError as e:  # a required field left out

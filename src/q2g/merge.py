@@ -45,6 +45,8 @@ class MergeConfig(Config):
 
 def adapter_base(adapter: Path, base_model: str | None) -> str:
     config_path = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        raise MergeError(f"--adapter {adapter}: no such folder")
     if not config_path.is_file():
         raise MergeError(f"{adapter}: no adapter_config.json (is it a LoRA adapter folder? "
                          f"final/ has none when no epoch stayed within the forgetting budget)")
