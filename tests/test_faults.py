@@ -15,9 +15,11 @@ also hits the libraries' own writes (Trainer checkpoints, safetensors, matplotli
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,7 +177,7 @@ def load_adapter(base, folder: Path):
 # Runs in a subprocess: `where` says when to fill the disk (RLIMIT_FSIZE 0) or to SIGKILL itself.
 FAULT = r"""
 import os, resource, signal, sys
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from q2g import cli, evaluate, finetune, training
 
 mode, where = sys.argv[1].split(":")
@@ -200,6 +202,7 @@ def at(owner, name, nth, before=True):
 {"step": lambda: at(Trainer, "compute_loss", 4, before=False),     # step 4, after its forward
  "eval": lambda: at(evaluate, "perplexity", 2),                      # epoch 1's evaluation
  "checkpoint": lambda: at(Trainer, "_save_optimizer_and_scheduler", 2),  # checkpoint-4, weights already written
+ "trainer_state": lambda: at(TrainerState, "save_to_json", 2),       # checkpoint-4's last file, written in place
  "adapter": lambda: at(training, "save_adapter", 2),                 # epoch-2/
  "metrics": lambda: at(training, "record", 3),                       # epoch 2's row
  "report": lambda: at(finetune, "write_report", 1)}[where]()
@@ -215,7 +218,7 @@ def run_with_fault(fault, model, ds, out, tmp_path):
 
 
 @pytest.mark.parametrize("where,rows_left", [
-    ("checkpoint", ROWS),   # checkpoint-4 half written: checkpoint-2 is still the one to resume from
+    ("trainer_state", ROWS),  # checkpoint-4 whole but its trainer_state.json empty: checkpoint-2 is resumed
     ("adapter", ROWS[:2]),  # epoch-2/ half written (beside, under a .tmp name)
     ("metrics", ROWS[:2]),  # epoch 2's row: the append is cut back to epoch 1's
     ("report", ROWS),       # after training: final/ is whole, the report is missing
@@ -230,6 +233,8 @@ def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, datase
     json.loads((out / "config.json").read_text())
     kept = "checkpoint-4" if where == "report" else "checkpoint-2"  # the last whole checkpoint is kept
     assert training.latest_checkpoint(out) == str(out / kept)
+    if where == "trainer_state":
+        assert (out / "checkpoint-4" / "trainer_state.json").read_text() == ""
     load_adapter(tiny_gemma_dir, out / "epoch-1")
     if where == "report":
         assert not (out / "report.md").exists() and json.loads((out / "final" / "selection.json").read_text())
@@ -254,4 +259,24 @@ def test_finetune_sigkill_then_resume(where, rows_left, resumed_from, tiny_gemma
     assert cli.call("finetune", ft_argv(tiny_gemma_dir, dataset, out, "--resume")) == 0
     printed = capsys.readouterr().out
     assert (f"resuming rank 16 from {out / resumed_from}" in printed) if resumed_from else "resuming" not in printed
+    check_finished(out, reference, tiny_gemma_dir)
+
+
+def test_finetune_sigkill_at_a_random_moment_then_resume(tiny_gemma_dir, dataset, reference, tmp_path):
+    """Killed at a random time after the baseline row (training, an evaluation, a save, final/, the
+    report...); Q2G_KILL_SEED=<seed> replays a failure."""
+    seed = int(os.environ.get("Q2G_KILL_SEED") or random.randrange(10**6))
+    out = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-m", "q2g.cli", "finetune", *ft_argv(tiny_gemma_dir, dataset, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.Random(seed).uniform(0, 3))  # the rest of the run takes ~2-4 s here
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    assert cli.call("finetune", ft_argv(tiny_gemma_dir, dataset, out, "--resume")) == 0, f"Q2G_KILL_SEED={seed}"
     check_finished(out, reference, tiny_gemma_dir)
