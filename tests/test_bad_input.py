@@ -129,6 +129,8 @@ CASES = [
     C("gen-yaml-syntax", "generate", [], "c.yaml: not valid YAML", yaml="limit: [2\n"),
     C("gen-yaml-duplicate", "generate", [], "c.yaml:2: duplicate key 'seed'", yaml="seed: 2\nseed: 3\n"),
     C("gen-yaml-not-utf8", "generate", [], "c.yaml: not UTF-8 text (byte 7)", yaml=b"seed: 0\xff\n"),
+    C("gen-yaml-is-a-folder", "generate", ["--config", "$TMP/cfg"], "config file $TMP/cfg: cannot be read (Is a directory)",
+      files={"cfg/a.yaml": "seed: 1\n"}),
     C("gen-yaml-missing", "generate", ["--config", "$TMP/none.yaml"], "config file $TMP/none.yaml not found"),
     # ------------------------------------------------------------ finetune: flags
     C("ft-lr-neg", "finetune", ["--lr", "-1"], "--lr: must be > 0, got -1.0"),
@@ -206,6 +208,8 @@ CASES = [
       files={"f.txt": "keep me\n"}),
     C("ft-out-holds-run", "finetune", [], "$OUT already holds a run (metrics.jsonl); pass --resume",
       files={"out/metrics.jsonl": jl({"epoch": 0}), "out/config.json": "{}"}),
+    C("ft-resume-damaged-config", "finetune", ["--resume"], "$OUT/config.json is not valid JSON (a damaged output folder?)",
+      files={"out/metrics.jsonl": jl({"epoch": 0}), "out/config.json": '{"lr": 0.1'}),
     C("ft-resume-other-settings", "finetune", ["--resume"], ("--resume: $OUT was made with other settings",
                                                              "lr: 0.1 there, 0.0002 now"),
       files={"out/metrics.jsonl": jl({"epoch": 0}), "out/config.json": json.dumps({"lr": 0.1})}),
@@ -236,6 +240,9 @@ CASES = [
     C("ev-holdout-changed", "evaluate", ["--split", "$TMP/ds/split.json"],
       "$TMP/ds/holdout.jsonl does not match $TMP/ds/split.json",
       files={"ds/split.json": "@split.json", "ds/holdout.jsonl": jl(TRACE)}),
+    C("ev-holdout-is-a-folder", "evaluate", ["--split", "$TMP/ds/split.json"],
+      "$TMP/ds/holdout.jsonl: cannot be read (Is a directory)",
+      files={"ds/split.json": "@split.json", "ds/holdout.jsonl/x": "not a file"}),
     C("ev-adapter-missing", "evaluate", ["--adapter", "$TMP/adapter"],
       "--adapter $TMP/adapter: no adapter_config.json (not a LoRA adapter folder)"),
     C("ev-out-is-file", "evaluate", ["--out", "$TMP/f.txt"], "--out $TMP/f.txt is a file, not a folder",
@@ -421,6 +428,8 @@ def test_model_names(tmp_path, monkeypatch, tiny_gemma_dir):
 
     # Not marked offline, but the hub does not answer (a closed local port: refused at once).
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(BadInput, match="org/other is not in the local hub cache and the hub is offline"):

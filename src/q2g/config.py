@@ -180,6 +180,8 @@ def load_yaml(path) -> dict:
             loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except OSError as e:  # a folder, no permission...
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:

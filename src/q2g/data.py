@@ -78,6 +78,8 @@ def read_jsonl_lines(path: Path, required: Iterable[str] = (), types: dict | Non
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, no permission...
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

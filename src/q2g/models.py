@@ -155,10 +155,13 @@ def hub_offline() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _hub_reachable(endpoint: str) -> bool:
-    """One TCP connect (3 s): without it, transformers retries an unreachable hub for about a minute."""
+    """One TCP connect (3 s): without it, transformers retries an unreachable hub for about a minute.
+    Behind a proxy a direct connect proves nothing, so the hub is taken as reachable there."""
     import socket
     from urllib.parse import urlparse
 
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     url = urlparse(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()

@@ -52,6 +52,7 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     from q2g import finetune, generate
     from q2g.config import load_yaml
     from q2g.errors import ConfigError
+    from q2g.io import write_failed
 
     data = load_yaml(config)
     unknown = set(data) - {"out", *STAGES, *OTHER_SECTIONS}
@@ -69,7 +70,10 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     timings, t0 = {}, time.time()
     print(f"[q2g run] stage 1/2 generate -> {out / 'dataset'}", flush=True)
     generate.main(gen_argv)  # reads and checks all of its input before it writes out/dataset
-    shutil.copy(config, out / "run_config.yaml")
+    try:
+        shutil.copy(config, out / "run_config.yaml")
+    except OSError as e:
+        raise write_failed(out / "run_config.yaml", e) from None
     timings["generate"], t1 = time.time() - t0, time.time()
     resume = ["--resume"] if (ckpt / "metrics.jsonl").exists() else []  # a started run: continue it
     print(f"[q2g run] stage 2/2 finetune -> {ckpt}{' (resuming)' if resume else ''}", flush=True)
