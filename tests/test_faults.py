@@ -96,7 +96,7 @@ def outputs(out: Path) -> dict:
     return {name: (out / name).read_text() for name in ("traces.jsonl", "rejected.jsonl", "split.json", "holdout.jsonl")}
 
 
-@pytest.mark.parametrize("share", [0.3, 0.55, 0.8])
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.55, 0.8, 0.95])  # holdout.jsonl, an append, summary.json, ...
 def test_generate_disk_full_keeps_whole_batches_and_the_rerun_completes(share, clean_generate, tmp_path, monkeypatch,
                                                                          capsys):
     clean, total = clean_generate
