@@ -120,6 +120,20 @@ def test_generate_disk_full_keeps_whole_batches_and_the_rerun_completes(share, c
     assert outputs(out) == outputs(clean)
 
 
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_disk_full_says_so_after_scoring(tiny_gemma_dir, dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    monkeypatch.setattr(io, "os", FillingDisk(budget=0))
+    argv = ["--model", str(tiny_gemma_dir), "--split", str(dataset / "split.json"), "--data-dir", "packaged",
+            "--out", str(out), "--eval-limit", "1", "--eval-max-new-tokens", "2", "--ppl-max-tokens", "32",
+            "--ppl-max-length", "32", "--ppl-stride", "16"]
+    assert cli.call("evaluate", argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: disk full: {out / 'generations.jsonl'} (No space left on device)" in err and "Traceback" not in err
+    assert leftovers(out) == [] and not (out / "eval.json").exists()
+
+
 # ---------------------------------------------------------------- finetune
 
 @pytest.fixture(scope="module")
