@@ -65,6 +65,7 @@ class ScriptedBackend:
 def scripted(monkeypatch):
     backend = ScriptedBackend()
     monkeypatch.setattr(backends, "load_backend", lambda name, args: backend)
+    monkeypatch.setattr(gen, "check_teacher", lambda args: None)  # the default hf teacher is not downloaded
     return backend
 
 

@@ -155,7 +155,7 @@ def test_best_within_budget_minimises_a_loss_objective():
     ("    lora_r: []\n", "sweep.space.lora_r: empty list: give at least one value"),
     ("    lr: {low: 1.0e-3, high: 1.0e-4}\n", "sweep.space.lr: low (0.001) > high (0.0001)"),
     ("    lr: {low: 0, high: 1.0e-3, log: true}\n", "sweep.space.lr: low: must be > 0, got 0"),
-    ("    lora_r: [4, 2.5]\n", "sweep.space.lora_r: value 2.5: must be a int, got 2.5"),
+    ("    lora_r: [4, 2.5]\n", "sweep.space.lora_r: value 2.5: must be an int, got 2.5"),
     ("    optim: [adamw, sgd]\n", "sweep.space.optim: value 'sgd': 'sgd' is not one of adamw_8bit, adamw"),
     ("    eval_limit: [2, 4]\n", "sweep.space.eval_limit: not a finetune option"),
     ("    out: [a, b]\n", "sweep.space.out: is set by q2g sweep itself"),
@@ -177,7 +177,7 @@ def test_bad_sweep_section_and_override(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"objectives: \['ppl_change', 'pass@1'\] must be"):
         sweep.load_sweep(config)
     config = write_config(tmp_path / "s.yaml", GRID, extra_sweep="  n_trial: 3\n")
-    with pytest.raises(ConfigError, match="unknown option sweep.'n_trial' for q2g sweep \\(did you mean 'n_trials'"):
+    with pytest.raises(ConfigError, match="unknown option 'sweep.n_trial' for q2g sweep \\(did you mean 'n_trials'"):
         sweep.load_sweep(config)
     config = write_config(tmp_path / "s.yaml", GRID)
     assert cli.call("sweep", ["--config", str(config), "--out", str(tmp_path / "o"), "--n-trials", "0"]) == 2

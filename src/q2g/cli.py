@@ -53,8 +53,12 @@ def main(argv=None) -> int:
 
 
 def call(command: str, argv=()) -> int:
-    """`q2g <command> argv...` from Python, with the command line's exit code (tests, scripts)."""
-    return main([command, *argv])
+    """`q2g <command> argv...` from Python, with the command line's exit code (tests, scripts);
+    argparse's own exit (a malformed command line: 2, --help: 0) is returned too, not raised."""
+    try:
+        return main([command, *argv])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
 
 
 def run_entry(entry, argv) -> int:

@@ -109,7 +109,8 @@ def value_problem(value, hint, meta) -> str | None:
         return f"must be a non-empty list of {kind.__name__}"
     for item in items:
         if not _type_ok(item, kind):
-            return f"must be {'a list of ' if is_list else 'a '}{kind.__name__}, got {item!r}"
+            article = "a list of " if is_list else "an " if kind.__name__[0] in "aeiou" else "a "
+            return f"must be {article}{kind.__name__}, got {item!r}{_yaml_number_hint(item, kind)}"
         if meta["choices"] and item not in meta["choices"]:
             close = difflib.get_close_matches(str(item), [str(c) for c in meta["choices"]], n=1)
             hint_text = f" (did you mean {close[0]!r}?)" if close else ""
@@ -117,6 +118,22 @@ def value_problem(value, hint, meta) -> str | None:
         if kind in (int, float) and (why := _range_problem(item, meta)):
             return f"{why}, got {item!r}"
     return None
+
+
+def _yaml_number_hint(item, kind) -> str:
+    """YAML 1.1 (PyYAML) reads `1e-4` as text: a number needs a dot and a signed exponent."""
+    if kind is not float or not isinstance(item, str):
+        return ""
+    try:
+        float(item)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = item.strip().lower().partition("e")
+    if not exponent:
+        return " (a number: write it without quotes)"
+    mantissa = mantissa if "." in mantissa else mantissa + ".0"
+    exponent = exponent if exponent[0] in "+-" else "+" + exponent
+    return f" (YAML reads {item} as text; write {mantissa}e{exponent})"
 
 
 def fields_of(cls) -> dict[str, tuple[dataclasses.Field, object]]:
@@ -135,14 +152,39 @@ def field_problems(cls, values: dict, labels: dict) -> list[str]:
 
 # ---------------------------------------------------------------- YAML
 
+def _unique_key_loader():
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last silently: a second `finetune:` section would replace the first whole)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def load_yaml(path) -> dict:
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loader = _unique_key_loader()(path.read_text(encoding="utf-8"))
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except OSError as e:  # a folder, no permission...
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -152,9 +194,11 @@ def load_yaml(path) -> dict:
     return data
 
 
-def yaml_section(data: dict, section: str | None) -> tuple[dict, str]:
+def yaml_section(data: dict, section: str | None, path="config") -> tuple[dict, str]:
     """The stage's own mapping of a `q2g run` file (its `section`), or a flat file's scalar keys."""
-    if section and isinstance(data.get(section), dict):
+    if section and section in data:
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: {section}: must be a mapping of option: value, got {type(data[section]).__name__}")
         return data[section], f"{section}."
     return {k: v for k, v in data.items() if not isinstance(v, dict)}, ""
 
@@ -209,7 +253,7 @@ def normalise_keys(data: dict, known: set, path, prefix: str, prog: str) -> dict
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path}: unknown option {prefix}{key!r} for {prog}{hint}")
+            raise ConfigError(f"{path}: unknown option {prefix + str(key)!r} for {prog}{hint}")
         out[name] = value
     return out
 
@@ -225,7 +269,7 @@ def load_config(classes, argv=None, *, prog: str, description: str | None = None
     path = given.pop("config", None)
     values, labels = {}, {name: _flag(name, f) for cls in classes for name, (f, _) in fields_of(cls).items()}
     if path:
-        data, prefix = yaml_section(load_yaml(path), section)
+        data, prefix = yaml_section(load_yaml(path), section, path)
         values = normalise_keys(data, set(labels), path, prefix, prog)
         labels.update({k: f"{path}: {prefix}{k}" for k in values})
     for name, value in given.items():  # flags win; KEY=VALUE flags add to the file's mapping
@@ -247,8 +291,9 @@ def _build(cls, values: dict, labels: dict):
     names = set(fields_of(cls))
     try:
         return cls(**{k: v for k, v in values.items() if k in names})
-    except ConfigError as e:  # a cross-field rule: name where the values came from
-        given = sorted({labels[k] for k in names & set(values) if labels.get(k, k) != k})
+    except ConfigError as e:  # a cross-field rule: say which file set the options it names
+        flags = {k: _flag(k, fields_of(cls)[k][0]) for k in names & set(values)}
+        given = sorted({labels[k] for k, flag in flags.items() if flag in str(e) and labels.get(k, flag) != flag})
         where = f" (set at {', '.join(given)})" if given else ""
         raise ConfigError(f"{e}{where}") from None
     except TypeError as e:  # a required field left out

@@ -68,18 +68,25 @@ def read_jsonl(path: Path, required: Iterable[str] = (), types: dict | None = No
     """Read a JSONL file; a bad line, a missing field or a field of the wrong type (`types`:
     field -> type or tuple of types) raises DataError naming file:line; undecodable bytes name the
     byte offset."""
+    return [row for _, row in read_jsonl_lines(path, required, types)]
+
+
+def read_jsonl_lines(path: Path, required: Iterable[str] = (), types: dict | None = None) -> list[tuple[int, dict]]:
+    """`read_jsonl` with each row's line number, for errors found later (`file:line: ...`)."""
     required, types = tuple(required), types or {}
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, no permission...
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 4]!r})") from None
-    return [row for lineno, line in enumerate(text.split("\n"), 1) if line.strip()
-            for row in [_jsonl_row(path, lineno, line, required, types)]]
+    return [(lineno, _jsonl_row(path, lineno, line, required, types))
+            for lineno, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def _jsonl_row(path, lineno: int, line: str, required: tuple, types: dict) -> dict:
@@ -135,10 +142,18 @@ def load_gsm8k(split: str = "train", data_dir=None) -> list[dict]:
     local = resolve_data_dir(data_dir)
     if local is not None:
         path = _local_file(local, "gsm8k", f"{split}.jsonl")
-        rows = read_jsonl(path, required=("question", "answer"))
+        lines = read_jsonl_lines(path, required=("question", "answer"), types={"question": str, "answer": str})
     else:
-        rows = _load_hub("openai/gsm8k", "main", split)
-    return [_gsm8k_record(row, split, i) for i, row in enumerate(rows)]
+        path, lines = "openai/gsm8k", list(enumerate(_load_hub("openai/gsm8k", "main", split), 1))
+    return [_at_line(path, lineno, _gsm8k_record, row, split, i) for i, (lineno, row) in enumerate(lines)]
+
+
+def _at_line(path, lineno: int, make, row: dict, *args) -> dict:
+    """make(row, *args), with a row it cannot use reported as `path:line: why`."""
+    try:
+        return make(row, *args)
+    except (DataError, ValueError) as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
 
 
 # ---------------------------------------------------------------- MATH
@@ -186,14 +201,15 @@ def load_math(split="train", subjects=DEFAULT_MATH_SUBJECTS, levels=None, data_d
     records = []
     if local is not None:
         path = _local_file(local, "math", f"{split}.jsonl")
-        rows = read_jsonl(path, required=("problem", "level", "type", "solution"))
+        lines = read_jsonl_lines(path, required=("problem", "level", "type", "solution"),
+                                 types={"problem": str, "type": str, "solution": str})
         counters: dict[str, int] = defaultdict(int)
-        for row in rows:
-            slug = subject_slug(row["type"])
+        for lineno, row in lines:
+            slug = _at_line(path, lineno, lambda r: subject_slug(r["type"]), row)
             index = counters[slug]
             counters[slug] += 1
             if slug in wanted:
-                records.append(_math_record(row, split, index))
+                records.append(_at_line(path, lineno, _math_record, row, split, index))
     else:
         for slug in wanted:
             rows = _load_hub("EleutherAI/hendrycks_math", slug, split)
@@ -318,9 +334,14 @@ def read_split(path) -> dict:
         raise DataError(f"{path}: split manifest not found (run `q2g generate` first)") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object (a split manifest), got {type(manifest).__name__}")
     for key in ("version", "settings", "holdout"):
         if key not in manifest:
             raise DataError(f"{path}: missing field {key!r}")
+    entries = manifest["holdout"]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"id", "hash"} <= set(e) for e in entries):
+        raise DataError(f"{path}: 'holdout' must be a list of {{id, hash}} entries (a damaged manifest?)")
     return manifest
 
 

@@ -595,6 +595,19 @@ class EvaluateConfig(Config):
         return problems
 
 
+def check_paths(args: EvaluateConfig) -> None:
+    """The model, adapter and output folder, checked before anything loads or is written."""
+    from q2g.errors import BadInput
+    from q2g.models import check_model_name
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    check_model_name(args.model)
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise BadInput(f"--adapter {args.adapter}: no adapter_config.json (not a LoRA adapter folder)")
+
+
 def _load_inputs(args: EvaluateConfig) -> tuple[list[dict] | None, str | None]:
     from q2g import data
 
@@ -649,6 +662,7 @@ def main(argv=None) -> int:
 
     args, cfg = load_config((EvaluateConfig, EvalConfig), argv, prog="q2g evaluate",
                             description="pass@1, answer format and solution loss on the holdout; WikiText perplexity.", section="evaluate")
+    check_paths(args)
     holdout, text = _load_inputs(args)  # all input is read and checked before the model loads
     precision = models.resolve_precision(args.precision, models.pick_device(args.device))
     model, tokenizer = _load_model(args, precision)

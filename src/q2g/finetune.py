@@ -113,6 +113,8 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     refuse_leaks(rows, data.read_split(split_path), traces_path, split_path)
     device = models.pick_device(cfg.device)
     precision = models.resolve_precision(cfg.precision, device)
+    models.check_model_name(cfg.base_model)
+    models.check_target_modules(cfg.base_model, cfg.target_modules)
     tokenizer = models.load_tokenizer(cfg.base_model, padding_side="right")
     examples, stats = build_dataset(tokenizer, rows, cfg.max_seq_len)
     if not examples:
@@ -129,6 +131,8 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     check_out_dir(cfg, out, config)
     training_arguments(cfg, out, precision.autocast, config["optim_used"], 1, device)  # refuse bad trainer: now
     cfg = fit_memory(cfg, precision, device, config, [len(e["input_ids"]) for e in examples])
+    if cfg.baseline_from:
+        read_baseline(Path(cfg.baseline_from))
     run = Run(cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config,
               precision=precision)
     if not cfg.no_eval:
@@ -179,16 +183,22 @@ def check_out_dir(cfg: FinetuneConfig, out: Path, config: dict) -> None:
         raise BadInput(f"--resume: {out} was made with other settings ({'; '.join(diff)}); use another --out")
 
 
-def reuse_baseline(run, path: Path) -> None:
-    """Record the baseline row saved at `path` (by `save_baseline`) if it was made with these settings."""
+def read_baseline(path: Path) -> tuple[dict, dict]:
+    """(settings, row) of a baseline saved by `save_baseline`; DataError if it is not one."""
     from q2g.errors import DataError
-    from q2g.training import record
 
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        settings, row = saved["settings"], saved["row"]
+        return saved["settings"], saved["row"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"--baseline-from {path}: not a saved baseline ({type(e).__name__}: {e})") from None
+
+
+def reuse_baseline(run, path: Path) -> None:
+    """Record the baseline row saved at `path` (by `save_baseline`) if it was made with these settings."""
+    from q2g.training import record
+
+    settings, row = read_baseline(path)
     diff = [k for k in BASELINE_KEYS if settings.get(k) != run.config.get(k)]
     if diff:
         raise BadInput(f"--baseline-from {path} was made with other settings ({', '.join(diff)})")
@@ -212,20 +222,22 @@ def finalize(run) -> dict:
 
     trained = [r for r in run.rows if r["epoch"] >= 1]
     chosen = forgetting.choose_final(trained, run.cfg.on_forgetting)
-    final = run.out / "final"
-    shutil.rmtree(final, ignore_errors=True)
+    final, tmp = run.out / "final", run.out / ".final.tmp"  # built beside, then renamed: never half a final/
+    shutil.rmtree(tmp, ignore_errors=True)
     if chosen is None:
-        final.mkdir(parents=True)
+        tmp.mkdir(parents=True)
         note = ("No fine-tuned epoch stayed within the forgetting budget "
                 f"({run.cfg.forgetting_budget:g} relative WikiText perplexity): the base model "
                 f"{run.cfg.base_model} is the result. Flagged adapters are in the epoch-N/ folders.\n")
-        atomic_write_text(final / "README.md", note)
+        atomic_write_text(tmp / "README.md", note)
         selection = {"adapter": None, "reason": note.strip()}
     else:
-        shutil.copytree(run.out / chosen["adapter"], final)
+        shutil.copytree(run.out / chosen["adapter"], tmp)
         selection = {"adapter": chosen["adapter"], "epoch": chosen["epoch"], "lora_rank": chosen["lora_rank"],
                      "flagged": chosen["flagged"], "policy": run.cfg.on_forgetting}
-    atomic_write_json(final / "selection.json", selection)
+    atomic_write_json(tmp / "selection.json", selection)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
     print(f"[finetune] final/: {selection['adapter'] or 'no adapter (base model)'}", flush=True)
     return selection
 
@@ -269,22 +281,24 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     Returns {"out", "rows" (metrics.jsonl), "selection", "report", "wall_s"}; raises Q2GError.
     Under `accelerate launch` every process trains; files are written by the main one."""
     from q2g import distributed
-    from q2g.io import atomic_write_json, read_jsonl_tolerant
+    from q2g.io import atomic_write_json, read_jsonl_tolerant, writes_to
     from q2g.training import baseline, train_all
 
     t0, main = time.time(), distributed.is_main()
     run = prepare(cfg, eval_cfg or EvalConfig())
+    with writes_to(run.out, hint="free some space, then rerun the same command with --resume"):
+        if main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run.out / "config.json", run.config)
+        run.rows = distributed.share(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True) if main else None)
+        if cfg.baseline_from and run.records is not None and run.find(None, 0) is None:
+            reuse_baseline(run, Path(cfg.baseline_from))
+        train_all(run, baseline(run))
+        selection = report_path = None
+        if main:
+            selection = finalize(run)
+            report_path = write_report(run, selection, time.time() - t0)
     if main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.out / "config.json", run.config)
-    run.rows = distributed.share(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True) if main else None)
-    if cfg.baseline_from and run.records is not None and run.find(None, 0) is None:
-        reuse_baseline(run, Path(cfg.baseline_from))
-    train_all(run, baseline(run))
-    selection = report_path = None
-    if main:
-        selection = finalize(run)
-        report_path = write_report(run, selection, time.time() - t0)
         print(f"[finetune] done in {time.time() - t0:.0f} s; report: {report_path}", flush=True)
     distributed.wait()
     return {"out": run.out, "rows": run.rows, "selection": selection, "report": report_path,

@@ -383,6 +383,14 @@ def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) 
     return summary
 
 
+def check_teacher(args) -> None:
+    """A local teacher (hf, vllm) that cannot load is refused before anything is written."""
+    if args.backend in ("hf", "vllm"):
+        from q2g.models import check_model_name
+
+        check_model_name(args.teacher)
+
+
 def teacher_name(args) -> str:
     return "reference" if args.backend == "reference" else args.teacher
 
@@ -400,6 +408,7 @@ def main(argv=None) -> int:
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     # all input is read and checked before anything is written
+    check_teacher(args)
     train, holdout, settings = select_split(args.datasets, args.math_subjects, args.math_levels, args.holdout,
                                             args.holdout_fraction, args.seed, args.data_dir, args.limit)
     config, order = resolved_config(args, settings), {r["id"]: i for i, r in enumerate(train)}
@@ -420,6 +429,13 @@ def main(argv=None) -> int:
 
 
 def generate(args, out, train, holdout, settings, config, order, shard) -> int:
+    from q2g.io import writes_to
+
+    with writes_to(out, hint="free some space, then rerun the same command to resume"):
+        return write_outputs(args, out, train, holdout, settings, config, order, shard)
+
+
+def write_outputs(args, out, train, holdout, settings, config, order, shard) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config)
     write_split(out, train, holdout, settings)

@@ -3,25 +3,61 @@
 Why: every long job here must survive SIGKILL. Whole files are written to a temporary name and
 renamed (atomic on POSIX), and JSONL records are appended a group at a time, flushed and fsynced,
 so a killed run leaves at worst one torn last line, which `read_jsonl_tolerant` drops.
+
+A write that fails (disk full, quota, file size limit, I/O error) leaves the file as it was: the
+temporary file is removed, a failed append is cut back off. It raises RunFailed (exit 1) naming
+the file, so a full disk is said as such instead of as a traceback; `writes_to` does the same for
+the writes of libraries (Trainer checkpoints, safetensors, plots) under an output folder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+from q2g.errors import Q2GError, RunFailed
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+PROBE_BYTES = 1 << 20  # a write this size must succeed for the folder to count as writable
+
+
+class WriteFailed(RunFailed):
+    """A file could not be written (the message says which, and whether the disk is full)."""
+
+
+def write_failed(path, error: BaseException, hint: str = "") -> WriteFailed:
+    """The error that reports a failed write of `path`."""
+    full = isinstance(error, OSError) and error.errno in FULL_ERRNOS
+    why = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    return WriteFailed(f"{'disk full' if full else 'write failed'}: {path} ({why}); the files written before it "
+                       f"are intact{'; ' + hint if hint else ''}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
 
 
 def atomic_write_text(path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e) from None
 
 
 def atomic_write_json(path, obj) -> None:
@@ -32,11 +68,62 @@ def append_jsonl(path, rows: list[dict]) -> None:
     """Append rows in one write, then flush and fsync: a group lands whole or (torn) last."""
     if not rows:
         return
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_failed(path, e) from None
+    try:
+        start = os.fstat(fd).st_size
+        _write_all(fd, data)
+    except OSError as e:
+        try:  # cut off what part of the group did land: the file ends on its last whole line again
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # then the reader drops the torn line (read_jsonl_tolerant)
+        raise write_failed(path, e) from None
+    finally:
+        os.close(fd)
+
+
+def folder_write_problem(folder) -> OSError | None:
+    """Why `folder` cannot take a write of PROBE_BYTES now (None: it can)."""
+    probe = Path(folder) / f".q2g-write-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, bytes(PROBE_BYTES))
+        finally:
+            os.close(fd)
+        return None
+    except OSError as e:
+        return e
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@contextmanager
+def writes_to(folder, hint: str = ""):
+    """Inside: an error raised while writing under `folder` (by q2g or by a library, whose errors
+    for a full disk are often not OSErrors, e.g. torch.save's RuntimeError) becomes a RunFailed
+    that says so. An error is taken for a write failure when it is an OSError with a write errno
+    or when a probe write into `folder` fails right after it; anything else is raised as it was."""
+    try:
+        yield
+    except WriteFailed as e:
+        if hint and hint not in str(e):
+            raise WriteFailed(f"{e}; {hint}") from None
+        raise
+    except Q2GError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            raise write_failed(e.filename or folder, e, hint) from e
+        existing = next((p for p in (Path(folder), *Path(folder).parents) if p.is_dir()), None)
+        problem = folder_write_problem(existing) if existing is not None else None
+        if problem is None:
+            raise
+        raise write_failed(getattr(e, "filename", None) or folder, problem, hint) from e
 
 
 def read_jsonl_tolerant(path, repair: bool = False) -> list[dict]:
@@ -64,8 +151,11 @@ def read_jsonl_tolerant(path, repair: bool = False) -> list[dict]:
                 raise ValueError(f"{path}:{i + 1}: not valid JSON (file corrupted?)") from None
             warnings.warn(f"{path}:{i + 1}: dropping a torn last line ({len(line)} bytes) left by an interrupted run")
             if repair:
-                with open(path, "r+b") as f:
-                    f.truncate(min(good_bytes, len(raw)))
+                try:
+                    with open(path, "r+b") as f:
+                        f.truncate(min(good_bytes, len(raw)))
+                except OSError as e:
+                    raise write_failed(path, e) from None
             break
     return rows
 

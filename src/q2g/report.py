@@ -11,6 +11,7 @@ precision, device, wall_s). `finetune.py` writes it at the end of a run; `q2g ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from q2g import forgetting
@@ -145,8 +146,13 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
+        tmp = out_dir / f".{name}.tmp"  # written beside and renamed: a failed write keeps the old plot
+        try:
+            fig.savefig(tmp, dpi=100, format="png")
+            os.replace(tmp, out_dir / name)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
         paths.append(out_dir / name)
     return paths
 

@@ -52,23 +52,28 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     from q2g import finetune, generate
     from q2g.config import load_yaml
     from q2g.errors import ConfigError
+    from q2g.io import write_failed
 
     data = load_yaml(config)
     unknown = set(data) - {"out", *STAGES, *OTHER_SECTIONS}
     if unknown:
         raise ConfigError(f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, "
                           f"{', '.join(STAGES + OTHER_SECTIONS)}")
+    if not isinstance(data.get("out", ""), str):
+        raise ConfigError(f"{config}: out: must be a folder name, got {data['out']!r}")
     out = Path(out or data.get("out") or "runs/" + config.stem)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     ckpt = out / "checkpoints"
     gen_argv, ft_argv = stage_argv("generate", config, out), stage_argv("finetune", config, out)
-    # Both stages' settings are checked before either runs, so a typo in finetune: fails at once.
-    generate.parse(gen_argv)
-    finetune.parse(ft_argv)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(config, out / "run_config.yaml")
+    preflight(generate.parse(gen_argv), finetune.parse(ft_argv)[0])
     timings, t0 = {}, time.time()
     print(f"[q2g run] stage 1/2 generate -> {out / 'dataset'}", flush=True)
-    generate.main(gen_argv)
+    generate.main(gen_argv)  # reads and checks all of its input before it writes out/dataset
+    try:
+        shutil.copy(config, out / "run_config.yaml")
+    except OSError as e:
+        raise write_failed(out / "run_config.yaml", e) from None
     timings["generate"], t1 = time.time() - t0, time.time()
     resume = ["--resume"] if (ckpt / "metrics.jsonl").exists() else []  # a started run: continue it
     print(f"[q2g run] stage 2/2 finetune -> {ckpt}{' (resuming)' if resume else ''}", flush=True)
@@ -76,6 +81,19 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     timings["finetune"] = time.time() - t1
     summarize(out, timings)
     return 0
+
+
+def preflight(gen, ft) -> None:
+    """What can be checked before either stage runs, so a typo in finetune: fails at once, not after
+    generation: both stages' settings (parsed by the caller), the models and the data folders."""
+    from q2g.data import resolve_data_dir
+    from q2g.generate import check_teacher
+    from q2g.models import check_model_name
+
+    check_model_name(ft.base_model)
+    check_teacher(gen)
+    resolve_data_dir(gen.data_dir)
+    resolve_data_dir(ft.data_dir)
 
 
 def summarize(out: Path, timings: dict) -> None:

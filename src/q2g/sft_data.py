@@ -19,6 +19,7 @@ from q2g.data import SOURCES, DataError, find_leaks, read_jsonl
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (prompt, padding)
 TRACE_FIELDS = {"problem": str, "qwen_trace": str, "answer": (str, int, float), "source": str}
+TRACE_TYPES = {**TRACE_FIELDS, "validated": bool}  # "validated": "true" would silently drop the trace
 
 
 def locate_traces(traces: str, split: str | None) -> tuple[Path, Path]:
@@ -36,7 +37,7 @@ def locate_traces(traces: str, split: str | None) -> tuple[Path, Path]:
 
 def read_traces(path: Path) -> tuple[list[dict], list[dict]]:
     """(all rows, validated rows); a bad or empty file is a DataError naming the file (and line)."""
-    rows = read_jsonl(path, required=TRACE_FIELDS, types=TRACE_FIELDS)
+    rows = read_jsonl(path, required=TRACE_FIELDS, types=TRACE_TYPES)
     if not rows:
         raise DataError(f"{path}: no traces (the file is empty)")
     for lineno, row in enumerate(rows, 1):

@@ -123,8 +123,15 @@ def tracker_scalars(row: dict) -> dict:
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete `checkpoint-<step>` (trainer_state.json is written last)."""
-    done = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name[11:].isdigit()]
+    """The newest complete `checkpoint-<step>`: trainer_state.json is written last, and must parse
+    (the Trainer writes it in place, so a kill or a full disk can leave it empty or cut)."""
+    def complete(p: Path) -> bool:
+        try:
+            return p.name[11:].isdigit() and isinstance(json.loads((p / "trainer_state.json").read_text()), dict)
+        except (OSError, ValueError):
+            return False
+
+    done = [p for p in run_dir.glob("checkpoint-*") if complete(p)]
     return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
 
 
