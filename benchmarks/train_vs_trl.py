@@ -80,8 +80,8 @@ def q2g_trainer(args, model, tok, bf16, out):
     targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
     targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g saves per epoch for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)
-    return LabelOnlyLossTrainer(model=peft_model, args=targs, train_dataset=examples,
-                                data_collator=collator, processing_class=tok), ckpt
+    return LabelOnlyLossTrainer(model=peft_model, args=targs, train_dataset=examples, data_collator=collator,
+                                processing_class=tok, loss_chunk_size=cfg.loss_chunk_size), ckpt
 
 
 def trl_trainer(args, model, tok, bf16, out):

@@ -93,7 +93,7 @@ class FinetuneConfig(Config):
     skip_nonfinite: bool = option(False, help="skip an optimizer step whose loss or gradient is NaN/inf (counted) "
                                               "instead of stopping the run")
     max_nonfinite_skips: int = option(3, min=0, help="--skip-nonfinite: this many skipped steps in a row still stop")
-    loss_chunk_size: int = option(1024, min=16, help="positions per chunk of the label-only cross-entropy "
+    loss_chunk_size: int = option(256, min=16, help="positions per chunk of the label-only cross-entropy "
                                                      "(smaller: less memory for the logits)")
     report_to: list[str] = option(["none"], choices=TRACKERS, help="trackers for the training loss and every "
                                                                     "evaluation row (Trainer integrations)")
