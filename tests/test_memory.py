@@ -86,3 +86,17 @@ def test_gemma3_270m_logits_dominate():
     assert full["activations"] == 8192 * 18 * (4 * 2048 + 10 * 640 + 3.5 * 1024 + 3 * 256) * 2  # 5.6 GB
     assert full["logits"] == 8192 * 262144 * 14 > 5 * full["activations"]  # 30.1 GB of logits
     assert estimate(cfg, replace(shape, label_only_loss=True))["logits"] == 1024 * 262144 * 10 + 2 * 8192 * 640 * 2
+
+
+def test_lora_params_all_linear_and_unknown_names():
+    from types import SimpleNamespace
+
+    from q2g.memory import lora_params
+
+    c = SimpleNamespace(hidden_size=8, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=4, vocab_size=100, model_type="qwen2")
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert lora_params(c, 4, ["all-linear"]) == lora_params(c, 4, every)
+    # q: 8x8, k/v: 8x4, o: 8x8, gate/up: 8x32, down: 32x8 -> r * (in + out) summed, 2 layers
+    assert lora_params(c, 4, every) == 2 * 4 * (16 + 12 + 12 + 16 + 40 + 40 + 40)
+    assert lora_params(c, 4, ["w_pack"]) == 2 * 4 * 40  # unknown: counted as the largest

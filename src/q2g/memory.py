@@ -64,11 +64,15 @@ def count_params(config) -> int:
 
 
 def lora_params(config, r: int, targets=("q_proj", "v_proj")) -> int:
+    """LoRA parameters for `targets` ('all-linear': every projection of a decoder layer; a name
+    this table does not know is counted as the largest projection, an overestimate on purpose)."""
     d = dims(config)
     shape = {"q_proj": (d["h"], d["q"]), "k_proj": (d["h"], d["kv"]), "v_proj": (d["h"], d["kv"]),
              "o_proj": (d["q"], d["h"]), "gate_proj": (d["h"], d["I"]), "up_proj": (d["h"], d["I"]),
              "down_proj": (d["I"], d["h"])}
-    return d["L"] * sum(r * (shape[t][0] + shape[t][1]) for t in targets)
+    targets = list(shape) if list(targets) == ["all-linear"] else list(targets)
+    largest = max(shape.values(), key=sum)
+    return d["L"] * sum(r * sum(shape.get(t, largest)) for t in targets)
 
 
 def activation_bytes(config, s: TrainShape) -> int:
