@@ -333,3 +333,27 @@ def test_shipped_demo_config_on_the_tiny_gemma(tmp_path, tiny_gemma_dir, capsys)
         assert r["settings"]["lora_alpha"] == r["settings"]["lora_r"] * r["settings"]["lora_alpha_ratio"]
     assert rows[0]["settings"] != rows[1]["settings"]
     assert (out / "pareto.png").exists() and "Best within the budget" in (out / "pareto.md").read_text()
+
+
+def test_a_failed_trial_is_retried_on_the_next_run(tmp_path, monkeypatch, capsys):
+    """A trial that failed (here: RunFailed on its first try) runs again when the sweep is rerun,
+    into a new trial; the grid ends complete and the failure stays listed in the study."""
+    from q2g.errors import RunFailed
+
+    config = write_config(tmp_path / "s.yaml", "    lora_r: [4, 8]\n")
+    tries = []
+
+    def flaky(cfg, eval_cfg):
+        tries.append(cfg.lora_r)
+        if cfg.lora_r == 8 and tries.count(8) == 1:
+            raise RunFailed("step 3: non-finite loss (nan)")
+        return fake_train(cfg, eval_cfg)
+
+    first = sweep.run_sweep(config, tmp_path / "out", train=flaky, baseline=fake_baseline)
+    assert sorted(r["settings"]["lora_r"] for r in first["rows"]) == [4]
+    monkeypatch.setattr(sweep, "RETRIED", set())  # a new process
+    second = sweep.run_sweep(config, tmp_path / "out", train=flaky, baseline=fake_baseline)
+    assert sorted(r["settings"]["lora_r"] for r in second["rows"]) == [4, 8] and sorted(tries) == [4, 8, 8]
+    assert "retrying the settings of failed trial" in capsys.readouterr().out
+    states = sorted(t.state.name for t in study_of(tmp_path / "out").trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]

@@ -364,8 +364,23 @@ def claim(trial) -> None:
     trial.set_user_attr("attempts", trial.user_attrs.get("attempts", 0) + 1)
 
 
+RETRIED: set[int] = set()  # failed trials this process ran or asked for again (each is retried once per run)
+
+
+def failed_to_retry(study, trials):
+    """A trial that failed (an error, not a duplicate) whose settings have not run since, and that
+    this process has not retried yet: a rerun gives each failed point one more try."""
+    from optuna.trial import TrialState
+
+    ran = [t.params for t in trials]
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return next((t for t in failed if "error" in t.user_attrs and t.number not in RETRIED and t.params not in ran),
+                None)
+
+
 def next_trial(optuna, study, sweep: Sweep):
-    """(Call under the lock.) An orphaned trial to take over, else a new one; None when done."""
+    """(Call under the lock.) An orphaned trial to take over, else a failed one to retry, else a
+    new one; None when done."""
     from optuna.trial import Trial, TrialState
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
@@ -376,10 +391,18 @@ def next_trial(optuna, study, sweep: Sweep):
         return trial
     if len(trials) >= sweep.target:
         return None
-    if sweep.cfg.sampler == "grid" and study.sampler.is_exhausted(study):
-        print("[sweep] every grid point has run (failed ones are not retried)", flush=True)
-        return None
     dists = {k: d.distribution() for k, d in sweep.dims.items()}
+    if (failed := failed_to_retry(study, trials)) is not None:
+        RETRIED.add(failed.number)
+        print(f"[sweep] retrying the settings of failed trial {failed.number} ({failed.user_attrs['error']})",
+              flush=True)
+        study.enqueue_trial(failed.params, user_attrs={"retry_of": failed.number}, skip_if_exists=False)
+        trial = study.ask(dists)
+        claim(trial)
+        return trial
+    if sweep.cfg.sampler == "grid" and study.sampler.is_exhausted(study):
+        print("[sweep] every grid point has run", flush=True)
+        return None
     for attempt in range(MAX_DUPLICATES):
         if attempt == ENUMERATE_AFTER and sweep.size and sweep.cfg.sampler != "grid":
             print(f"[sweep] {sweep.cfg.sampler} proposed {attempt} settings in a row that ran already: the rest of "
@@ -525,6 +548,7 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> None:
     except Exception as e:
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
+        RETRIED.add(trial.number)  # the same settings would fail the same way now: the next run retries them
         if not isinstance(e, RunFailed):  # bad settings or a bug: every trial would fail the same way
             raise
         print(f"[sweep] trial {trial.number} failed: {e}", flush=True)
