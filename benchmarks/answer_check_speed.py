@@ -55,8 +55,13 @@ def measure(checks) -> dict:
         times.append((time.perf_counter() - start) * 1000)
         agree += verdict is expected
     times.sort()
-    return {"n": len(checks), "agree": 100 * agree / len(checks), "median": statistics.median(times),
-            "p99": times[int(0.99 * (len(times) - 1))], "worst": times[-1]}
+    return {
+        "n": len(checks),
+        "agree": 100 * agree / len(checks),
+        "median": statistics.median(times),
+        "p99": times[int(0.99 * (len(times) - 1))],
+        "worst": times[-1],
+    }
 
 
 def main() -> None:

@@ -23,8 +23,9 @@ def main() -> None:
     parser.add_argument("--math", type=int, default=2_000, help="MATH-style cases")
     args = parser.parse_args()
 
-    from q2g.answers import CHECK_TIMEOUT_S, start_worker
     from test_answers_fuzz import gsm8k_cases, math_cases, run
+
+    from q2g.answers import CHECK_TIMEOUT_S, start_worker
 
     start_worker()
     print(f"budget per check {CHECK_TIMEOUT_S} s, seed {args.seed}")
@@ -32,8 +33,10 @@ def main() -> None:
         start = time.perf_counter()
         r = run(gen(random.Random(args.seed), n), source, CHECK_TIMEOUT_S)
         c = r["counts"]
-        print(f"{source:<6} n={n:>6}  True {c[True]:>5}  False {c[False]:>5}  None {c[None]:>5}  "
-              f"worst {r['worst_s']:.3f} s  total {time.perf_counter() - start:.1f} s")
+        print(
+            f"{source:<6} n={n:>6}  True {c[True]:>5}  False {c[False]:>5}  None {c[None]:>5}  "
+            f"worst {r['worst_s']:.3f} s  total {time.perf_counter() - start:.1f} s"
+        )
         print(f"       worst case: {r['worst_case']!r}")
 
 

@@ -49,14 +49,28 @@ def bench_pass1(model, tok, problems, new_tokens, batch_size, path, device, extr
     hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     start = time.perf_counter()
     try:
-        gens = run(model, tok, ids, max_new_tokens=new_tokens, end_ids=prompts.end_token_ids(tok),
-                   stop_strings=(*prompts.STUDENT_STOP_STRINGS, *extra_stop), batch_size=batch_size)
+        gens = run(
+            model,
+            tok,
+            ids,
+            max_new_tokens=new_tokens,
+            end_ids=prompts.end_token_ids(tok),
+            stop_strings=(*prompts.STUDENT_STOP_STRINGS, *extra_stop),
+            batch_size=batch_size,
+        )
     finally:
         hook.remove()
     seconds = time.perf_counter() - start
     n = sum(g.n_tokens for g in gens)
-    return {"what": f"pass@1 decode {path} batch {batch_size}", "tokens": n, "seconds": seconds, "tok_s": n / seconds,
-            "problems_s": len(ids) / seconds, "stopped": sum(g.stopped for g in gens), "forwards": forwards[0]}, gens
+    return {
+        "what": f"pass@1 decode {path} batch {batch_size}",
+        "tokens": n,
+        "seconds": seconds,
+        "tok_s": n / seconds,
+        "problems_s": len(ids) / seconds,
+        "stopped": sum(g.stopped for g in gens),
+        "forwards": forwards[0],
+    }, gens
 
 
 def print_pass1_table(rows: list[dict], title: str) -> None:
@@ -64,12 +78,28 @@ def print_pass1_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("measurement", "new tokens", "rows stopped", "forwards", "seconds", "problems/s", "x static",
-                "same tokens"):
+    for col in (
+        "measurement",
+        "new tokens",
+        "rows stopped",
+        "forwards",
+        "seconds",
+        "problems/s",
+        "x static",
+        "same tokens",
+    ):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for row in rows:
-        table.add_row(row["what"], str(row["tokens"]), str(row["stopped"]), str(row["forwards"]), f"{row['seconds']:.2f}",
-                      f"{row['problems_s']:.2f}", f"{row['speedup']:.2f}", row["same"])
+        table.add_row(
+            row["what"],
+            str(row["tokens"]),
+            str(row["stopped"]),
+            str(row["forwards"]),
+            f"{row['seconds']:.2f}",
+            f"{row['problems_s']:.2f}",
+            f"{row['speedup']:.2f}",
+            row["same"],
+        )
     Console(width=130).print(table)
 
 
@@ -79,21 +109,30 @@ def pass1_rows(model, tok, problems, args, device) -> list[dict]:
         old, old_gens = bench_pass1(model, tok, problems, args.new_tokens, bs, "static", device, args.extra_stop)
         new, new_gens = bench_pass1(model, tok, problems, args.new_tokens, bs, "refill", device, args.extra_stop)
         same = "yes" if [g.token_ids for g in old_gens] == [g.token_ids for g in new_gens] else "NO"
-        rows += [{**old, "speedup": 1.0, "same": ""}, {**new, "speedup": old["seconds"] / new["seconds"], "same": same}]
+        rows += [
+            {**old, "speedup": 1.0, "same": ""},
+            {**new, "speedup": old["seconds"] / new["seconds"], "same": same},
+        ]
     return rows
 
 
 def bench_ppl(model, tok, text, max_length, n_tokens, batch_size, kind, device) -> dict:
     from q2g.evaluate import EvalConfig, perplexity
 
-    cfg = EvalConfig(ppl_max_length=max_length, ppl_stride=max_length // 2, ppl_max_tokens=n_tokens, eval_batch_size=batch_size)
+    cfg = EvalConfig(
+        ppl_max_length=max_length, ppl_stride=max_length // 2, ppl_max_tokens=n_tokens, eval_batch_size=batch_size
+    )
     start = time.perf_counter()
     with autocast(kind, device):
         r = perplexity(model, tok, text, cfg, progress=False)
     seconds = time.perf_counter() - start
-    return {"what": f"perplexity {kind} len {max_length} stride {max_length // 2} batch {batch_size}",
-            "tokens": r["n_tokens_scored"], "seconds": seconds, "tok_s": r["n_tokens_scored"] / seconds,
-            "ppl": r["token_perplexity"]}
+    return {
+        "what": f"perplexity {kind} len {max_length} stride {max_length // 2} batch {batch_size}",
+        "tokens": r["n_tokens_scored"],
+        "seconds": seconds,
+        "tok_s": r["n_tokens_scored"] / seconds,
+        "ppl": r["token_perplexity"],
+    }
 
 
 def print_table(rows: list[dict], title: str) -> None:
@@ -105,8 +144,14 @@ def print_table(rows: list[dict], title: str) -> None:
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for row in rows:
         ppl = f"{row['ppl']:.3f}" if "ppl" in row else ""
-        table.add_row(row["what"], str(row["tokens"]), f"{row['seconds']:.1f}", f"{row['tok_s']:.1f}",
-                      f"{row['tok_s'] / rows[0]['tok_s']:.2f}", ppl)
+        table.add_row(
+            row["what"],
+            str(row["tokens"]),
+            f"{row['seconds']:.1f}",
+            f"{row['tok_s']:.1f}",
+            f"{row['tok_s'] / rows[0]['tok_s']:.2f}",
+            ppl,
+        )
     Console(width=130).print(table)
 
 
@@ -138,17 +183,25 @@ def main() -> None:
     bench_generation(model, tok, problems[:1], 4, 1, "fp32", device)  # warm-up
     mixed = data.load_gsm8k("test", "packaged")[: args.pass1_problems // 2]
     mixed += data.load_math("test", data_dir="packaged")[: args.pass1_problems - len(mixed)]
-    print_pass1_table(pass1_rows(model, tok, mixed, args, device),
-                      f"pass@1 decoding: {len(mixed)} GSM8K + MATH problems, cap {args.new_tokens} new tokens, "
-                      f"old (static batches) vs new (refill)")
+    print_pass1_table(
+        pass1_rows(model, tok, mixed, args, device),
+        f"pass@1 decoding: {len(mixed)} GSM8K + MATH problems, cap {args.new_tokens} new tokens, "
+        f"old (static batches) vs new (refill)",
+    )
     if args.only == "pass1":
         return
 
-    gen_rows = [bench_generation(model, tok, problems, args.new_tokens, bs, kind, device)
-                for kind in ("fp32", "bf16-autocast") for bs in (1, 8)]
+    gen_rows = [
+        bench_generation(model, tok, problems, args.new_tokens, bs, kind, device)
+        for kind in ("fp32", "bf16-autocast")
+        for bs in (1, 8)
+    ]
     print_table(gen_rows, f"greedy generation: {len(problems)} GSM8K problems x {args.new_tokens} new tokens")
-    ppl_rows = [bench_ppl(model, tok, text, length, args.ppl_tokens, bs, "fp32", device)
-                for length in (512, 1024) for bs in (1, 8)]
+    ppl_rows = [
+        bench_ppl(model, tok, text, length, args.ppl_tokens, bs, "fp32", device)
+        for length in (512, 1024)
+        for bs in (1, 8)
+    ]
     # bf16 autocast is ~5x slower on CPUs without native bf16 matmuls: a quarter of the text shows it.
     ppl_rows.append(bench_ppl(model, tok, text, 1024, args.ppl_tokens // 4, 8, "bf16-autocast", device))
     print_table(ppl_rows, f"sliding-window perplexity over the first {args.ppl_tokens} WikiText tokens")

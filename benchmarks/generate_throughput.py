@@ -45,8 +45,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     problems = load_gsm8k("train", data_dir="packaged")[: args.problems]
-    backend = HFBackend(args.model, temperature=0.3, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, precision=args.precision, device=args.device)
+    backend = HFBackend(
+        args.model,
+        temperature=0.3,
+        top_p=0.95,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+    )
     backend.model.generation_config.min_new_tokens = args.max_new_tokens  # no early stop in either mode
     backend.generate(problems[:2], k=1, seed=0)  # warm-up
     rows = []
@@ -57,9 +64,11 @@ def main(argv=None) -> int:
         assert tokens == expected, f"{mode}: {tokens} tokens generated, expected {expected}"
         rows.append((mode, len(problems), tokens, seconds))
     slowest = rows[-1][2] / rows[-1][3]
-    print(f"model {args.model} on {backend.device} ({next(backend.model.parameters()).dtype}, "
-          f"{torch.get_num_threads()} CPU threads), "
-          f"{args.max_new_tokens} new tokens per problem, batch size {args.batch_size}")
+    print(
+        f"model {args.model} on {backend.device} ({next(backend.model.parameters()).dtype}, "
+        f"{torch.get_num_threads()} CPU threads), "
+        f"{args.max_new_tokens} new tokens per problem, batch size {args.batch_size}"
+    )
     print(f"{'mode':<20} {'problems':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ratio':>6}")
     for mode, n, tokens, seconds in rows:
         rate = tokens / seconds

@@ -27,7 +27,7 @@ def batch_ids(tokenizer, batch: int, seq: int):
     from q2g.data import load_wikitext
 
     ids = tokenizer(load_wikitext("packaged"), add_special_tokens=False)["input_ids"]
-    rows = [[tokenizer.bos_token_id] + ids[i * seq: (i + 1) * seq - 1] for i in range(batch)]
+    rows = [[tokenizer.bos_token_id] + ids[i * seq : (i + 1) * seq - 1] for i in range(batch)]
     return torch.tensor(rows)
 
 
@@ -42,11 +42,15 @@ def worker(args) -> dict:
     if args.random_weights:  # same architecture and shapes, so the same time per step
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32).to(args.device)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32).to(
+            args.device
+        )
     else:
         model = load_model(args.model, torch.float32, args.device)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
+    )
     model.train()
     ids = batch_ids(load_tokenizer(args.model), args.batch, args.seq).to(args.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -64,8 +68,13 @@ def worker(args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     s_step = sum(times) / len(times)
-    out = {"mode": args.mode, "s_per_step": s_step, "tokens_per_s": ids.numel() / s_step, "loss": loss.item(),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {
+        "mode": args.mode,
+        "s_per_step": s_step,
+        "tokens_per_s": ids.numel() / s_step,
+        "loss": loss.item(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -83,15 +92,17 @@ def gemm_probe() -> str:
         t0 = time.perf_counter()
         x @ y
         rates[dtype] = 2 * 128 * 640 * 4096 / (time.perf_counter() - t0) / 1e9
-    return (f"CPU {torch.backends.cpu.get_cpu_capability()}: matmul fp32 {rates[torch.float32]:.1f} GFLOP/s, "
-            f"bf16 {rates[torch.bfloat16]:.2f} GFLOP/s")
+    return (
+        f"CPU {torch.backends.cpu.get_cpu_capability()}: matmul fp32 {rates[torch.float32]:.1f} GFLOP/s, "
+        f"bf16 {rates[torch.bfloat16]:.2f} GFLOP/s"
+    )
 
 
 def demo_epoch_tokens(model: str, max_seq_len: int = 1024) -> tuple[int, int]:
     """(examples, tokens) of one epoch of the demo data, built exactly as finetune builds them."""
     from q2g.data import select_split
-    from q2g.sft_data import build_example
     from q2g.models import load_tokenizer
+    from q2g.sft_data import build_example
 
     tok = load_tokenizer(model)
     train, _, _ = select_split(data_dir="packaged", seed=0)
@@ -109,9 +120,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--modes", nargs="+", default=["fp32", "bf16"])
-    p.add_argument("--random-weights", action="store_true",
-                   help="build --model (a folder with config + tokenizer) with random weights: same timings, no 1 GB download")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per mode before it is stopped and reported as '>'")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --model (a folder with config + tokenizer) with random weights: same timings, no 1 GB download",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds per mode before it is stopped and reported as '>'"
+    )
     p.add_argument("--mode", help=argparse.SUPPRESS)  # set in the per-mode child process
     args = p.parse_args()
     if args.mode:
@@ -139,8 +155,10 @@ def print_table(args, results: list[dict]) -> None:
     """s/step, tokens/s, peak RSS and speed relative to the first mode; a timed-out mode shows
     bounds ('>' s/step) from the time limit, which covered at most warm-up + steps steps."""
     ref = results[0]
-    print(f"\nLoRA r16 q_proj/v_proj, {args.model} on {args.device}, batch {args.batch} x {args.seq} tokens, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"\nLoRA r16 q_proj/v_proj, {args.model} on {args.device}, batch {args.batch} x {args.seq} tokens, "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+    )
     if args.device == "cpu":
         print(gemm_probe())
     print(f"{'mode':<6} {'s/step':>9} {'tokens/s':>9} {'peak RSS MiB':>13} {'speed vs ' + ref['mode']:>15}")
@@ -148,16 +166,22 @@ def print_table(args, results: list[dict]) -> None:
         if r.get("timeout"):
             s_step = args.timeout / (args.warmup + args.steps)  # a lower bound
             ratio = ref["s_per_step"] / s_step if "s_per_step" in ref else float("nan")
-            print(f"{r['mode']:<6} {'>' + format(s_step, '.0f'):>9} {'<' + format(args.batch * args.seq / s_step, '.1f'):>9} "
-                  f"{'n/a':>13} {'<' + format(ratio, '.3f') + 'x':>15}")
+            print(
+                f"{r['mode']:<6} {'>' + format(s_step, '.0f'):>9} {'<' + format(args.batch * args.seq / s_step, '.1f'):>9} "
+                f"{'n/a':>13} {'<' + format(ratio, '.3f') + 'x':>15}"
+            )
             continue
         ratio = ref["s_per_step"] / r["s_per_step"] if "s_per_step" in ref else float("nan")
-        print(f"{r['mode']:<6} {r['s_per_step']:9.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mib']:13.0f} {ratio:14.2f}x"
-              + (f"  (GPU peak {r['peak_gpu_mib']:.0f} MiB)" if "peak_gpu_mib" in r else ""))
+        print(
+            f"{r['mode']:<6} {r['s_per_step']:9.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mib']:13.0f} {ratio:14.2f}x"
+            + (f"  (GPU peak {r['peak_gpu_mib']:.0f} MiB)" if "peak_gpu_mib" in r else "")
+        )
     n, tokens = demo_epoch_tokens(args.model)
     for r in results:
         if "tokens_per_s" in r:
-            print(f"one demo epoch ({n} examples, {tokens} tokens) at {r['mode']}: ~{tokens / r['tokens_per_s'] / 60:.1f} min")
+            print(
+                f"one demo epoch ({n} examples, {tokens} tokens) at {r['mode']}: ~{tokens / r['tokens_per_s'] / 60:.1f} min"
+            )
 
 
 if __name__ == "__main__":

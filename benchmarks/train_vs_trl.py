@@ -51,14 +51,28 @@ def rows(n: int) -> list[dict]:
     from q2g.data import select_split
 
     train, _, _ = select_split(data_dir="packaged", seed=0)
-    return [{"problem": r["problem"], "qwen_trace": r["reference_solution"]} for r in (train * (n // len(train) + 1))[:n]]
+    return [
+        {"problem": r["problem"], "qwen_trace": r["reference_solution"]} for r in (train * (n // len(train) + 1))[:n]
+    ]
 
 
 def common_args(args, bf16: bool) -> dict:
-    return dict(per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                max_steps=args.warmup + args.steps, learning_rate=2e-4, optim="adamw_torch", seed=0,
-                bf16=bf16, fp16=False, use_cpu=args.device == "cpu", save_strategy="no", report_to="none",
-                logging_steps=10**6, include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False)
+    return dict(
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.warmup + args.steps,
+        learning_rate=2e-4,
+        optim="adamw_torch",
+        seed=0,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=args.device == "cpu",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10**6,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=False,
+    )
 
 
 def q2g_trainer(args, model, tok, bf16, out):
@@ -71,17 +85,33 @@ def q2g_trainer(args, model, tok, bf16, out):
     from q2g.training import build_lora_model, training_arguments
 
     ckpt = args.gradient_checkpointing == "on"
-    cfg = FinetuneConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.seq_len,
-                         lr=2e-4, warmup_ratio=0.0, max_steps=args.warmup + args.steps, gradient_checkpointing=ckpt,
-                         lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-                         target_modules=LORA["target_modules"], trainer={"save_strategy": "no", "logging_steps": 10**6})
+    cfg = FinetuneConfig(
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_seq_len=args.seq_len,
+        lr=2e-4,
+        warmup_ratio=0.0,
+        max_steps=args.warmup + args.steps,
+        gradient_checkpointing=ckpt,
+        lora_r=LORA["r"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_dropout=LORA["lora_dropout"],
+        target_modules=LORA["target_modules"],
+        trainer={"save_strategy": "no", "logging_steps": 10**6},
+    )
     examples, _ = build_dataset(tok, rows(args.n_examples), args.seq_len)
     peft_model = build_lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg)
     targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
     targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g saves per epoch for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)
-    return LabelOnlyLossTrainer(model=peft_model, args=targs, train_dataset=examples, data_collator=collator,
-                                processing_class=tok, loss_chunk_size=cfg.loss_chunk_size), ckpt
+    return LabelOnlyLossTrainer(
+        model=peft_model,
+        args=targs,
+        train_dataset=examples,
+        data_collator=collator,
+        processing_class=tok,
+        loss_chunk_size=cfg.loss_chunk_size,
+    ), ckpt
 
 
 def trl_trainer(args, model, tok, bf16, out):
@@ -91,12 +121,25 @@ def trl_trainer(args, model, tok, bf16, out):
 
     from q2g.prompts import student_prompt
 
-    data = Dataset.from_list([{"prompt": student_prompt(tok, r["problem"]), "completion": r["qwen_trace"].strip()}
-                              for r in rows(args.n_examples)])
-    extra = {} if args.gradient_checkpointing == "default" else {"gradient_checkpointing": args.gradient_checkpointing == "on"}
+    data = Dataset.from_list(
+        [
+            {"prompt": student_prompt(tok, r["problem"]), "completion": r["qwen_trace"].strip()}
+            for r in rows(args.n_examples)
+        ]
+    )
+    extra = (
+        {}
+        if args.gradient_checkpointing == "default"
+        else {"gradient_checkpointing": args.gradient_checkpointing == "on"}
+    )
     cfg = SFTConfig(output_dir=out, max_length=args.seq_len, **common_args(args, bf16), **extra)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
-                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+    )
     return trainer, cfg.gradient_checkpointing
 
 
@@ -127,10 +170,15 @@ def worker(args) -> dict:
     (t0, n0), (t1, n1) = marks[args.warmup], marks[-1]
     timed = len(marks) - 1 - args.warmup
     losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
-    out = {"trainer": args.worker, "s_per_step": (t1 - t0) / max(timed, 1), "tokens_per_s": (n1 - n0) / max(t1 - t0, 1e-9),
-           "gradient_checkpointing": bool(ckpt), "precision": "bf16" if bf16 else "fp32",
-           "train_loss": losses[-1] if losses else None,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {
+        "trainer": args.worker,
+        "s_per_step": (t1 - t0) / max(timed, 1),
+        "tokens_per_s": (n1 - n0) / max(t1 - t0, 1e-9),
+        "gradient_checkpointing": bool(ckpt),
+        "precision": "bf16" if bf16 else "fp32",
+        "train_loss": losses[-1] if losses else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -140,17 +188,25 @@ def print_table(args, results: dict) -> None:
     mem = "peak_gpu_mib" if args.device.startswith("cuda") else "peak_rss_mib"
     label = "GPU peak MiB" if mem == "peak_gpu_mib" else "peak RSS MiB"
     packed = " (q2g packed)" if args.packing else ""
-    print(f"\nLoRA r16 q_proj/v_proj{packed}, {'tiny random Gemma 3' if args.tiny else args.model} on {args.device}, batch "
-          f"{args.batch_size} x accum {args.grad_accum}, max length {args.seq_len}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up")
-    print(f"{'trainer':<8} {'s/step':>9} {'real tok/s':>11} {label:>13} {'grad ckpt':>10} {'precision':>10} {'loss':>8}")
+    print(
+        f"\nLoRA r16 q_proj/v_proj{packed}, {'tiny random Gemma 3' if args.tiny else args.model} on {args.device}, batch "
+        f"{args.batch_size} x accum {args.grad_accum}, max length {args.seq_len}, {args.steps} timed steps after "
+        f"{args.warmup} warm-up"
+    )
+    print(
+        f"{'trainer':<8} {'s/step':>9} {'real tok/s':>11} {label:>13} {'grad ckpt':>10} {'precision':>10} {'loss':>8}"
+    )
     for r in results.values():
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "n/a"
-        print(f"{r['trainer']:<8} {r['s_per_step']:9.3f} {r['tokens_per_s']:11.0f} {r[mem]:13.0f} "
-              f"{str(r['gradient_checkpointing']):>10} {r['precision']:>10} {loss:>8}")
+        print(
+            f"{r['trainer']:<8} {r['s_per_step']:9.3f} {r['tokens_per_s']:11.0f} {r[mem]:13.0f} "
+            f"{str(r['gradient_checkpointing']):>10} {r['precision']:>10} {loss:>8}"
+        )
     q, t = results["q2g"], results["trl"]
-    print(f"q2g/TRL: s/step {q['s_per_step'] / t['s_per_step']:.2f}x, real tok/s {q['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-          f"peak memory {q[mem] / t[mem]:.2f}x")
+    print(
+        f"q2g/TRL: s/step {q['s_per_step'] / t['s_per_step']:.2f}x, real tok/s {q['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+        f"peak memory {q[mem] / t[mem]:.2f}x"
+    )
 
 
 def main() -> int:
@@ -163,9 +219,15 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=256, help="max length (prompt + trace)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per trainer")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
-    p.add_argument("--gradient-checkpointing", default="default", choices=["default", "on", "off"],
-                   help="default: each trainer's own (q2g off, TRL on)")
-    p.add_argument("--packing", action="store_true", help="q2g packs each batch into one row (q2g.batching.PackedCollator)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        default="default",
+        choices=["default", "on", "off"],
+        help="default: each trainer's own (q2g off, TRL on)",
+    )
+    p.add_argument(
+        "--packing", action="store_true", help="q2g packs each batch into one row (q2g.batching.PackedCollator)"
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
     p.add_argument("--worker", choices=["q2g", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -175,8 +237,12 @@ def main() -> int:
         return 0
     results = {}
     for name in ("q2g", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--worker", name] + sys.argv[1:], capture_output=True,
-                              text=True, timeout=args.timeout)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", name] + sys.argv[1:],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
         if proc.returncode:
             print(proc.stderr[-4000:], file=sys.stderr)
             return proc.returncode

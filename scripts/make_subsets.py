@@ -15,8 +15,10 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "q2g" / "assets" / "data"
 SIZES = {  # (file, per-stratum count)
-    ("gsm8k", "train"): 240, ("gsm8k", "test"): 60,
-    ("math", "train"): 120, ("math", "test"): 30,
+    ("gsm8k", "train"): 240,
+    ("gsm8k", "test"): 60,
+    ("math", "train"): 120,
+    ("math", "test"): 30,
 }
 MATH_MAIN = {"Algebra", "Counting & Probability"}  # the default subjects get the counts above
 MATH_OTHER = 12  # other subjects: a few each, so every subject can be chosen offline

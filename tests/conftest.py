@@ -36,14 +36,23 @@ def build_tiny(kind: str, out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(ASSETS / f"tiny-{kind}")
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
     else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=64,
-                                                   bos_token_id=tok.bos_token_id))
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(**common, head_dim=8, sliding_window=64, bos_token_id=tok.bos_token_id)
+        )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -65,4 +74,5 @@ def copy_dir(tmp_path):
         dst = tmp_path / name
         shutil.copytree(src, dst)
         return dst
+
     return _copy

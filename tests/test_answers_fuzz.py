@@ -27,7 +27,7 @@ BIG = 10**6  # digits in the longest numbers, brackets in the deepest nesting
 
 def _number(rng: random.Random) -> str:
     kind = rng.randrange(8)
-    n = rng.randint(-50, 10**rng.randint(1, 7))
+    n = rng.randint(-50, 10 ** rng.randint(1, 7))
     if kind == 0:
         return f"{n:,}"
     if kind == 1:
@@ -50,43 +50,82 @@ def _latex(rng: random.Random, depth: int = 0) -> str:
     if depth > 3 or rng.random() < 0.3:
         return rng.choice([_number(rng), "x", "\\pi", "\\infty", "e", "k", "\\text{east}", "1"])
     a, b = _latex(rng, depth + 1), _latex(rng, depth + 1)
-    return rng.choice([
-        f"\\frac{{{a}}}{{{b}}}", f"\\dfrac{a[:1]}{b[:1]}", f"\\sqrt{{{a}}}", f"{a}^{{{b}}}", f"{a}+{b}",
-        f"{a}-{b}", f"({a}, {b})", f"[{a}, {b})", f"\\{{{a}, {b}\\}}", f"x = {a}", f"{a} \\leq x",
-        f"\\begin{{pmatrix}} {a} & {b} \\\\ {b} & {a} \\end{{pmatrix}}", f"{a}\\%", f"{a}^\\circ",
-        f"\\left( {a} \\right)", f"{a} \\cdot {b}", f"\\sin {a}", f"{a}!", f"{a}\\text{{ cm}}^2",
-    ])
+    return rng.choice(
+        [
+            f"\\frac{{{a}}}{{{b}}}",
+            f"\\dfrac{a[:1]}{b[:1]}",
+            f"\\sqrt{{{a}}}",
+            f"{a}^{{{b}}}",
+            f"{a}+{b}",
+            f"{a}-{b}",
+            f"({a}, {b})",
+            f"[{a}, {b})",
+            f"\\{{{a}, {b}\\}}",
+            f"x = {a}",
+            f"{a} \\leq x",
+            f"\\begin{{pmatrix}} {a} & {b} \\\\ {b} & {a} \\end{{pmatrix}}",
+            f"{a}\\%",
+            f"{a}^\\circ",
+            f"\\left( {a} \\right)",
+            f"{a} \\cdot {b}",
+            f"\\sin {a}",
+            f"{a}!",
+            f"{a}\\text{{ cm}}^2",
+        ]
+    )
 
 
 def _pathological_latex(rng: random.Random) -> str:
     n = rng.choice([50, 500, 5000, BIG // 10])
     m = min(n, 5000)
-    make = rng.choice([  # built lazily: some are megabytes
-        lambda: "{" * n + "x" + "}" * n,
-        lambda: "\\frac{1}{" * n + "2" + "}" * n,
-        lambda: "\\frac{" * n,
-        lambda: "9^{" * m + "9" + "}" * m,
-        lambda: "10^{" + "9" * rng.choice([6, 50, BIG]) + "}",
-        lambda: "9" * rng.choice([1000, BIG]),
-        lambda: "(" * n + "1" + ")" * rng.randrange(n + 1),
-        lambda: "\\sqrt{" * m + "2" + "}" * m,
-        lambda: "x^2+" * n + "1",
-        lambda: "\\boxed{" * n,
-        lambda: "1," * n + "1",
-        lambda: "(a+b+c+d+1)^{" + str(rng.randint(20, 40)) + "}",
-        lambda: "".join(rng.choices("{}()[]^_\\$&", k=m)),
-    ])
+    make = rng.choice(
+        [  # built lazily: some are megabytes
+            lambda: "{" * n + "x" + "}" * n,
+            lambda: "\\frac{1}{" * n + "2" + "}" * n,
+            lambda: "\\frac{" * n,
+            lambda: "9^{" * m + "9" + "}" * m,
+            lambda: "10^{" + "9" * rng.choice([6, 50, BIG]) + "}",
+            lambda: "9" * rng.choice([1000, BIG]),
+            lambda: "(" * n + "1" + ")" * rng.randrange(n + 1),
+            lambda: "\\sqrt{" * m + "2" + "}" * m,
+            lambda: "x^2+" * n + "1",
+            lambda: "\\boxed{" * n,
+            lambda: "1," * n + "1",
+            lambda: "(a+b+c+d+1)^{" + str(rng.randint(20, 40)) + "}",
+            lambda: "".join(rng.choices("{}()[]^_\\$&", k=m)),
+        ]
+    )
     return make()
 
 
-GSM8K_WRAPPERS = ["#### {a}", "The answer is {a}.", "So the total is $\\boxed{{{a}}}$.", "Answer: {a}",
-                  "She has {a} left.", "The final answer is {a}", "**Answer:** {a} dollars", "{a}",
-                  "#### {a}\n#### ", "\\boxed{{{a}", "\n" * 1000 + "A: {a}"]
-MATH_WRAPPERS = ["so $\\boxed{{{a}}}$.", "The answer is ${a}$.", "Answer \\[ {a} \\]", "${a}$",
-                 "Final Answer: The final answer is ${a}$. I hope it is correct.",
-                 "\\boxed{{{a}}} and \\boxed{{{b}}}",
-                 "Final answer: the value is {a}.", "\\fbox{{{a}}}", "\\boxed{{{a}", "Thus $x = {a}$", "{a}",
-                 "The answer is " * 50 + "{a}", "$$ {a} $$ hence $\\boxed{{{b}}}$"]
+GSM8K_WRAPPERS = [
+    "#### {a}",
+    "The answer is {a}.",
+    "So the total is $\\boxed{{{a}}}$.",
+    "Answer: {a}",
+    "She has {a} left.",
+    "The final answer is {a}",
+    "**Answer:** {a} dollars",
+    "{a}",
+    "#### {a}\n#### ",
+    "\\boxed{{{a}",
+    "\n" * 1000 + "A: {a}",
+]
+MATH_WRAPPERS = [
+    "so $\\boxed{{{a}}}$.",
+    "The answer is ${a}$.",
+    "Answer \\[ {a} \\]",
+    "${a}$",
+    "Final Answer: The final answer is ${a}$. I hope it is correct.",
+    "\\boxed{{{a}}} and \\boxed{{{b}}}",
+    "Final answer: the value is {a}.",
+    "\\fbox{{{a}}}",
+    "\\boxed{{{a}",
+    "Thus $x = {a}$",
+    "{a}",
+    "The answer is " * 50 + "{a}",
+    "$$ {a} $$ hence $\\boxed{{{b}}}$",
+]
 
 
 def _prose(rng: random.Random) -> str:
@@ -99,8 +138,9 @@ def gsm8k_cases(rng: random.Random, n: int):
     for _ in range(n):
         a = _number(rng)
         text = _prose(rng) + "\n" + rng.choice(GSM8K_WRAPPERS).format(a=a)
-        gold = rng.choices([a, _number(rng), a.replace(",", ""), "", "abc", "1/0", "9" * 1000],
-                           weights=[6, 6, 3, 1, 1, 1, 1])[0]
+        gold = rng.choices(
+            [a, _number(rng), a.replace(",", ""), "", "abc", "1/0", "9" * 1000], weights=[6, 6, 3, 1, 1, 1, 1]
+        )[0]
         yield text, gold
 
 

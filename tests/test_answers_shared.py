@@ -40,8 +40,11 @@ def test_gsm8k_reference_solutions_are_correct(shared_data, split):
         gold = _gsm8k_gold(row["answer"])
         head = row["answer"].rsplit("####", 1)[0]
         # As written, and restated the ways models write it (the hash line replaced).
-        for text, rule in [(row["answer"], "gsm8k_hash"), (f"{head}The answer is {gold}.", "answer_is"),
-                           (f"{head}So the total is $\\boxed{{{gold}}}$.", "boxed")]:
+        for text, rule in [
+            (row["answer"], "gsm8k_hash"),
+            (f"{head}The answer is {gold}.", "answer_is"),
+            (f"{head}So the total is $\\boxed{{{gold}}}$.", "boxed"),
+        ]:
             if is_correct(text, gold, "gsm8k") is not True or extract_answer_with_rule(text, "gsm8k")[1] != rule:
                 failures.append(f"{split}[{i}] {rule}: gold {gold!r} got {extract_answer_with_rule(text, 'gsm8k')}")
     assert not failures, _report(failures, 3 * len(rows))
@@ -51,17 +54,22 @@ def test_gsm8k_other_golds_are_wrong(shared_data):
     rows = _rows(shared_data, "gsm8k/test.jsonl")
     golds = [_gsm8k_gold(r["answer"]) for r in rows]
     shuffled = random.Random(0).sample(golds, len(golds))
-    failures = [f"[{i}] {r['answer'][-40:]!r} vs {other!r}" for i, (r, gold, other) in
-                enumerate(zip(rows, golds, shuffled))
-                if normalize_number(gold) != normalize_number(other) and is_correct(r["answer"], other, "gsm8k")]
+    failures = [
+        f"[{i}] {r['answer'][-40:]!r} vs {other!r}"
+        for i, (r, gold, other) in enumerate(zip(rows, golds, shuffled))
+        if normalize_number(gold) != normalize_number(other) and is_correct(r["answer"], other, "gsm8k")
+    ]
     assert not failures, _report(failures, len(rows))
 
 
 def test_math_reference_solutions_are_correct(shared_data):
     rows = _rows(shared_data, "math/test.jsonl")
     assert len(rows) == 5000
-    failures = [f"{r['unique_id']}: gold {last_boxed(r['solution'])!r}" for r in rows
-                if is_correct(r["solution"], last_boxed(r["solution"]), "math") is not True]
+    failures = [
+        f"{r['unique_id']}: gold {last_boxed(r['solution'])!r}"
+        for r in rows
+        if is_correct(r["solution"], last_boxed(r["solution"]), "math") is not True
+    ]
     assert len(failures) <= 0.005 * len(rows), _report(failures, len(rows))
 
 
@@ -86,8 +94,11 @@ def test_math_restated_answers_are_correct(shared_data):
 def test_math500_official_answers_match_last_boxed(shared_data):
     rows = _rows(shared_data, "math500/test.jsonl")
     assert len(rows) == 500
-    failures = [f"{r['unique_id']}: boxed {last_boxed(r['solution'])!r} vs answer {r['answer']!r}"
-                for r in rows if is_correct(r["solution"], r["answer"], "math") is not True]
+    failures = [
+        f"{r['unique_id']}: boxed {last_boxed(r['solution'])!r} vs answer {r['answer']!r}"
+        for r in rows
+        if is_correct(r["solution"], r["answer"], "math") is not True
+    ]
     assert len(failures) <= 0.01 * len(rows), _report(failures, len(rows))
 
 
@@ -95,6 +106,9 @@ def test_math500_other_golds_are_wrong(shared_data):
     # Many of these pairs reach the symbolic check: it must not call different answers equal.
     rows = _rows(shared_data, "math500/test.jsonl")
     others = random.Random(0).sample([r["answer"] for r in rows], len(rows))
-    failures = [f"{r['unique_id']}: {r['answer']!r} judged equal to {other!r}" for r, other in zip(rows, others)
-                if normalize_math(other) != normalize_math(r["answer"]) and is_correct(r["solution"], other, "math")]
+    failures = [
+        f"{r['unique_id']}: {r['answer']!r} judged equal to {other!r}"
+        for r, other in zip(rows, others)
+        if normalize_math(other) != normalize_math(r["answer"]) and is_correct(r["solution"], other, "math")
+    ]
     assert len(failures) <= 2, _report(failures, len(rows))

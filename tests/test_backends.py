@@ -20,15 +20,24 @@ from q2g.backends.reference import ReferenceBackend, reference_trace
 from q2g.data import load_gsm8k, load_math
 from q2g.prompts import FINAL_ANSWER_LINE, teacher_messages
 
-GSM8K = {"id": "gsm8k/train/0", "source": "gsm8k", "subject": None, "level": None, "problem": "Q?", "answer": "1200",
-         "reference_solution": "Half is 48/2 = <<48/2=24>>24.\nTotal is 24*50 = <<24*50=1,200>>1,200.\n#### 1,200"}
+GSM8K = {
+    "id": "gsm8k/train/0",
+    "source": "gsm8k",
+    "subject": None,
+    "level": None,
+    "problem": "Q?",
+    "answer": "1200",
+    "reference_solution": "Half is 48/2 = <<48/2=24>>24.\nTotal is 24*50 = <<24*50=1,200>>1,200.\n#### 1,200",
+}
 
 
 # ---------------------------------------------------------------- reference
 
+
 def test_reference_trace_drops_calculator_notes_and_boxes_the_gsm8k_answer():
-    assert reference_trace(GSM8K) == ("Half is 48/2 = 24.\nTotal is 24*50 = 1,200.\n"
-                                      "The final answer is $\\boxed{1200}$.")
+    assert reference_trace(GSM8K) == (
+        "Half is 48/2 = 24.\nTotal is 24*50 = 1,200.\nThe final answer is $\\boxed{1200}$."
+    )
     math = {"source": "math", "reference_solution": "  So $x=\\boxed{3}$.\n", "answer": "3"}
     assert reference_trace(math) == "So $x=\\boxed{3}$."
 
@@ -68,8 +77,9 @@ class ChatServer:
     HANG = a normal completion after `hang_s` seconds, RESET = half a body, then a TCP reset;
     anything else is sent as JSON. `message` adds fields to every completion's message."""
 
-    def __init__(self, script=(), choices_per_request=None, text="The final answer is $\\boxed{42}$.",
-                 message=None, hang_s=3.0):
+    def __init__(
+        self, script=(), choices_per_request=None, text="The final answer is $\\boxed{42}$.", message=None, hang_s=3.0
+    ):
         self.script, self.requests, self.text = list(script), [], text
         self.choices_per_request, self.message, self.hang_s = choices_per_request, message or {}, hang_s
         self.lock, self.released = threading.Lock(), threading.Event()
@@ -79,14 +89,18 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    server.requests.append({"path": self.path, "body": body,
-                                            "auth": self.headers.get("Authorization")})
+                    server.requests.append(
+                        {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                    )
                     status, headers, payload = server.script.pop(0) if server.script else (200, {}, None)
                 if payload == HANG:
                     server.released.wait(server.hang_s)  # bounded; close() releases it at once
                     payload = None
-                data = payload if isinstance(payload, bytes) else json.dumps(
-                    server.completion(body) if payload in (None, RESET) else payload).encode()
+                data = (
+                    payload
+                    if isinstance(payload, bytes)
+                    else json.dumps(server.completion(body) if payload in (None, RESET) else payload).encode()
+                )
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -114,8 +128,14 @@ class ChatServer:
     def completion(self, body):
         n = body["n"] if self.choices_per_request is None else self.choices_per_request
         text = self.text(body) if callable(self.text) else self.text
-        choices = [{"index": i, "message": {"role": "assistant", "content": f"{text} ({i})", **self.message},
-                    "finish_reason": "stop"} for i in range(n)]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": f"{text} ({i})", **self.message},
+                "finish_reason": "stop",
+            }
+            for i in range(n)
+        ]
         return {"choices": choices, "usage": {"prompt_tokens": 30, "completion_tokens": 7 * n}}
 
     def close(self):
@@ -131,6 +151,7 @@ def chat_server():
     def start(*args, **kwargs):
         servers.append(ChatServer(*args, **kwargs))
         return servers[-1]
+
     yield start
     for s in servers:
         s.close()
@@ -151,21 +172,26 @@ def test_openai_posts_chat_completions_with_the_sampling_settings(chat_server):
     server = chat_server()
     problems = [dict(GSM8K, id=f"p{i}", problem=f"Problem {i}") for i in range(3)]
     samples = client(server.url, concurrency=2).generate(problems, k=2, seed=5)
-    assert [[s.text for s in row] for row in samples] == [["The final answer is $\\boxed{42}$. (0)",
-                                                           "The final answer is $\\boxed{42}$. (1)"]] * 3
+    assert [[s.text for s in row] for row in samples] == [
+        ["The final answer is $\\boxed{42}$. (0)", "The final answer is $\\boxed{42}$. (1)"]
+    ] * 3
     assert all(s.n_tokens == 7 and not s.truncated for row in samples for s in row)
     assert len(server.requests) == 3
     request = next(r for r in server.requests if r["body"]["messages"] == teacher_messages("Problem 1"))
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
     body = request["body"]
-    assert (body["model"], body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == \
-        ("teacher-model", 2, 0.3, 0.95, 64)
+    assert (body["model"], body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (
+        "teacher-model",
+        2,
+        0.3,
+        0.95,
+        64,
+    )
     assert body["seed"] == stable_seed(5, "p1", 0)
 
 
 def test_openai_retries_a_429_and_honours_retry_after(chat_server):
-    server = chat_server(script=[(429, {"Retry-After": "0"}, {"error": "slow down"}),
-                                 (503, {}, {"error": "busy"})])
+    server = chat_server(script=[(429, {"Retry-After": "0"}, {"error": "slow down"}), (503, {}, {"error": "busy"})])
     [[sample]] = client(server.url).generate([GSM8K], k=1, seed=0)
     assert sample.text.startswith("The final answer is") and len(server.requests) == 3
 
@@ -259,8 +285,18 @@ def test_openai_keeps_the_servers_reasoning_field_per_mode(chat_server, field, m
 
 
 def test_load_backend_passes_the_reasoning_mode():
-    args = types.SimpleNamespace(temperature=0.3, top_p=0.9, max_new_tokens=8, teacher="t", base_url="http://x/v1",
-                                 api_key=None, concurrency=2, timeout=1.0, max_retries=0, reasoning="answer")
+    args = types.SimpleNamespace(
+        temperature=0.3,
+        top_p=0.9,
+        max_new_tokens=8,
+        teacher="t",
+        base_url="http://x/v1",
+        api_key=None,
+        concurrency=2,
+        timeout=1.0,
+        max_retries=0,
+        reasoning="answer",
+    )
     assert load_backend("openai", args).reasoning == "answer"
     del args.reasoning  # a config without the option: the default
     assert load_backend("openai", args).reasoning == "reasoning+answer"
@@ -276,11 +312,15 @@ def test_the_answer_is_read_from_the_final_content_not_the_thinking(tmp_path):
     right = thinking_sample(f"<think>\\boxed{{41}}?</think>{ANSWER}", 5, False)
     records = judge(problem, [wrong, silent, right], {})
     assert [(r["validated"], r.get("reason"), r["extracted_answer"]) for r in records] == [
-        (False, "wrong_answer", "41"), (False, "no_answer", None), (True, None, "42")]
+        (False, "wrong_answer", "41"),
+        (False, "no_answer", None),
+        (True, None, "42"),
+    ]
     assert records[2]["qwen_trace"].startswith("<think>\n\\boxed{41}?\n</think>")
 
 
 # ---------------------------------------------------------------- hf on a tiny random Qwen2
+
 
 def test_hf_backend_k_samples_per_problem_and_seeded(tiny_qwen_dir):
     from q2g.backends.hf import HFBackend
@@ -296,6 +336,7 @@ def test_hf_backend_k_samples_per_problem_and_seeded(tiny_qwen_dir):
 
 
 # ---------------------------------------------------------------- vllm (stand-in module)
+
 
 def test_vllm_backend_without_vllm_names_the_pip_command(monkeypatch):
     from q2g.backends import vllm as vllm_backend
@@ -325,18 +366,36 @@ def test_vllm_backend_builds_requests_per_vllm_api(monkeypatch, tiny_qwen_dir):
         def generate(self, prompts, params, use_tqdm=True):
             calls["prompts"], calls["params"] = prompts, [p.kw for p in params]
             out = types.SimpleNamespace
-            return [out(outputs=[out(text=f"t{j}", token_ids=[1] * (j + 2), finish_reason="length" if j else "stop")
-                                 for j in range(p.kw["n"])]) for p in params]
+            return [
+                out(
+                    outputs=[
+                        out(text=f"t{j}", token_ids=[1] * (j + 2), finish_reason="length" if j else "stop")
+                        for j in range(p.kw["n"])
+                    ]
+                )
+                for p in params
+            ]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    backend = VLLMBackend("teacher", temperature=0.3, top_p=0.9, max_new_tokens=8, tensor_parallel_size=2,
-                          precision="bf16", seed=3)
-    assert calls["llm"] == {"model": "teacher", "tensor_parallel_size": 2, "dtype": "bfloat16", "seed": 3,
-                            "trust_remote_code": False}
+    backend = VLLMBackend(
+        "teacher", temperature=0.3, top_p=0.9, max_new_tokens=8, tensor_parallel_size=2, precision="bf16", seed=3
+    )
+    assert calls["llm"] == {
+        "model": "teacher",
+        "tensor_parallel_size": 2,
+        "dtype": "bfloat16",
+        "seed": 3,
+        "trust_remote_code": False,
+    }
     rows = backend.generate([GSM8K, dict(GSM8K, id="other")], k=2, seed=3)
     assert rows[0] == [Sample("t0", 2, False), Sample("t1", 3, True)]
-    assert calls["params"][0] == {"n": 2, "seed": stable_seed(3, GSM8K["id"]), "temperature": 0.3,
-                                  "top_p": 0.9, "max_tokens": 8}
+    assert calls["params"][0] == {
+        "n": 2,
+        "seed": stable_seed(3, GSM8K["id"]),
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "max_tokens": 8,
+    }
     assert calls["params"][0]["seed"] != calls["params"][1]["seed"]
     text = backend.tokenizer.decode(calls["prompts"][0]["prompt_token_ids"])
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")

@@ -12,8 +12,15 @@ from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask, sliding_window_causal_mask_function
 
-from q2g.batching import (causal_inputs, fully_masked_rows, is_right_padded, padding_report, padding_share,
-                          sliding_windows, trainer_order)
+from q2g.batching import (
+    causal_inputs,
+    fully_masked_rows,
+    is_right_padded,
+    padding_report,
+    padding_share,
+    sliding_windows,
+    trainer_order,
+)
 from q2g.sft_data import IGNORE_INDEX, Collator
 
 
@@ -43,8 +50,14 @@ def test_fully_masked_rows_match_transformers_sliding_mask(window):
     mask2d = torch.zeros(3, 12, dtype=torch.long)
     for i, n in enumerate([12, 5, 2]):
         mask2d[i, :n] = 1
-    mask = sdpa_mask(batch_size=3, q_length=12, kv_length=12, attention_mask=mask2d.bool(),
-                     mask_function=sliding_window_causal_mask_function(window), allow_is_causal_skip=False)
+    mask = sdpa_mask(
+        batch_size=3,
+        q_length=12,
+        kv_length=12,
+        attention_mask=mask2d.bool(),
+        mask_function=sliding_window_causal_mask_function(window),
+        allow_is_causal_skip=False,
+    )
     assert fully_masked_rows(mask2d, window) == int((~mask.any(-1)).sum())
 
 
@@ -63,9 +76,18 @@ AttentionMaskInterface.register("strict", sdpa_mask)
 
 
 def sliding_gemma(attn: str):
-    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                           max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"])
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     return Gemma3ForCausalLM(cfg)
@@ -118,8 +140,9 @@ def test_label_only_trainer_drops_the_mask_by_default(tmp_path):
 def test_packed_batch_equals_padded_batch(request, kind):
     """One packed row with per-example positions: the same loss and LoRA gradients as the padded
     batch (no attention across examples, sliding windows included)."""
-    from q2g.batching import PackedCollator
     from test_loss import examples, lora_grads, lora_model
+
+    from q2g.batching import PackedCollator
 
     path = request.getfixturevalue("tiny_qwen_dir" if kind == "qwen2" else "tiny_gemma_dir")
     rows = examples(4)

@@ -30,7 +30,9 @@ def test_math_records_subjects_levels_and_boxed_gold():
     assert len(rows) == 30 and {r["subject"] for r in rows} == {"algebra"}
     assert all(r["id"].startswith("math/test/algebra/") for r in rows)
     assert all(isinstance(r["level"], int) and 1 <= r["level"] <= 5 for r in rows)
-    assert all(f"\\boxed{{{r['answer']}}}" in r["reference_solution"] or "\\boxed" in r["reference_solution"] for r in rows)
+    assert all(
+        f"\\boxed{{{r['answer']}}}" in r["reference_solution"] or "\\boxed" in r["reference_solution"] for r in rows
+    )
     only = data.load_math("test", ["Counting & Probability"], levels=[1, 2], data_dir=PACKAGED)
     assert only and all(r["level"] in (1, 2) and r["subject"] == "counting_and_probability" for r in only)
 
@@ -116,8 +118,14 @@ def test_manifest_roundtrip_and_leak_report(tmp_path):
     # a training record that is a reworded copy (case/spacing) of a holdout problem is caught by hash
     sneaky = dict(train[0], problem="  " + held[0]["problem"].lower())
     leaks = data.find_leaks([sneaky, train[1]], manifest)
-    assert leaks == [{"id": train[0]["id"], "holdout_id": held[0]["id"],
-                      "hash": data.problem_hash(held[0]["problem"]), "by": "problem_hash"}]
+    assert leaks == [
+        {
+            "id": train[0]["id"],
+            "holdout_id": held[0]["id"],
+            "hash": data.problem_hash(held[0]["problem"]),
+            "by": "problem_hash",
+        }
+    ]
 
 
 def test_holdout_tampering_is_detected(tmp_path):
@@ -139,8 +147,9 @@ def test_official_test_holdout_uses_test_split():
 
 def test_official_test_holdout_drops_train_duplicates_of_test_problems(shared_data):
     # MATH's train and test splits share some problems verbatim or up to spacing/case.
-    train, held, _ = data.select_split(datasets=["math"], math_subjects=list(data.MATH_SUBJECTS),
-                                       holdout="official-test", data_dir=shared_data)
+    train, held, _ = data.select_split(
+        datasets=["math"], math_subjects=list(data.MATH_SUBJECTS), holdout="official-test", data_dir=shared_data
+    )
     manifest = data.make_manifest(train, held, {})
     assert data.find_leaks(train, manifest) == []
     full = data.load_problems(["math"], split="train", math_subjects=list(data.MATH_SUBJECTS), data_dir=shared_data)

@@ -72,14 +72,15 @@ def test_rows_end_where_they_should(model_tok):
     stop = free[1].text[3:6]
     got = decoding.generate(model, tok, ids, max_new_tokens=12, stop_strings=(stop,), batch_size=2)
     assert got[1].stopped and stop not in got[1].text and free[1].text.startswith(got[1].text)
-    assert got[1].token_ids == free[1].token_ids[:got[1].n_tokens]
+    assert got[1].token_ids == free[1].token_ids[: got[1].n_tokens]
 
 
 def test_progress_counts_every_prompt_once(model_tok):
     model, tok = model_tok
     seen = []
-    gens = decoding.generate(model, tok, _prompts(tok), max_new_tokens=6, batch_size=4,
-                               progress=lambda n, k: seen.append((n, k)))
+    gens = decoding.generate(
+        model, tok, _prompts(tok), max_new_tokens=6, batch_size=4, progress=lambda n, k: seen.append((n, k))
+    )
     assert sum(n for n, _ in seen) == 9 and sum(k for _, k in seen) == sum(g.n_tokens for g in gens)
 
 
@@ -101,7 +102,9 @@ def test_refill_with_a_peft_model(tiny_gemma_dir):
     from peft import LoraConfig, get_peft_model
 
     tok = models.load_tokenizer(str(tiny_gemma_dir), padding_side="left")
-    model = get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:

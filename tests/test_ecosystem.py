@@ -27,10 +27,39 @@ def dataset(tmp_path_factory):
 
 
 def argv(model, ds, out, *extra):
-    return ["--base-model", str(model), "--traces", str(ds), "--out", str(out), "--epochs", "2",
-            "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "256", "--warmup-ratio", "0",
-            "--lr", "1e-3", "--eval-limit", "2", "--eval-max-new-tokens", "4", "--ppl-max-tokens", "64",
-            "--ppl-max-length", "64", "--ppl-stride", "32", "--data-dir", "packaged", *extra]
+    return [
+        "--base-model",
+        str(model),
+        "--traces",
+        str(ds),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-seq-len",
+        "256",
+        "--warmup-ratio",
+        "0",
+        "--lr",
+        "1e-3",
+        "--eval-limit",
+        "2",
+        "--eval-max-new-tokens",
+        "4",
+        "--ppl-max-tokens",
+        "64",
+        "--ppl-max-length",
+        "64",
+        "--ppl-stride",
+        "32",
+        "--data-dir",
+        "packaged",
+        *extra,
+    ]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -58,8 +87,17 @@ def test_trainer_fields_pass_through_and_q2g_options_win(tiny_gemma_dir, dataset
     out = tmp_path / "ck"
     config = tmp_path / "ft.yaml"
     config.write_text("finetune:\n  trainer:\n    weight_decay: 0.25\n    adam_beta2: 0.95\n")
-    extra = ["--config", str(config), "--trainer-arg", "adam_beta2=0.9", "--trainer-arg", "learning_rate=1",
-             "--no-eval", "--epochs", "1"]
+    extra = [
+        "--config",
+        str(config),
+        "--trainer-arg",
+        "adam_beta2=0.9",
+        "--trainer-arg",
+        "learning_rate=1",
+        "--no-eval",
+        "--epochs",
+        "1",
+    ]
     assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out, *extra)) == 0
     assert "learning_rate are set by q2g's own options" in capsys.readouterr().out
     [ckpt] = list(out.glob("checkpoint-*"))
@@ -67,13 +105,17 @@ def test_trainer_fields_pass_through_and_q2g_options_win(tiny_gemma_dir, dataset
     assert (targs.weight_decay, targs.adam_beta2, targs.learning_rate) == (0.25, 0.9, 1e-3)  # flag beats YAML
 
 
-@pytest.mark.parametrize("arg,message", [
-    ("no_such_field=1", "trainer: 'no_such_field' is not a TrainingArguments field"),
-    ("logging_strategy=sometimes", "trainer: TrainingArguments refused the settings"),
-    ("weight_decay", "expected KEY=VALUE"),
-])
-def test_bad_trainer_field_is_refused_before_anything_is_written(tiny_gemma_dir, dataset, tmp_path, capsys, arg,
-                                                                 message):
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        ("no_such_field=1", "trainer: 'no_such_field' is not a TrainingArguments field"),
+        ("logging_strategy=sometimes", "trainer: TrainingArguments refused the settings"),
+        ("weight_decay", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_trainer_field_is_refused_before_anything_is_written(
+    tiny_gemma_dir, dataset, tmp_path, capsys, arg, message
+):
     out = tmp_path / "ck"
     assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out, "--trainer-arg", arg)) == 2
     assert message in capsys.readouterr().err
@@ -94,8 +136,21 @@ def test_two_processes_train_together_and_write_once(tiny_gemma_dir, dataset, tm
     adapter per epoch, and the optimizer steps of a global batch of 2 processes x batch size."""
     out = tmp_path / "ck"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "q2g.cli", "finetune", *argv(tiny_gemma_dir, dataset, out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "q2g.cli",
+        "finetune",
+        *argv(tiny_gemma_dir, dataset, out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(out)

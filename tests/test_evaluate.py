@@ -7,11 +7,9 @@ import random
 import re
 
 import pytest
-
-from q2g import cli
 import torch
 
-from q2g import data, decoding, evaluate, models, prompts
+from q2g import cli, data, decoding, evaluate, models, prompts
 from q2g.evaluate import EvalConfig
 
 TEXT = (
@@ -49,6 +47,7 @@ def model_tok(request):
 
 
 # ---------------------------------------------------------------- perplexity
+
 
 def test_plan_windows_numbers():
     # bos: 4 text tokens per window of 5; every token scored, each exactly once.
@@ -156,9 +155,17 @@ def test_ppl_max_tokens_caps_and_recounts(gemma):
 
 # ---------------------------------------------------------------- pass@1
 
+
 def _record(i, source, subject, answer):
-    return {"id": f"{source}/{subject}/{i}", "source": source, "subject": subject, "level": None,
-            "problem": f"Problem number {i}: what is {answer}?", "answer": answer, "reference_solution": ""}
+    return {
+        "id": f"{source}/{subject}/{i}",
+        "source": source,
+        "subject": subject,
+        "level": None,
+        "problem": f"Problem number {i}: what is {answer}?",
+        "answer": answer,
+        "reference_solution": "",
+    }
 
 
 SCRIPT = [  # (record, generated text, correct?)
@@ -178,12 +185,16 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
 
     def fake_generate(m, t, prompt_ids, **kw):
         calls.update(kw, prompts=prompt_ids, training=m.training)
-        return [decoding.Generation(text=text, n_tokens=10 + i, stopped=i != 5) for i, (_, text, _) in enumerate(SCRIPT)]
+        return [
+            decoding.Generation(text=text, n_tokens=10 + i, stopped=i != 5) for i, (_, text, _) in enumerate(SCRIPT)
+        ]
 
     monkeypatch.setattr(decoding, "generate", fake_generate)
     model.train()
     model.model.embed_tokens.eval()  # a module the trainer left in eval mode stays so
-    res = evaluate.math_pass_at_1(model, tok, records, EvalConfig(eval_max_new_tokens=33, eval_batch_size=2), progress=False)
+    res = evaluate.math_pass_at_1(
+        model, tok, records, EvalConfig(eval_max_new_tokens=33, eval_batch_size=2), progress=False
+    )
     assert model.training and model.model.layers[0].training and not model.model.embed_tokens.training
     model.eval()
     assert calls["prompts"] == [prompts.student_prompt_ids(tok, r["problem"]) for r in records]
@@ -193,18 +204,33 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
     assert tuple(calls["stop_strings"]) == prompts.STUDENT_STOP_STRINGS
     assert [g["correct"] is True for g in res["generations"]] == [ok for _, _, ok in SCRIPT]
     assert res["n"] == 6 and res["correct"] == 3 and res["pass@1"] == pytest.approx(0.5)
-    stats = {k: {x: v[x] for x in ("pass@1", "n", "correct", "answer_format_rate")} for k, v in res["by_source"].items()}
-    assert stats == {"gsm8k": {"pass@1": 0.5, "n": 2, "correct": 1, "answer_format_rate": 0.5},
-                     "math/algebra": {"pass@1": pytest.approx(2 / 3), "n": 3, "correct": 2, "answer_format_rate": 1.0},
-                     "math/counting_and_probability": {"pass@1": 0.0, "n": 1, "correct": 0, "answer_format_rate": 0.0}}
+    stats = {
+        k: {x: v[x] for x in ("pass@1", "n", "correct", "answer_format_rate")} for k, v in res["by_source"].items()
+    }
+    assert stats == {
+        "gsm8k": {"pass@1": 0.5, "n": 2, "correct": 1, "answer_format_rate": 0.5},
+        "math/algebra": {"pass@1": pytest.approx(2 / 3), "n": 3, "correct": 2, "answer_format_rate": 1.0},
+        "math/counting_and_probability": {"pass@1": 0.0, "n": 1, "correct": 0, "answer_format_rate": 0.0},
+    }
     # stated: 4 of 6 (not "I cannot tell.", not the bare last number); extracted at all: 5 of 6
     assert res["answer_format_rate"] == pytest.approx(4 / 6) and res["answer_extracted_rate"] == pytest.approx(5 / 6)
     assert [g["rule"] for g in res["generations"]][:2] == ["boxed", "last_number"]
     row = evaluate.metrics_row(res, None, 1.0, 0.0)
     assert row["answer_format_rate"] == pytest.approx(4 / 6) and row["answer_format_rate_by_source"]["gsm8k"] == 0.5
     g = res["generations"][0]
-    assert set(g) >= {"id", "source", "subject", "problem", "answer", "generation", "extracted", "rule",
-                      "correct", "n_tokens", "stopped"}
+    assert set(g) >= {
+        "id",
+        "source",
+        "subject",
+        "problem",
+        "answer",
+        "generation",
+        "extracted",
+        "rule",
+        "correct",
+        "n_tokens",
+        "stopped",
+    }
     assert g["extracted"] == "18" and g["n_tokens"] == 10 and res["generations"][5]["stopped"] is False
 
 
@@ -217,7 +243,10 @@ def _holdout(n_gsm, n_alg, n_cnt):
 def test_select_eval_subset_stratified_and_fixed():
     holdout = _holdout(20, 10, 10)
     sub = evaluate.select_eval_subset(holdout, 8, seed=0)
-    counts = {k: sum(evaluate.source_key(r) == k for r in sub) for k in ("gsm8k", "math/algebra", "math/counting_and_probability")}
+    counts = {
+        k: sum(evaluate.source_key(r) == k for r in sub)
+        for k in ("gsm8k", "math/algebra", "math/counting_and_probability")
+    }
     assert counts == {"gsm8k": 4, "math/algebra": 2, "math/counting_and_probability": 2}
     shuffled = holdout[:]
     random.Random(1).shuffle(shuffled)
@@ -233,6 +262,7 @@ def test_select_eval_subset_stratified_and_fixed():
 
 # ---------------------------------------------------------------- the command
 
+
 @pytest.fixture(scope="module")
 def split_path(tmp_path_factory):
     train, held, settings = data.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
@@ -241,8 +271,25 @@ def split_path(tmp_path_factory):
 
 def _run(tmp_path, model_dir, split, *extra):
     out = tmp_path / "eval"
-    argv = ["--model", str(model_dir), "--split", str(split), "--data-dir", "packaged", "--eval-limit", "4",
-            "--eval-max-new-tokens", "8", "--ppl-max-tokens", "256", "--eval-batch-size", "4", "--out", str(out), *extra]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--split",
+        str(split),
+        "--data-dir",
+        "packaged",
+        "--eval-limit",
+        "4",
+        "--eval-max-new-tokens",
+        "8",
+        "--ppl-max-tokens",
+        "256",
+        "--eval-batch-size",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return cli.call("evaluate", argv), out
 
 
@@ -260,7 +307,9 @@ def test_cli_end_to_end(tmp_path, tiny_gemma_dir, split_path, capsys):
     h = result["heldout"]  # the same 4 problems' reference solutions, in the training format
     assert h["heldout_n"] == 4 and h["heldout_tokens"] > 40 and 0 < h["heldout_loss"] < 20
     assert result["row"]["heldout_loss"] == h["heldout_loss"]
-    assert all(isinstance(p[k], float) and p[k] > 1 for k in ("token_perplexity", "word_perplexity", "byte_perplexity"))
+    assert all(
+        isinstance(p[k], float) and p[k] > 1 for k in ("token_perplexity", "word_perplexity", "byte_perplexity")
+    )
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(row["n_tokens"] <= 8 for row in rows)
     assert {row["id"] for row in rows} <= {r["id"] for r in data.load_holdout(split_path)}
@@ -271,10 +320,12 @@ def test_cli_adapter_and_config(tmp_path, tiny_gemma_dir, split_path, gemma):
     from peft import LoraConfig, get_peft_model
 
     model, tok = gemma
-    base = evaluate.perplexity(model, tok, data.load_wikitext("packaged"),
-                               EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False)
-    peft_model = get_peft_model(models.load_model(str(tiny_gemma_dir)),
-                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+    base = evaluate.perplexity(
+        model, tok, data.load_wikitext("packaged"), EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False
+    )
+    peft_model = get_peft_model(
+        models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8)
+    )
     torch.manual_seed(0)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # B starts at zero (a no-op adapter): make it change the model
@@ -282,14 +333,23 @@ def test_cli_adapter_and_config(tmp_path, tiny_gemma_dir, split_path, gemma):
     peft_model.save_pretrained(tmp_path / "adapter")
     config = tmp_path / "run.yaml"
     config.write_text("evaluate:\n  ppl_stride: 128\n  eval_limit: 1\n")
-    rc, out = _run(tmp_path, tiny_gemma_dir, split_path, "--adapter", str(tmp_path / "adapter"), "--no-math",
-                   "--config", str(config))
+    rc, out = _run(
+        tmp_path,
+        tiny_gemma_dir,
+        split_path,
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--no-math",
+        "--config",
+        str(config),
+    )
     assert rc == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["math"] is None and (out / "generations.jsonl").read_text() == ""
     assert result["ppl"]["stride"] == 128 and result["eval_config"]["eval_limit"] == 4  # the flag wins
-    in_memory = evaluate.perplexity(peft_model, tok, data.load_wikitext("packaged"),
-                                    EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False)
+    in_memory = evaluate.perplexity(
+        peft_model, tok, data.load_wikitext("packaged"), EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False
+    )
     assert result["ppl"]["nll_sum"] == pytest.approx(in_memory["nll_sum"], rel=1e-5)
     # the adapter was applied: same windows, other numbers (the tiny random model is near-uniform,
     # so even a strong adapter moves the NLL sum of 256 tokens by ~0.1, far above float noise)

@@ -40,15 +40,25 @@ def model_tok(request):
 
 
 def _record(i, source, solution, answer="4"):
-    return {"id": f"{source}/t/{i}", "source": source, "subject": None if source == "gsm8k" else "algebra",
-            "level": None, "problem": f"What is {i} + {i}? Explain.", "answer": answer, "reference_solution": solution}
+    return {
+        "id": f"{source}/t/{i}",
+        "source": source,
+        "subject": None if source == "gsm8k" else "algebra",
+        "level": None,
+        "problem": f"What is {i} + {i}? Explain.",
+        "answer": answer,
+        "reference_solution": solution,
+    }
 
 
-RECORDS = [_record(1, "gsm8k", "We add 1 and 1.\nThe final answer is $\\boxed{2}$."),
-           _record(2, "math", "Since $2 + 2 = 4$, the answer is $\\boxed{4}$. " * 3)]
+RECORDS = [
+    _record(1, "gsm8k", "We add 1 and 1.\nThe final answer is $\\boxed{2}$."),
+    _record(2, "math", "Since $2 + 2 = 4$, the answer is $\\boxed{4}$. " * 3),
+]
 
 
 # ---------------------------------------------------------------- held-out solution loss
+
 
 def _hand_loss(model, tok, records, max_seq_len):
     """Each example alone through the model's own loss (shift + mask by labels), weighted by its
@@ -85,12 +95,14 @@ def test_heldout_loss_cut_skipped_and_in_the_row(gemma):
     out = evaluate.evaluate_model(model, tok, RECORDS, None, EvalConfig(eval_max_new_tokens=2), progress=False)
     assert out["row"]["heldout_loss"] == pytest.approx(_hand_loss(model, tok, RECORDS, 1024)[0], abs=1e-5)
     assert out["row"]["heldout_n"] == 2 and out["row"]["answer_format_rate"] is not None
-    off = evaluate.evaluate_model(model, tok, RECORDS, None, EvalConfig(eval_max_new_tokens=2, heldout_loss_limit=0),
-                                  progress=False)
+    off = evaluate.evaluate_model(
+        model, tok, RECORDS, None, EvalConfig(eval_max_new_tokens=2, heldout_loss_limit=0), progress=False
+    )
     assert off["heldout"] is None and off["row"]["heldout_loss"] is None
 
 
 # ---------------------------------------------------------------- lm-eval perplexity protocols
+
 
 def _excerpt() -> str:
     """Two short WikiText articles: the first rows of the packaged file's first two articles."""
@@ -118,10 +130,12 @@ def test_rolling_windows_are_lm_evals():
     ids = list(range(100, 123))
     for max_length in (1, 5, 7, 23, 30):
         ours = evaluate.rolling_windows(ids, max_length, prefix_id=2)
-        theirs = [lm_utils.make_disjoint_window(w) for w in
-                  lm_utils.get_rolling_token_windows(ids, prefix_token=2, max_seq_len=max_length, context_len=1)]
+        theirs = [
+            lm_utils.make_disjoint_window(w)
+            for w in lm_utils.get_rolling_token_windows(ids, prefix_token=2, max_seq_len=max_length, context_len=1)
+        ]
         # HFLM feeds (context + continuation)[-(max_length + 1):][:-1] and scores the continuation
-        assert [(inp, tgt) for inp, tgt, _ in ours] == [((c + t)[-(max_length + 1):][:-1], t) for c, t in theirs]
+        assert [(inp, tgt) for inp, tgt, _ in ours] == [((c + t)[-(max_length + 1) :][:-1], t) for c, t in theirs]
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +150,20 @@ def lm_eval_result(tiny_gemma_dir):
     docs = evaluate.wikitext_documents(_excerpt())
     out = {}
     for protocol, target in (("lm-eval", lambda d: wikitext_detokenizer({"page": d})), ("lm-eval-raw", lambda d: d)):
-        reqs = [Instance(request_type="loglikelihood_rolling", doc={"page": d}, arguments=(target(d),), idx=0)
-                for d in docs]
+        reqs = [
+            Instance(request_type="loglikelihood_rolling", doc={"page": d}, arguments=(target(d),), idx=0)
+            for d in docs
+        ]
         lls = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
         counts = [process_results({"page": d}, [ll]) for d, ll in zip(docs, lls)]
         words = sum(c["word_perplexity"][1] for c in counts)
         n_bytes = sum(c["byte_perplexity"][1] for c in counts)
-        out[protocol] = {"nll": -sum(lls), "word_perplexity": math.exp(-sum(lls) / words),
-                         "byte_perplexity": math.exp(-sum(lls) / n_bytes), "bits_per_byte": -sum(lls) / n_bytes / math.log(2)}
+        out[protocol] = {
+            "nll": -sum(lls),
+            "word_perplexity": math.exp(-sum(lls) / words),
+            "byte_perplexity": math.exp(-sum(lls) / n_bytes),
+            "bits_per_byte": -sum(lls) / n_bytes / math.log(2),
+        }
     return out
 
 
@@ -163,13 +183,15 @@ def test_lm_eval_protocols_match_lm_eval(gemma, lm_eval_result, protocol):
 def test_lm_eval_protocol_truncates_at_whole_words(gemma):
     model, tok = gemma
     full = evaluate.perplexity(model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval"), progress=False)
-    cut = evaluate.perplexity(model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval", ppl_max_tokens=40),
-                              progress=False)
+    cut = evaluate.perplexity(
+        model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval", ppl_max_tokens=40), progress=False
+    )
     assert full["truncated"] is False and cut["truncated"] is True
     assert 30 <= cut["n_tokens_scored"] <= 40 < full["n_tokens_scored"] and cut["n_words"] < full["n_words"]
 
 
 # ---------------------------------------------------------------- --eval-backend vllm (stand-in module)
+
 
 class FakeVLLM:
     """Records what q2g asks of vLLM; answers every prompt with one scripted completion."""
@@ -184,12 +206,28 @@ class FakeVLLM:
 
             def generate(self, prompts, params, use_tqdm=True, lora_request=None):
                 folder = lora_request and Path(lora_request.lora_path)
-                fake.calls.append({"prompts": prompts, "params": params.kw, "lora": lora_request,
-                                   "adapter_config": folder and json.loads((folder / "adapter_config.json").read_text()),
-                                   "weights": folder and (folder / "adapter_model.safetensors").read_bytes()})
+                fake.calls.append(
+                    {
+                        "prompts": prompts,
+                        "params": params.kw,
+                        "lora": lora_request,
+                        "adapter_config": folder and json.loads((folder / "adapter_config.json").read_text()),
+                        "weights": folder and (folder / "adapter_model.safetensors").read_bytes(),
+                    }
+                )
                 out = types.SimpleNamespace
-                return [out(outputs=[out(text="So 2 + 2 = 4.\nThe final answer is $\\boxed{4}$.", token_ids=[7] * 5,
-                                         finish_reason="stop")]) for _ in prompts]
+                return [
+                    out(
+                        outputs=[
+                            out(
+                                text="So 2 + 2 = 4.\nThe final answer is $\\boxed{4}$.",
+                                token_ids=[7] * 5,
+                                finish_reason="stop",
+                            )
+                        ]
+                    )
+                    for _ in prompts
+                ]
 
         class SamplingParams:
             def __init__(self, **kw):
@@ -199,9 +237,11 @@ class FakeVLLM:
             def __init__(self, lora_name, lora_int_id, lora_path):
                 self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
 
-        self.modules = {"vllm": types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams),
-                        "vllm.lora": types.SimpleNamespace(),
-                        "vllm.lora.request": types.SimpleNamespace(LoRARequest=LoRARequest)}
+        self.modules = {
+            "vllm": types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams),
+            "vllm.lora": types.SimpleNamespace(),
+            "vllm.lora.request": types.SimpleNamespace(LoRARequest=LoRARequest),
+        }
 
 
 @pytest.fixture()
@@ -234,8 +274,13 @@ def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_p
     call = fake_vllm.calls[0]
     assert call["lora"] is None  # the base model: no adapter
     assert call["prompts"] == [{"prompt_token_ids": prompts.student_prompt_ids(tok, r["problem"])} for r in RECORDS]
-    assert call["params"] == {"temperature": 0.0, "max_tokens": 33, "stop": list(prompts.STUDENT_STOP_STRINGS),
-                              "stop_token_ids": sorted(prompts.end_token_ids(tok)), "seed": 0}
+    assert call["params"] == {
+        "temperature": 0.0,
+        "max_tokens": 33,
+        "stop": list(prompts.STUDENT_STOP_STRINGS),
+        "stop_token_ids": sorted(prompts.end_token_ids(tok)),
+        "seed": 0,
+    }
 
     peft_model = get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path / "epoch-1")
@@ -256,6 +301,7 @@ def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):
 
 # ---------------------------------------------------------------- the command
 
+
 @pytest.fixture(scope="module")
 def split_path(tmp_path_factory):
     train, held, settings = data.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
@@ -266,8 +312,23 @@ def test_cli_lm_eval_protocol_named_in_eval_json(tmp_path, tiny_gemma_dir):
     from q2g import cli
 
     out = tmp_path / "eval"
-    argv = ["--model", str(tiny_gemma_dir), "--no-math", "--data-dir", "packaged", "--ppl-protocol", "lm-eval",
-            "--ppl-max-tokens", "200", "--ppl-max-length", "64", "--ppl-stride", "32", "--out", str(out)]
+    argv = [
+        "--model",
+        str(tiny_gemma_dir),
+        "--no-math",
+        "--data-dir",
+        "packaged",
+        "--ppl-protocol",
+        "lm-eval",
+        "--ppl-max-tokens",
+        "200",
+        "--ppl-max-length",
+        "64",
+        "--ppl-stride",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert cli.call("evaluate", argv) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["ppl_protocol"] == result["ppl"]["protocol"] == result["eval_config"]["ppl_protocol"] == "lm-eval"
@@ -280,10 +341,24 @@ def test_cli_vllm_backend_uses_the_adapter_folder(tmp_path, tiny_gemma_dir, spli
 
     from q2g import cli
 
-    get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=8, target_modules=["v_proj"])) \
-        .save_pretrained(tmp_path / "adapter")
-    argv = ["--model", str(tiny_gemma_dir), "--adapter", str(tmp_path / "adapter"), "--split", str(split_path),
-            "--no-ppl", "--eval-backend", "vllm", "--eval-limit", "3", "--out", str(tmp_path / "eval")]
+    get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=8, target_modules=["v_proj"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    argv = [
+        "--model",
+        str(tiny_gemma_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--split",
+        str(split_path),
+        "--no-ppl",
+        "--eval-backend",
+        "vllm",
+        "--eval-limit",
+        "3",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert cli.call("evaluate", argv) == 0
     (call,) = fake_vllm.calls
     assert call["lora"].lora_path == str(tmp_path / "adapter") and len(call["prompts"]) == 3
@@ -300,18 +375,57 @@ def test_finetune_with_vllm_backend_and_lm_eval_protocol(tmp_path, tiny_gemma_di
     ds = tmp_path / "dataset"
     train, holdout, settings = data.select_split(data_dir="packaged", limit=5, seed=0)
     data.write_split(ds, train, holdout, settings)
-    (ds / "traces.jsonl").write_text("".join(json.dumps({**r, "qwen_trace": r["reference_solution"], "validated": True})
-                                             + "\n" for r in train))
+    (ds / "traces.jsonl").write_text(
+        "".join(json.dumps({**r, "qwen_trace": r["reference_solution"], "validated": True}) + "\n" for r in train)
+    )
     out = tmp_path / "ck"
-    argv = ["--base-model", str(tiny_gemma_dir), "--traces", str(ds), "--out", str(out), "--epochs", "2",
-            "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "128", "--warmup-ratio", "0", "--lr", "1e-3",
-            "--eval-limit", "2", "--eval-max-new-tokens", "8", "--ppl-max-tokens", "128", "--data-dir", "packaged",
-            "--eval-backend", "vllm", "--ppl-protocol", "lm-eval", "--ppl-max-length", "64", "--ppl-stride", "32"]
+    argv = [
+        "--base-model",
+        str(tiny_gemma_dir),
+        "--traces",
+        str(ds),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--max-seq-len",
+        "128",
+        "--warmup-ratio",
+        "0",
+        "--lr",
+        "1e-3",
+        "--eval-limit",
+        "2",
+        "--eval-max-new-tokens",
+        "8",
+        "--ppl-max-tokens",
+        "128",
+        "--data-dir",
+        "packaged",
+        "--eval-backend",
+        "vllm",
+        "--ppl-protocol",
+        "lm-eval",
+        "--ppl-max-length",
+        "64",
+        "--ppl-stride",
+        "32",
+    ]
     assert cli.call("finetune", argv) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert all(r["eval_backend"] == "vllm" and r["ppl_protocol"] == "lm-eval" and r["answer_format_rate"] == 1.0
-               and r["heldout_n"] == 2 and r["heldout_loss"] > 0 for r in rows)
+    assert all(
+        r["eval_backend"] == "vllm"
+        and r["ppl_protocol"] == "lm-eval"
+        and r["answer_format_rate"] == 1.0
+        and r["heldout_n"] == 2
+        and r["heldout_loss"] > 0
+        for r in rows
+    )
     assert rows[2]["heldout_loss"] != rows[0]["heldout_loss"]  # training moved it
     assert len(fake_vllm.built) == 1 and [c["lora"] is None for c in fake_vllm.calls] == [True, False, False]
     for call, epoch in zip(fake_vllm.calls[1:], (1, 2)):

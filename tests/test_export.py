@@ -14,14 +14,20 @@ from q2g.prompts import end_of_turn_text, student_prompt_ids, student_target_ids
 
 ROWS = [
     {"problem": "What is 2+3?", "qwen_trace": "2+3 = 5.\nThe final answer is $\\boxed{5}$.\n", "validated": True},
-    {"problem": "What is 7*6?", "qwen_trace": "Guess 41.\nThe final answer is $\\boxed{41}$.", "validated": False,
-     "reason": "wrong_answer"},
+    {
+        "problem": "What is 7*6?",
+        "qwen_trace": "Guess 41.\nThe final answer is $\\boxed{41}$.",
+        "validated": False,
+        "reason": "wrong_answer",
+    },
     {"problem": "Halve 48.", "qwen_trace": "<think>\n48/2 = 24\n</think>\n\nIt is $\\boxed{24}$.", "validated": True},
 ]
 ROWS = [{**r, "answer": "5", "source": "math"} for r in ROWS]  # the trace schema q2g generate writes
-GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-              "else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
-              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+    "else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 @pytest.fixture()
@@ -58,13 +64,18 @@ def test_messages_format_keeps_only_validated_traces_and_datasets_reads_it(datas
     assert not list(tmp_path.glob(".*.tmp-*"))  # written through a temporary file, then renamed
     data = load_dataset("json", data_files=str(out), split="train")
     assert data.column_names == ["messages"] and len(data) == 2
-    assert data[1]["messages"] == [{"role": "user", "content": "Halve 48."},
-                                   {"role": "assistant", "content": ROWS[2]["qwen_trace"]}]
+    assert data[1]["messages"] == [
+        {"role": "user", "content": "Halve 48."},
+        {"role": "assistant", "content": ROWS[2]["qwen_trace"]},
+    ]
 
 
 def test_no_validated_trace_is_an_error_naming_the_file(tmp_path, capsys):
     (tmp_path / "traces.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
-    assert cli.call("export", ["--traces", str(tmp_path), "--format", "messages", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert (
+        cli.call("export", ["--traces", str(tmp_path), "--format", "messages", "--out", str(tmp_path / "x.jsonl")])
+        == 2
+    )
     assert "traces.jsonl: none of the 1 traces is marked `validated: true`" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -76,11 +87,13 @@ def sft_dataset(model_dir, out, tmp_path, **config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", bf16=False, use_cpu=True,
-                     **config)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
-                         train_dataset=load_dataset("json", data_files=str(out), split="train"),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", bf16=False, use_cpu=True, **config)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=load_dataset("json", data_files=str(out), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     return trainer.train_dataset, trainer.processing_class
 
 
@@ -112,7 +125,7 @@ def test_trl_format_is_tokenized_by_sft_trainer_with_the_prompt_masked(dataset, 
         # With the end-of-turn as TRL's EOS the target is exactly q2g's, nothing appended.
         exact, _ = sft_dataset(model_dir, out, tmp_path, eos_token="<end_of_turn>")
         target = student_target_ids(tok, ROWS[0]["qwen_trace"])
-        assert labels(exact[0])[-len(target) - 1:] == [-100] + target
+        assert labels(exact[0])[-len(target) - 1 :] == [-100] + target
 
 
 def test_messages_format_renders_like_the_student_prompt_and_target(dataset, tmp_path, tiny_qwen_dir):
@@ -123,7 +136,7 @@ def test_messages_format_renders_like_the_student_prompt_and_target(dataset, tmp
     tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
     data, _ = sft_dataset(tiny_qwen_dir, out, tmp_path)
     expected = student_prompt_ids(tok, ROWS[0]["problem"]) + student_target_ids(tok, ROWS[0]["qwen_trace"])
-    assert data[0]["input_ids"][:len(expected)] == expected
+    assert data[0]["input_ids"][: len(expected)] == expected
 
 
 def test_export_rows_refuses_an_unknown_format():

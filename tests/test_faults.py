@@ -31,6 +31,7 @@ ROWS = [(0, 0, None), (1, 2, 16), (2, 4, 16)]  # (epoch, step, rank): 6 examples
 
 # ---------------------------------------------------------------- helpers
 
+
 class FillingDisk:
     """Stands in for q2g.io's `os`: after `budget` bytes, os.write writes what fits, then ENOSPC."""
 
@@ -61,6 +62,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- io
+
 
 def test_a_failed_append_or_replace_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "rows.jsonl"
@@ -93,12 +95,15 @@ def clean_generate(tmp_path_factory):
 
 
 def outputs(out: Path) -> dict:
-    return {name: (out / name).read_text() for name in ("traces.jsonl", "rejected.jsonl", "split.json", "holdout.jsonl")}
+    return {
+        name: (out / name).read_text() for name in ("traces.jsonl", "rejected.jsonl", "split.json", "holdout.jsonl")
+    }
 
 
 @pytest.mark.parametrize("share", [0.1, 0.3, 0.55, 0.8, 0.95])  # holdout.jsonl, an append, summary.json, ...
-def test_generate_disk_full_keeps_whole_batches_and_the_rerun_completes(share, clean_generate, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_generate_disk_full_keeps_whole_batches_and_the_rerun_completes(
+    share, clean_generate, tmp_path, monkeypatch, capsys
+):
     clean, total = clean_generate
     out = tmp_path / "ds"
     disk = FillingDisk(budget=int(total * share))
@@ -122,12 +127,30 @@ def test_generate_disk_full_keeps_whole_batches_and_the_rerun_completes(share, c
 
 # ---------------------------------------------------------------- evaluate
 
+
 def test_evaluate_disk_full_says_so_after_scoring(tiny_gemma_dir, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eval"
     monkeypatch.setattr(io, "os", FillingDisk(budget=0))
-    argv = ["--model", str(tiny_gemma_dir), "--split", str(dataset / "split.json"), "--data-dir", "packaged",
-            "--out", str(out), "--eval-limit", "1", "--eval-max-new-tokens", "2", "--ppl-max-tokens", "32",
-            "--ppl-max-length", "32", "--ppl-stride", "16"]
+    argv = [
+        "--model",
+        str(tiny_gemma_dir),
+        "--split",
+        str(dataset / "split.json"),
+        "--data-dir",
+        "packaged",
+        "--out",
+        str(out),
+        "--eval-limit",
+        "1",
+        "--eval-max-new-tokens",
+        "2",
+        "--ppl-max-tokens",
+        "32",
+        "--ppl-max-length",
+        "32",
+        "--ppl-stride",
+        "16",
+    ]
     assert cli.call("evaluate", argv) == 1
     err = capsys.readouterr().err
     assert f"error: disk full: {out / 'generations.jsonl'} (No space left on device)" in err and "Traceback" not in err
@@ -135,6 +158,7 @@ def test_evaluate_disk_full_says_so_after_scoring(tiny_gemma_dir, dataset, tmp_p
 
 
 # ---------------------------------------------------------------- finetune
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -147,10 +171,39 @@ def dataset(tmp_path_factory):
 
 
 def ft_argv(model, ds, out, *extra):
-    return ["--base-model", str(model), "--traces", str(ds), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-            "--grad-accum", "1", "--max-seq-len", "128", "--warmup-ratio", "0", "--lr", "1e-3", "--eval-limit", "1",
-            "--eval-max-new-tokens", "2", "--ppl-max-tokens", "32", "--ppl-max-length", "32", "--ppl-stride", "16",
-            "--data-dir", "packaged", *extra]
+    return [
+        "--base-model",
+        str(model),
+        "--traces",
+        str(ds),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--max-seq-len",
+        "128",
+        "--warmup-ratio",
+        "0",
+        "--lr",
+        "1e-3",
+        "--eval-limit",
+        "1",
+        "--eval-max-new-tokens",
+        "2",
+        "--ppl-max-tokens",
+        "32",
+        "--ppl-max-length",
+        "32",
+        "--ppl-stride",
+        "16",
+        "--data-dir",
+        "packaged",
+        *extra,
+    ]
 
 
 def key(rows):
@@ -228,16 +281,24 @@ sys.exit(cli.call("finetune", sys.argv[2:]))
 def run_with_fault(fault, model, ds, out, tmp_path):
     script = tmp_path / "fault.py"
     script.write_text(FAULT)
-    return subprocess.run([sys.executable, str(script), fault, *ft_argv(model, ds, out)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, str(script), fault, *ft_argv(model, ds, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+    )
 
 
-@pytest.mark.parametrize("where,rows_left", [
-    ("trainer_state", ROWS),  # checkpoint-4 whole but its trainer_state.json empty: checkpoint-2 is resumed
-    ("adapter", ROWS[:2]),  # epoch-2/ half written (beside, under a .tmp name)
-    ("metrics", ROWS[:2]),  # epoch 2's row: the append is cut back to epoch 1's
-    ("report", ROWS),       # after training: final/ is whole, the report is missing
-])
+@pytest.mark.parametrize(
+    "where,rows_left",
+    [
+        ("trainer_state", ROWS),  # checkpoint-4 whole but its trainer_state.json empty: checkpoint-2 is resumed
+        ("adapter", ROWS[:2]),  # epoch-2/ half written (beside, under a .tmp name)
+        ("metrics", ROWS[:2]),  # epoch 2's row: the append is cut back to epoch 1's
+        ("report", ROWS),  # after training: final/ is whole, the report is missing
+    ],
+)
 def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, dataset, reference, tmp_path, capsys):
     out = tmp_path / "ck"
     proc = run_with_fault(f"full:{where}", tiny_gemma_dir, dataset, out, tmp_path)
@@ -258,13 +319,17 @@ def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, datase
     check_finished(out, reference, tiny_gemma_dir)
 
 
-@pytest.mark.parametrize("where,rows_left,resumed_from", [
-    ("step", ROWS[:2], "checkpoint-2"),        # killed in the middle of step 4
-    ("eval", ROWS[:1], None),                  # killed while epoch 1 was being scored: trained again from scratch
-    ("checkpoint", ROWS, "checkpoint-2"),      # killed while checkpoint-4 was being written
-])
-def test_finetune_sigkill_then_resume(where, rows_left, resumed_from, tiny_gemma_dir, dataset, reference, tmp_path,
-                                      capsys):
+@pytest.mark.parametrize(
+    "where,rows_left,resumed_from",
+    [
+        ("step", ROWS[:2], "checkpoint-2"),  # killed in the middle of step 4
+        ("eval", ROWS[:1], None),  # killed while epoch 1 was being scored: trained again from scratch
+        ("checkpoint", ROWS, "checkpoint-2"),  # killed while checkpoint-4 was being written
+    ],
+)
+def test_finetune_sigkill_then_resume(
+    where, rows_left, resumed_from, tiny_gemma_dir, dataset, reference, tmp_path, capsys
+):
     out = tmp_path / "ck"
     proc = run_with_fault(f"kill:{where}", tiny_gemma_dir, dataset, out, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -282,9 +347,12 @@ def test_finetune_sigkill_at_a_random_moment_then_resume(tiny_gemma_dir, dataset
     report...); Q2G_KILL_SEED=<seed> replays a failure."""
     seed = int(os.environ.get("Q2G_KILL_SEED") or random.randrange(10**6))
     out = tmp_path / "ck"
-    proc = subprocess.Popen([sys.executable, "-m", "q2g.cli", "finetune", *ft_argv(tiny_gemma_dir, dataset, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "q2g.cli", "finetune", *ft_argv(tiny_gemma_dir, dataset, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:

@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from q2g import cli
 from transformers import AutoTokenizer
 
-from q2g import data, finetune, training
+from q2g import cli, data, finetune, training
 from q2g.sft_data import IGNORE_INDEX, Collator, build_example
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -22,6 +20,7 @@ PROBLEM, TRACE = "What is 2+3?", "2+3=5. The final answer is $\\boxed{5}$."
 
 
 # ---------------------------------------------------------------- examples and labels
+
 
 def test_label_mask_gemma_plain_format():
     tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-gemma3")
@@ -50,7 +49,7 @@ def test_truncation_keeps_prompt_and_cuts_trace(kind, n_prompt):
     full = build_example(tok, PROBLEM, TRACE, 1024)
     cut = build_example(tok, PROBLEM, TRACE, n_prompt + 5)
     assert cut["input_ids"] == full["input_ids"][: n_prompt + 5]
-    assert cut["labels"] == [IGNORE_INDEX] * n_prompt + full["input_ids"][n_prompt: n_prompt + 5]
+    assert cut["labels"] == [IGNORE_INDEX] * n_prompt + full["input_ids"][n_prompt : n_prompt + 5]
     assert build_example(tok, PROBLEM, TRACE, n_prompt) is None  # no room for one target token: skipped
     assert build_example(tok, PROBLEM, TRACE, n_prompt + 1)["labels"][-1] == full["input_ids"][n_prompt]
 
@@ -64,10 +63,26 @@ def test_collator_pads_right_with_masked_labels():
 
 def test_seed_command_line_parses():
     args, _ = finetune.parse(["--base-model", "google/gemma-7b", "--traces", "dataset/", "--epochs", "3"])
-    assert (args.base_model, args.traces, args.epochs, args.lora_r, args.lora_alpha) == ("google/gemma-7b", "dataset/", 3, 16, 32)
+    assert (args.base_model, args.traces, args.epochs, args.lora_r, args.lora_alpha) == (
+        "google/gemma-7b",
+        "dataset/",
+        3,
+        16,
+        32,
+    )
     assert (args.target_modules, args.lr, args.batch_size, args.grad_accum, args.optim) == (
-        ["q_proj", "v_proj"], 2e-4, 8, 4, "adamw_8bit")
-    assert (args.forgetting_budget, args.on_forgetting, args.max_seq_len, args.out) == (0.05, "flag", 1024, "checkpoints/")
+        ["q_proj", "v_proj"],
+        2e-4,
+        8,
+        4,
+        "adamw_8bit",
+    )
+    assert (args.forgetting_budget, args.on_forgetting, args.max_seq_len, args.out) == (
+        0.05,
+        "flag",
+        1024,
+        "checkpoints/",
+    )
 
 
 def test_precision_on_the_cpu_keeps_fp32_weights():
@@ -95,24 +110,52 @@ def test_traces_without_split_manifest_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- runs
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """split.json + holdout.jsonl + traces.jsonl (reference solutions; one row not validated)."""
     out = tmp_path_factory.mktemp("dataset")
     train, holdout, settings = data.select_split(data_dir="packaged", limit=5, seed=0)
     data.write_split(out, train, holdout, settings)
-    rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True, "teacher": "reference",
-             "backend": "reference"} for r in train]
+    rows = [
+        {**r, "qwen_trace": r["reference_solution"], "validated": True, "teacher": "reference", "backend": "reference"}
+        for r in train
+    ]
     rows[-1]["validated"] = False
     (out / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
 def argv(model, ds, out, *extra, epochs=2):
-    return ["--base-model", str(model), "--traces", str(ds), "--out", str(out), "--epochs", str(epochs),
-            "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "128", "--warmup-ratio", "0",
-            "--lr", "1e-3", "--eval-limit", "2", "--eval-max-new-tokens", "8", "--ppl-max-tokens", "128",
-            "--data-dir", "packaged", *extra]
+    return [
+        "--base-model",
+        str(model),
+        "--traces",
+        str(ds),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--max-seq-len",
+        "128",
+        "--warmup-ratio",
+        "0",
+        "--lr",
+        "1e-3",
+        "--eval-limit",
+        "2",
+        "--eval-max-new-tokens",
+        "8",
+        "--ppl-max-tokens",
+        "128",
+        "--data-dir",
+        "packaged",
+        *extra,
+    ]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -155,12 +198,16 @@ def test_two_epochs_write_a_row_per_evaluation(trained):
 def test_outputs_adapters_final_and_config(trained):
     out, _ = trained
     config = json.loads((out / "config.json").read_text())
-    assert (config["n_train_examples"], config["n_skipped_prompt_too_long"]) == (7, 4) and config["optim_used"] == "adamw_torch"  # no CUDA: 8-bit falls back
+    assert (config["n_train_examples"], config["n_skipped_prompt_too_long"]) == (7, 4) and config[
+        "optim_used"
+    ] == "adamw_torch"  # no CUDA: 8-bit falls back
     assert config["teachers"] == [{"teacher": "reference", "backend": "reference", "n": 12}]
     for name in ("epoch-1", "epoch-2", "final"):
         assert (out / name / "adapter_model.safetensors").exists() and (out / name / "tokenizer.json").exists()
     assert json.loads((out / "epoch-2" / "q2g_config.json").read_text())["epoch"] == 2
-    assert (out / "final" / "adapter_model.safetensors").read_bytes() == (out / "epoch-2" / "adapter_model.safetensors").read_bytes()
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == (
+        out / "epoch-2" / "adapter_model.safetensors"
+    ).read_bytes()
     assert json.loads((out / "final" / "selection.json").read_text())["adapter"] == "epoch-2"
     report = (out / "report.md").read_text()
     assert "| pass@1 overall |" in report and "| WikiText perplexity (token) |" in report
@@ -179,6 +226,7 @@ def test_adapter_changed_and_base_unchanged(trained):
 
 # ---------------------------------------------------------------- forgetting policies
 
+
 def fake_perplexity(monkeypatch, values):
     """Perplexity that follows `values` call by call (the real one barely moves on a random model)."""
     from q2g import evaluate
@@ -186,8 +234,7 @@ def fake_perplexity(monkeypatch, values):
     values = iter(values)
 
     def perplexity(model, tokenizer, text, cfg, progress=True, precision=None):
-        return {"token_perplexity": next(values), "word_perplexity": 1.0, "bits_per_byte": 1.0,
-                "n_tokens_scored": 128}
+        return {"token_perplexity": next(values), "word_perplexity": 1.0, "bits_per_byte": 1.0, "n_tokens_scored": 128}
 
     monkeypatch.setattr(evaluate, "perplexity", perplexity)
 
@@ -219,7 +266,11 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
     args = argv(tiny_gemma_dir, dataset, out, "--forgetting-budget", "0", "--on-forgetting", "reduce-rank")
     assert cli.call("finetune", args) == 0
     assert [(r["lora_rank"], r["epoch"], r["flagged"]) for r in metrics(out)] == [
-        (None, 0, False), (16, 1, True), (8, 1, False), (8, 2, False)]
+        (None, 0, False),
+        (16, 1, True),
+        (8, 1, False),
+        (8, 2, False),
+    ]
     adapter = json.loads((out / "rank-8" / "epoch-2" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)  # alpha / r kept at 2
     assert json.loads((out / "final" / "selection.json").read_text())["adapter"] == "rank-8/epoch-2"
@@ -244,8 +295,13 @@ def test_resume_after_kill(tiny_gemma_dir, dataset, tmp_path, capsys):
     out = tmp_path / "ck"
     script = tmp_path / "killed_run.py"
     script.write_text(KILL_AFTER_FIRST_SAVE)
-    proc = subprocess.run([sys.executable, str(script), *argv(tiny_gemma_dir, dataset, out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv(tiny_gemma_dir, dataset, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoint-2" / "trainer_state.json").exists() and not (out / "final").exists()
     assert [r["epoch"] for r in metrics(out)] == [0, 1]
@@ -261,6 +317,7 @@ def test_resume_after_kill(tiny_gemma_dir, dataset, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- input checks
+
 
 def test_holdout_leak_is_refused(tiny_gemma_dir, dataset, tmp_path, capsys):
     ds = tmp_path / "ds"
@@ -278,13 +335,21 @@ def test_holdout_leak_is_refused(tiny_gemma_dir, dataset, tmp_path, capsys):
     assert not (tmp_path / "ck").exists()
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "traces.jsonl: no traces (the file is empty)"),
-    ('{"problem": "p", "qwen_trace": "t", "answer": "1", "source": "gsm8k"}\n{not json\n', "traces.jsonl:2: not valid JSON"),
-    ('{"problem": "p", "answer": "1", "source": "gsm8k"}\n', "traces.jsonl:1: missing field(s) qwen_trace"),
-    ('{"problem": "p", "qwen_trace": "t", "answer": "1", "source": "gsm8k", "validated": false}\n',
-     "none of the 1 traces is marked `validated: true`"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "traces.jsonl: no traces (the file is empty)"),
+        (
+            '{"problem": "p", "qwen_trace": "t", "answer": "1", "source": "gsm8k"}\n{not json\n',
+            "traces.jsonl:2: not valid JSON",
+        ),
+        ('{"problem": "p", "answer": "1", "source": "gsm8k"}\n', "traces.jsonl:1: missing field(s) qwen_trace"),
+        (
+            '{"problem": "p", "qwen_trace": "t", "answer": "1", "source": "gsm8k", "validated": false}\n',
+            "none of the 1 traces is marked `validated: true`",
+        ),
+    ],
+)
 def test_bad_traces_file_names_file_and_line(tiny_gemma_dir, dataset, tmp_path, capsys, content, message):
     (tmp_path / "split.json").write_text((dataset / "split.json").read_text())
     traces = tmp_path / "traces.jsonl"

@@ -34,7 +34,8 @@ def test_next_rank_halves_until_min_rank():
 
 def rows(*flags):
     return [{"epoch": 0, "flagged": False}] + [
-        {"epoch": i + 1, "adapter": f"epoch-{i + 1}", "flagged": f} for i, f in enumerate(flags)]
+        {"epoch": i + 1, "adapter": f"epoch-{i + 1}", "flagged": f} for i, f in enumerate(flags)
+    ]
 
 
 def test_choose_final():
@@ -44,8 +45,12 @@ def test_choose_final():
     # reduce-rank: a later run within budget wins; if none is, the last within budget anywhere
     retrain = rows(False, True) + [{"epoch": 1, "adapter": "rank-8/epoch-1", "flagged": False}]
     assert choose_final(retrain, "reduce-rank")["adapter"] == "rank-8/epoch-1"
-    assert choose_final(rows(False, True) + [{"epoch": 1, "adapter": "rank-8/epoch-1", "flagged": True}],
-                        "reduce-rank")["adapter"] == "epoch-1"
+    assert (
+        choose_final(rows(False, True) + [{"epoch": 1, "adapter": "rank-8/epoch-1", "flagged": True}], "reduce-rank")[
+            "adapter"
+        ]
+        == "epoch-1"
+    )
     with pytest.raises(ValueError):
         choose_final(rows(False), "ignore")
 

@@ -14,18 +14,33 @@ from pathlib import Path
 
 import pytest
 
-from q2g import cli
-
 import q2g.generate as gen
-from q2g import backends
+from q2g import backends, cli
 from q2g.answers import is_correct
 from q2g.backends import Sample, stable_int
 from q2g.data import find_leaks, packaged_data_dir, read_split, select_split
 
 BASE = ["--data-dir", "packaged", "--limit", "10", "--seed", "0"]
-TRACE_FIELDS = {"problem", "qwen_trace", "answer", "source", "validated", "id", "problem_id", "sample", "subject",
-                "level", "teacher", "backend", "temperature", "top_p", "seed", "extracted_answer", "answer_rule",
-                "n_tokens"}
+TRACE_FIELDS = {
+    "problem",
+    "qwen_trace",
+    "answer",
+    "source",
+    "validated",
+    "id",
+    "problem_id",
+    "sample",
+    "subject",
+    "level",
+    "teacher",
+    "backend",
+    "temperature",
+    "top_p",
+    "seed",
+    "extracted_answer",
+    "answer_rule",
+    "n_tokens",
+}
 
 
 def read(path: Path) -> list[dict]:
@@ -43,6 +58,7 @@ def kind(problem_id: str) -> str:
 class ScriptedBackend:
     """Chosen texts: per problem all-correct (two distinct texts, one repeated), all-wrong,
     no answer, or correct but cut off by the token limit."""
+
     name = "scripted"
 
     def __init__(self):
@@ -55,9 +71,13 @@ class ScriptedBackend:
     @staticmethod
     def sample(problem, i):
         kind_ = kind(problem["id"])
-        boxed = "The final answer is $\\boxed{%s}$." % problem["answer"]
-        text = {"distinct": f"Attempt {i % 2}: work.\n{boxed}", "wrong": "So $\\boxed{987654321}$.",
-                "no_answer": "I am not sure what to do.", "truncated": f"Work... {boxed} and then"}[kind_]
+        boxed = "The final answer is $\\boxed{" + str(problem["answer"]) + "}$."
+        text = {
+            "distinct": f"Attempt {i % 2}: work.\n{boxed}",
+            "wrong": "So $\\boxed{987654321}$.",
+            "no_answer": "I am not sure what to do.",
+            "truncated": f"Work... {boxed} and then",
+        }[kind_]
         return Sample(text, n_tokens=10 + i, truncated=kind_ == "truncated")
 
 
@@ -75,20 +95,35 @@ def run(out, *extra) -> int:
 
 # ---------------------------------------------------------------- records
 
+
 def test_seed_command_line_is_accepted_with_the_documented_defaults():
     args = gen.parse(["--teacher", "Qwen/Qwen2.5-7B-Instruct", "--datasets", "gsm8k", "math"])
-    assert (args.teacher, args.datasets, args.backend, args.out) == \
-        ("Qwen/Qwen2.5-7B-Instruct", ["gsm8k", "math"], "hf", "dataset")
+    assert (args.teacher, args.datasets, args.backend, args.out) == (
+        "Qwen/Qwen2.5-7B-Instruct",
+        ["gsm8k", "math"],
+        "hf",
+        "dataset",
+    )
     assert (args.temperature, args.top_p, args.max_new_tokens, args.samples_per_problem) == (0.3, 0.95, 1024, 1)
-    assert (args.math_subjects, args.math_levels, args.holdout, args.holdout_fraction) == \
-        (["algebra", "counting_and_probability"], None, "random", 0.2)
+    assert (args.math_subjects, args.math_levels, args.holdout, args.holdout_fraction) == (
+        ["algebra", "counting_and_probability"],
+        None,
+        "random",
+        0.2,
+    )
 
 
 def test_scripted_teacher_keeps_distinct_correct_traces_and_rejects_the_rest(tmp_path, scripted):
     out = tmp_path / "ds"
     assert run(out, "--samples-per-problem", "3", "--batch-size", "5", "--api-key", "sk-secret") == 0
-    assert {p.name for p in out.iterdir()} == {"traces.jsonl", "rejected.jsonl", "split.json", "holdout.jsonl",
-                                               "summary.json", "config.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "traces.jsonl",
+        "rejected.jsonl",
+        "split.json",
+        "holdout.jsonl",
+        "summary.json",
+        "config.json",
+    }
     train = train_problems()
     assert len(train) == 24 and [len(c) for c in scripted.calls] == [5, 5, 5, 5, 4]
     traces, rejected = read(out / "traces.jsonl"), read(out / "rejected.jsonl")
@@ -98,8 +133,13 @@ def test_scripted_teacher_keeps_distinct_correct_traces_and_rejects_the_rest(tmp
         assert set(t) == TRACE_FIELDS and t["validated"] is True and kind(t["problem_id"]) == "distinct"
         assert t["id"] == f"{t['problem_id']}#s{t['sample']}" and t["sample"] in (0, 1)
         assert is_correct(t["qwen_trace"], t["answer"], t["source"]) and t["answer_rule"] == "boxed"
-        assert (t["backend"], t["teacher"], t["temperature"], t["top_p"], t["seed"]) == \
-            ("hf", "Qwen/Qwen2.5-7B-Instruct", 0.3, 0.95, 0)
+        assert (t["backend"], t["teacher"], t["temperature"], t["top_p"], t["seed"]) == (
+            "hf",
+            "Qwen/Qwen2.5-7B-Instruct",
+            0.3,
+            0.95,
+            0,
+        )
     expected = {"distinct": "duplicate", "wrong": "wrong_answer", "no_answer": "no_answer", "truncated": "truncated"}
     assert all(r["reason"] == expected[kind(r["problem_id"])] and r["validated"] is False for r in rejected)
     assert [r["sample"] for r in rejected if r["reason"] == "duplicate"] == [2] * kinds["distinct"]
@@ -132,8 +172,24 @@ def test_reference_backend_validates_every_shipped_problem(tmp_path):
 
 def test_official_test_holdout_never_gets_traces(tmp_path):
     out = tmp_path / "off"
-    assert cli.call("generate", ["--backend", "reference", "--data-dir", "packaged", "--limit", "20", "--holdout",
-                     "official-test", "--out", str(out)]) == 0
+    assert (
+        cli.call(
+            "generate",
+            [
+                "--backend",
+                "reference",
+                "--data-dir",
+                "packaged",
+                "--limit",
+                "20",
+                "--holdout",
+                "official-test",
+                "--out",
+                str(out),
+            ],
+        )
+        == 0
+    )
     manifest, traces = read_split(out), read(out / "traces.jsonl")
     assert all(e["id"].split("/")[1] == "test" or e["id"].startswith("math/test") for e in manifest["holdout"])
     assert len(traces) == 60 and find_leaks(traces, manifest) == []
@@ -148,6 +204,7 @@ def test_yaml_config_section_is_read(tmp_path):
 
 # ---------------------------------------------------------------- shards, settings, bad input
 
+
 def test_shards_are_disjoint_and_merge_into_the_unsharded_run(tmp_path, scripted, capsys):
     assert run(tmp_path / "all", "--samples-per-problem", "2") == 0
     sharded = tmp_path / "sharded"
@@ -156,8 +213,10 @@ def test_shards_are_disjoint_and_merge_into_the_unsharded_run(tmp_path, scripted
     assert run(sharded, "--samples-per-problem", "2", "--merge-shards") == 2
     assert "shard(s) 1/2 not complete" in capsys.readouterr().err
     assert run(sharded, "--samples-per-problem", "2", "--shard", "1/2") == 0
-    ids = [{r["problem_id"] for name in ("traces", "rejected") for r in read(sharded / f"{name}.shard-{i}-of-2.jsonl")}
-           for i in (0, 1)]
+    ids = [
+        {r["problem_id"] for name in ("traces", "rejected") for r in read(sharded / f"{name}.shard-{i}-of-2.jsonl")}
+        for i in (0, 1)
+    ]
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     assert ids[0] | ids[1] == {p["id"] for p in train_problems()}
     for name in ("traces.jsonl", "rejected.jsonl"):  # merged automatically by the last shard
@@ -201,7 +260,7 @@ def test_openai_backend_end_to_end_and_auth_failure(tmp_path, capsys):
     from test_backends import ChatServer
 
     gold = {p["problem"]: p["answer"] for p in train_problems(3)}
-    answer = lambda body: "\\boxed{%s}" % next(a for q, a in gold.items() if q in body["messages"][1]["content"])
+    answer = lambda body: "\\boxed{" + next(a for q, a in gold.items() if q in body["messages"][1]["content"]) + "}"
     server = ChatServer(script=[(429, {"Retry-After": "0"}, {"error": "rate limited"})], text=answer)
     try:
         args = ["--backend", "openai", "--base-url", server.url, "--data-dir", "packaged", "--limit", "3"]
@@ -217,6 +276,7 @@ def test_openai_backend_end_to_end_and_auth_failure(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- resume
+
 
 def test_torn_line_and_half_written_batch_are_repaired_on_rerun(tmp_path, scripted, monkeypatch):
     clean, cut = tmp_path / "clean", tmp_path / "cut"
@@ -246,19 +306,37 @@ gen_append = gen.append_jsonl
 
 
 def record_set(out: Path) -> set:
-    return {(r["id"], r["qwen_trace"], r.get("reason")) for name in ("traces.jsonl", "rejected.jsonl")
-            for r in read(out / name)}
+    return {
+        (r["id"], r["qwen_trace"], r.get("reason"))
+        for name in ("traces.jsonl", "rejected.jsonl")
+        for r in read(out / name)
+    }
 
 
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    args = ["generate", "--backend", "reference", "--data-dir", "packaged", "--limit", "20",
-            "--batch-size", "4", "--samples-per-problem", "2"]
+    args = [
+        "generate",
+        "--backend",
+        "reference",
+        "--data-dir",
+        "packaged",
+        "--limit",
+        "20",
+        "--batch-size",
+        "4",
+        "--samples-per-problem",
+        "2",
+    ]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert cli.call("generate", args[1:] + ["--out", str(clean)]) == 0
     env = {**os.environ, gen.DELAY_ENV: "0.3"}
     for lines in (12, 28):  # killed twice, the second time while resuming
-        proc = subprocess.Popen([sys.executable, "-m", "q2g.cli", *args, "--out", str(killed)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "q2g.cli", *args, "--out", str(killed)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         traces, deadline = killed / "traces.jsonl", time.time() + 60
         while time.time() < deadline and (not traces.exists() or len(traces.read_text().splitlines()) < lines):
             time.sleep(0.05)
@@ -276,10 +354,31 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
 
 # ---------------------------------------------------------------- a real (tiny, random) model
 
+
 def test_tiny_random_qwen_teacher_is_all_rejected(tmp_path, tiny_qwen_dir):
     out = tmp_path / "tiny"
-    assert cli.call("generate", ["--backend", "hf", "--teacher", str(tiny_qwen_dir), "--data-dir", "packaged", "--limit", "2",
-                     "--max-new-tokens", "8", "--samples-per-problem", "2", "--out", str(out)]) == 0
+    assert (
+        cli.call(
+            "generate",
+            [
+                "--backend",
+                "hf",
+                "--teacher",
+                str(tiny_qwen_dir),
+                "--data-dir",
+                "packaged",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--samples-per-problem",
+                "2",
+                "--out",
+                str(out),
+            ],
+        )
+        == 0
+    )
     assert (out / "traces.jsonl").read_text() == ""
     rejected = read(out / "rejected.jsonl")
     assert len(rejected) == 2 * len(train_problems(2)) == 12  # limit 2 per stratum: none held out

@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from q2g.sft_data import IGNORE_INDEX, Collator
 from q2g.loss import LabelOnlyLossTrainer, chunked_linear_cross_entropy, label_only_loss_sum, split_causal_lm
+from q2g.sft_data import IGNORE_INDEX, Collator
 
 TOL = 1e-5
 
@@ -20,8 +20,14 @@ def lora_model(folder, softcap=None, seed=0):
     if softcap is not None:
         model.config.final_logit_softcapping = softcap
     # init_lora_weights=False: B is random too, so the adapter's A gets a non-zero gradient
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+    )
     return get_peft_model(model, cfg)
 
 
@@ -124,12 +130,27 @@ def test_chunked_path_never_builds_full_logits(tiny_gemma_dir):
 
 def train_one_step(trainer_cls, path, tmp_path, collator=None, **kw):
     model = lora_model(path)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=1, learning_rate=1.0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-                             use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-                             remove_unused_columns=False, label_names=["labels"], train_sampling_strategy="sequential")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        train_sampling_strategy="sequential",
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = trainer_cls(model=model, args=args, train_dataset=examples(4), data_collator=collator or Collator(0), **kw)
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=examples(4), data_collator=collator or Collator(0), **kw
+    )
     trainer.train()
     delta = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
     loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
@@ -153,7 +174,9 @@ def test_packed_batches_train_the_same_step(tiny_gemma_dir, tmp_path):
     from q2g.batching import PackedCollator
 
     want_loss, want = train_one_step(Trainer, tiny_gemma_dir, tmp_path / "plain")
-    got_loss, got = train_one_step(LabelOnlyLossTrainer, tiny_gemma_dir, tmp_path / "packed", collator=PackedCollator())
+    got_loss, got = train_one_step(
+        LabelOnlyLossTrainer, tiny_gemma_dir, tmp_path / "packed", collator=PackedCollator()
+    )
     assert abs(got_loss - want_loss) <= TOL
     assert all((got[n] - want[n]).abs().max().item() <= TOL for n in want)
 

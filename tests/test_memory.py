@@ -9,8 +9,15 @@ from transformers import AutoModelForCausalLM, GemmaConfig
 
 from q2g.memory import TrainShape, activation_bytes, count_params, estimate, free_memory, lora_params, plan
 
-GEMMA_7B = GemmaConfig(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=16, head_dim=256)
+GEMMA_7B = GemmaConfig(
+    vocab_size=256000,
+    hidden_size=3072,
+    intermediate_size=24576,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=256,
+)
 
 
 def test_gemma_7b_by_hand():
@@ -33,7 +40,12 @@ def test_plan_turns_on_checkpointing_then_shrinks_the_batch():
     shape = TrainShape(batch_size=8, seq_len=1024)
     assert estimate(GEMMA_7B, shape)["activations"] == 8192 * 28 * 311_296  # 71.4 GB without checkpointing
     p = plan(GEMMA_7B, shape, free_bytes=80 * 10**9, grad_accum=4)
-    assert (p.action, p.shape.gradient_checkpointing, p.shape.batch_size, p.grad_accum) == ("gradient_checkpointing", True, 8, 4)
+    assert (p.action, p.shape.gradient_checkpointing, p.shape.batch_size, p.grad_accum) == (
+        "gradient_checkpointing",
+        True,
+        8,
+        4,
+    )
     assert p.need_bytes <= 0.9 * 80e9 and "--gradient-checkpointing" in p.message
     p = plan(GEMMA_7B, shape, free_bytes=24 * 10**9, grad_accum=4)  # 23.9 GB at batch 8, 21.8 at 4, 20.8 at 2
     assert (p.action, p.shape.batch_size, p.grad_accum) == ("smaller_batch", 2, 16)
@@ -77,8 +89,15 @@ def test_free_memory_on_cpu_is_positive():
 def test_gemma3_270m_logits_dominate():
     from transformers import Gemma3TextConfig
 
-    cfg = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    cfg = Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+    )
     # embed 262144*640 + 18 * (attn 1_638_400 + mlp 3_932_160 + norms 4*640 + 2*256) + final norm: the 268M model
     assert count_params(cfg) == 167_772_160 + 18 * (1_638_400 + 3_932_160 + 3_072) + 640 == 268_098_176
     shape = TrainShape(batch_size=8, seq_len=1024, label_only_loss=False)
@@ -93,8 +112,16 @@ def test_lora_params_all_linear_and_unknown_names():
 
     from q2g.memory import lora_params
 
-    c = SimpleNamespace(hidden_size=8, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=4, vocab_size=100, model_type="qwen2")
+    c = SimpleNamespace(
+        hidden_size=8,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        vocab_size=100,
+        model_type="qwen2",
+    )
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert lora_params(c, 4, ["all-linear"]) == lora_params(c, 4, every)
     # q: 8x8, k/v: 8x4, o: 8x8, gate/up: 8x32, down: 32x8 -> r * (in + out) summed, 2 layers

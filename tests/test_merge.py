@@ -4,11 +4,9 @@ import json
 import shutil
 
 import pytest
-
-from q2g import cli
 import torch
 
-from q2g import merge
+from q2g import cli
 
 # peft reads a property transformers 5 renamed (harmless); q2g's own code filters it the same way
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -21,8 +19,10 @@ def adapter(tiny_gemma_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gemma_dir),
-                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_gemma_dir),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -10,8 +10,11 @@ from q2g.errors import RunFailed
 def test_conversion_check_refuses_a_model_far_from_the_known_perplexity(tiny_gemma_dir):
     """A random model stands in for a broken conversion (the 5.17 GGUF loader gave ~600)."""
     model, tok = models.load_model(str(tiny_gemma_dir)), models.load_tokenizer(str(tiny_gemma_dir))
-    with pytest.raises(RunFailed, match=r"scores perplexity \d+\.\d on the shipped WikiText excerpt where a good "
-                                        r"conversion scores 14.48: transformers 5\.\d+"):
+    with pytest.raises(
+        RunFailed,
+        match=r"scores perplexity \d+\.\d on the shipped WikiText excerpt where a good "
+        r"conversion scores 14.48: transformers 5\.\d+",
+    ):
         models.check_demo_model(model, tok)
 
 

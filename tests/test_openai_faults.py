@@ -9,11 +9,11 @@ import re
 import time
 
 import pytest
+from test_backends import GSM8K, HANG, RESET, ChatServer, client  # the 127.0.0.1 server and client settings
 
 import q2g.generate as gen
 from q2g import cli
 from q2g.backends import BackendError
-from test_backends import GSM8K, HANG, RESET, ChatServer, client  # the 127.0.0.1 server and client settings
 
 PROBLEMS = [dict(GSM8K, id=f"p{i}", problem=f"Problem {i}") for i in range(3)]
 FAULTS = {  # name: (script entry, what the error of a problem that got only that says)
@@ -89,8 +89,24 @@ def test_generate_records_a_failed_problem_and_the_next_run_asks_again(chat_serv
     gold = {p["problem"]: p["answer"] for p in gen.select_split(data_dir="packaged", limit=3, seed=0)[0]}
     answer = lambda body: "\\boxed{" + next(a for q, a in gold.items() if q in body["messages"][1]["content"]) + "}"
     server = chat_server(script=[FAULTS["not_json"][0]], text=answer)
-    argv = ["--backend", "openai", "--base-url", server.url, "--data-dir", "packaged", "--limit", "3",
-            "--concurrency", "1", "--max-retries", "1", "--timeout", "5", "--out", str(tmp_path)]
+    argv = [
+        "--backend",
+        "openai",
+        "--base-url",
+        server.url,
+        "--data-dir",
+        "packaged",
+        "--limit",
+        "3",
+        "--concurrency",
+        "1",
+        "--max-retries",
+        "1",
+        "--timeout",
+        "5",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.call("generate", argv) == 1
     err = capsys.readouterr().err
     assert "1 problem(s) failed" in err and "not a chat completion" in err and "Rerun the same command" in err
@@ -102,8 +118,9 @@ def test_generate_records_a_failed_problem_and_the_next_run_asks_again(chat_serv
 
     assert cli.call("generate", argv) == 0  # the server answers now: only the failed problem is new
     traces = read(tmp_path / "traces.jsonl")
-    assert sorted(t["problem_id"] for t in traces) == sorted(p["id"] for p in gen.select_split(
-        data_dir="packaged", limit=3, seed=0)[0])
+    assert sorted(t["problem_id"] for t in traces) == sorted(
+        p["id"] for p in gen.select_split(data_dir="packaged", limit=3, seed=0)[0]
+    )
     assert failed["id"] in {t["id"] for t in traces}
     assert read(tmp_path / "rejected.jsonl") == []  # the failed record was replaced, not kept beside it
     summary = json.loads((tmp_path / "summary.json").read_text())

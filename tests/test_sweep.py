@@ -57,6 +57,7 @@ GRID = "    lora_r: [4, 8, 16]\n    target_modules: [[q_proj, v_proj], all-linea
 
 # ---------------------------------------------------------------- fakes (also used by the worker subprocesses)
 
+
 def fake_metrics(cfg) -> tuple[float, float]:
     """pass@1 and perplexity change from the settings: a bigger adapter learns more and forgets more."""
     size = cfg.lora_r * (4 if cfg.target_modules == ["all-linear"] else 1)
@@ -78,12 +79,26 @@ def fake_train(cfg, eval_cfg):
         (folder / "started").touch()
         time.sleep(600)  # killed here
     pass1, change = fake_metrics(cfg)
-    row = {"epoch": 1, "lora_rank": cfg.lora_r, "adapter": "epoch-1", "pass@1": pass1,
-           "pass@1_by_source": {"gsm8k": pass1}, "ppl_change": change, "token_perplexity": 10 * (1 + change),
-           "flagged": change > cfg.forgetting_budget, "train_s": 0.01, "train_loss": 1.0}
+    row = {
+        "epoch": 1,
+        "lora_rank": cfg.lora_r,
+        "adapter": "epoch-1",
+        "pass@1": pass1,
+        "pass@1_by_source": {"gsm8k": pass1},
+        "ppl_change": change,
+        "token_perplexity": 10 * (1 + change),
+        "flagged": change > cfg.forgetting_budget,
+        "train_s": 0.01,
+        "train_loss": 1.0,
+    }
     (folder / "final").mkdir(exist_ok=True)
-    return {"out": folder, "rows": [{"epoch": 0, "pass@1": 0.0}, row], "selection": {"adapter": "epoch-1"},
-            "report": None, "wall_s": 0.01}
+    return {
+        "out": folder,
+        "rows": [{"epoch": 0, "pass@1": 0.0}, row],
+        "selection": {"adapter": "epoch-1"},
+        "report": None,
+        "wall_s": 0.01,
+    }
 
 
 def fake_baseline(cfg, eval_cfg, path):
@@ -92,15 +107,18 @@ def fake_baseline(cfg, eval_cfg, path):
     return row
 
 
-WORKER = ("import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g import sweep; "
-          "sweep.run_sweep({config!r}, {out!r}, train=t.fake_train, baseline=t.fake_baseline)")
+WORKER = (
+    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g import sweep; "
+    "sweep.run_sweep({config!r}, {out!r}, train=t.fake_train, baseline=t.fake_baseline)"
+)
 
 
 def start_worker(config, out, **env) -> subprocess.Popen:
     code = WORKER.format(tests=str(TESTS), config=str(config), out=str(out))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def study_of(out: Path, name="q2g-sweep"):
@@ -117,6 +135,7 @@ def settings_of(rows) -> list[str]:
 
 # ---------------------------------------------------------------- the front
 
+
 def test_front_excludes_dominated_and_keeps_ties(tmp_path):
     s = sweep.load_sweep(write_config(tmp_path / "s.yaml", GRID), tmp_path / "out")
     s.out.mkdir()
@@ -124,11 +143,21 @@ def test_front_excludes_dominated_and_keeps_ties(tmp_path):
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8, 16])}
     points = [(0.5, 0.01), (0.5, 0.01), (0.4, 0.02), (0.6, 0.08), (0.3, 0.001), (0.3, 0.05)]
     for i, (acc, change) in enumerate(points):
-        row = {"trial": i, "settings": {"lora_r": 4}, "values": {"pass@1": acc, "ppl_change": change},
-               "pass@1": acc, "ppl_change": change, "over_budget": change > 0.05, "train_s": 1.0,
-               "adapter": f"trial-{i:03d}/final"}
-        study.add_trial(optuna.trial.create_trial(values=[acc, change], params={"lora_r": 4}, distributions=dist,
-                                                  user_attrs={"row": row}))
+        row = {
+            "trial": i,
+            "settings": {"lora_r": 4},
+            "values": {"pass@1": acc, "ppl_change": change},
+            "pass@1": acc,
+            "ppl_change": change,
+            "over_budget": change > 0.05,
+            "train_s": 1.0,
+            "adapter": f"trial-{i:03d}/final",
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[acc, change], params={"lora_r": 4}, distributions=dist, user_attrs={"row": row}
+            )
+        )
     result = sweep.write_outputs(study, s)
     # 2 is dominated by 0/1, 5 by 4; 0 and 1 tie (both kept); 3 is on the front though over budget
     assert result["front"] == {0, 1, 3, 4}
@@ -141,28 +170,34 @@ def test_front_excludes_dominated_and_keeps_ties(tmp_path):
 
 
 def test_best_within_budget_minimises_a_loss_objective():
-    rows = [{"trial": 0, "values": {"heldout_loss": 1.2}, "ppl_change": 0.01, "over_budget": False},
-            {"trial": 1, "values": {"heldout_loss": 1.0}, "ppl_change": 0.09, "over_budget": True},
-            {"trial": 2, "values": {"heldout_loss": 1.1}, "ppl_change": 0.04, "over_budget": False}]
+    rows = [
+        {"trial": 0, "values": {"heldout_loss": 1.2}, "ppl_change": 0.01, "over_budget": False},
+        {"trial": 1, "values": {"heldout_loss": 1.0}, "ppl_change": 0.09, "over_budget": True},
+        {"trial": 2, "values": {"heldout_loss": 1.1}, "ppl_change": 0.04, "over_budget": False},
+    ]
     assert sweep.best_within_budget(rows, ["heldout_loss", "ppl_change"])["trial"] == 2
     assert sweep.best_within_budget(rows[1:2], ["heldout_loss", "ppl_change"]) is None
 
 
 # ---------------------------------------------------------------- refused before anything runs
 
-@pytest.mark.parametrize("space, message", [
-    ("    lora_rank: [4, 8]\n", "sweep.space.lora_rank: not a finetune option (did you mean 'lora_r'?)"),
-    ("    lora_r: []\n", "sweep.space.lora_r: empty list: give at least one value"),
-    ("    lr: {low: 1.0e-3, high: 1.0e-4}\n", "sweep.space.lr: low (0.001) > high (0.0001)"),
-    ("    lr: {low: 0, high: 1.0e-3, log: true}\n", "sweep.space.lr: low: must be > 0, got 0"),
-    ("    lora_r: [4, 2.5]\n", "sweep.space.lora_r: value 2.5: must be an int, got 2.5"),
-    ("    optim: [adamw, sgd]\n", "sweep.space.optim: value 'sgd': 'sgd' is not one of adamw_8bit, adamw"),
-    ("    eval_limit: [2, 4]\n", "sweep.space.eval_limit: not a finetune option"),
-    ("    out: [a, b]\n", "sweep.space.out: is set by q2g sweep itself"),
-    ("    lora_alpha: [8]\n    lora_alpha_ratio: [1, 2]\n", "search lora_alpha or lora_alpha_ratio, not both"),
-    ("    lr: {low: 1.0e-4, high: 1.0e-3}\n", "sweep.space.lr: the grid sampler needs a list of values"),
-    ("    target_modules: {low: 1, high: 2}\n", "sweep.space.target_modules: a range needs a number option"),
-])
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("    lora_rank: [4, 8]\n", "sweep.space.lora_rank: not a finetune option (did you mean 'lora_r'?)"),
+        ("    lora_r: []\n", "sweep.space.lora_r: empty list: give at least one value"),
+        ("    lr: {low: 1.0e-3, high: 1.0e-4}\n", "sweep.space.lr: low (0.001) > high (0.0001)"),
+        ("    lr: {low: 0, high: 1.0e-3, log: true}\n", "sweep.space.lr: low: must be > 0, got 0"),
+        ("    lora_r: [4, 2.5]\n", "sweep.space.lora_r: value 2.5: must be an int, got 2.5"),
+        ("    optim: [adamw, sgd]\n", "sweep.space.optim: value 'sgd': 'sgd' is not one of adamw_8bit, adamw"),
+        ("    eval_limit: [2, 4]\n", "sweep.space.eval_limit: not a finetune option"),
+        ("    out: [a, b]\n", "sweep.space.out: is set by q2g sweep itself"),
+        ("    lora_alpha: [8]\n    lora_alpha_ratio: [1, 2]\n", "search lora_alpha or lora_alpha_ratio, not both"),
+        ("    lr: {low: 1.0e-4, high: 1.0e-3}\n", "sweep.space.lr: the grid sampler needs a list of values"),
+        ("    target_modules: {low: 1, high: 2}\n", "sweep.space.target_modules: a range needs a number option"),
+    ],
+)
 def test_bad_space_is_refused_before_anything_runs(tmp_path, capsys, space, message):
     config = write_config(tmp_path / "bad.yaml", space)
     out = tmp_path / "out"
@@ -191,12 +226,18 @@ def test_a_point_finetune_refuses_stops_the_sweep_before_it_starts(tmp_path, mon
     from q2g.finetune import FinetuneConfig
 
     def check(self):  # a cross-field rule, as a future FinetuneConfig.check might have
-        return ["lora_r 16 on all-linear is too big"] if (self.lora_r, self.target_modules) == (16, ["all-linear"]) else []
+        return (
+            ["lora_r 16 on all-linear is too big"]
+            if (self.lora_r, self.target_modules) == (16, ["all-linear"])
+            else []
+        )
 
     config = write_config(tmp_path / "s.yaml", GRID)
     sweep.load_sweep(config, tmp_path / "out")
     monkeypatch.setattr(FinetuneConfig, "check", check)
-    with pytest.raises(ConfigError, match=r"the point \{'lora_r': 16, 'target_modules': \['all-linear'\]\} is refused"):
+    with pytest.raises(
+        ConfigError, match=r"the point \{'lora_r': 16, 'target_modules': \['all-linear'\]\} is refused"
+    ):
         sweep.load_sweep(config, tmp_path / "out")
 
 
@@ -204,14 +245,16 @@ def test_alpha_ratio_and_list_choices_become_finetune_settings(tmp_path):
     space = "    lora_r: [4, 16]\n    lora_alpha_ratio: [2]\n    target_modules: [[q_proj, v_proj], all-linear]\n"
     s = sweep.load_sweep(write_config(tmp_path / "s.yaml", space), tmp_path / "out")
     assert s.target == 4 and list(s.dims["target_modules"].choices) == ["q_proj,v_proj", "all-linear"]
-    settings = sweep.trial_settings(s.dims, {"lora_r": 16, "lora_alpha_ratio": 2, "target_modules": "all-linear"},
-                                    s.finetune)
+    settings = sweep.trial_settings(
+        s.dims, {"lora_r": 16, "lora_alpha_ratio": 2, "target_modules": "all-linear"}, s.finetune
+    )
     assert settings == {"lora_r": 16, "target_modules": ["all-linear"], "lora_alpha": 32}
     cfg = s.finetune.replace(**settings)
     assert (cfg.lora_alpha, cfg.target_modules) == (32, ["all-linear"])
 
 
 # ---------------------------------------------------------------- resume, workers, duplicates
+
 
 def test_resume_after_sigkill_equals_an_uninterrupted_sweep(tmp_path):
     config = write_config(tmp_path / "s.yaml", GRID)
@@ -237,8 +280,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_sweep(tmp_path):
     attempts = (out / "trial-002" / "attempts.txt").read_text().splitlines()
     assert [a.split()[1] for a in attempts] == ["resume=False", "resume=True"]
 
-    printed = subprocess.run([sys.executable, "-m", "q2g.cli", "sweep", "--config", str(config), "--out", str(out)],
-                             env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True)
+    printed = subprocess.run(
+        [sys.executable, "-m", "q2g.cli", "sweep", "--config", str(config), "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+    )
     assert printed.returncode == 0 and "[sweep] trial" not in printed.stdout  # a third run: nothing left to do
     assert len(study_of(out).trials) == 6
 
@@ -284,8 +331,12 @@ def test_sqlite_storage_url(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
 def test_samplers_never_rerun_settings_and_stop_at_the_space_size(tmp_path, sampler):
-    config = write_config(tmp_path / "s.yaml", "    lora_r: [4, 8]\n    lora_dropout: [0.0, 0.1]\n", sampler=sampler,
-                          extra_sweep="  n_trials: 10\n")
+    config = write_config(
+        tmp_path / "s.yaml",
+        "    lora_r: [4, 8]\n    lora_dropout: [0.0, 0.1]\n",
+        sampler=sampler,
+        extra_sweep="  n_trials: 10\n",
+    )
     result = sweep.run_sweep(config, tmp_path / "out", train=fake_train, baseline=fake_baseline)
     assert len(result["rows"]) == 4 and len(set(settings_of(result["rows"]))) == 4
     study = study_of(tmp_path / "out")
@@ -312,6 +363,7 @@ def test_heldout_loss_objective_needs_the_metric(tmp_path):
 
 # ---------------------------------------------------------------- the real thing, tiny
 
+
 def test_shipped_demo_config_on_the_tiny_gemma(tmp_path, tiny_gemma_dir, capsys):
     """The shipped sweep demo with the tiny random Gemma3 as the student, 2 trials of 3 steps."""
     demo = (REPO / "src/q2g/configs/sweep_demo_gemma3-270m.yaml").read_text()
@@ -329,7 +381,9 @@ def test_shipped_demo_config_on_the_tiny_gemma(tmp_path, tiny_gemma_dir, capsys)
         assert metrics[0]["reused_from"] == str(out / "baseline.json")  # the baseline was scored once
         assert [m["epoch"] for m in metrics] == [0, 1] and metrics[1]["step"] == 3
         assert (Path(r["adapter"]) / "adapter_model.safetensors").exists()
-        assert r["values"] == {"heldout_loss": r["heldout_loss"], "ppl_change": r["ppl_change"]} and len(r["epochs"]) == 1
+        assert (
+            r["values"] == {"heldout_loss": r["heldout_loss"], "ppl_change": r["ppl_change"]} and len(r["epochs"]) == 1
+        )
         assert r["settings"]["lora_alpha"] == r["settings"]["lora_r"] * r["settings"]["lora_alpha_ratio"]
     assert rows[0]["settings"] != rows[1]["settings"]
     assert (out / "pareto.png").exists() and "Best within the budget" in (out / "pareto.md").read_text()

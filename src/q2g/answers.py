@@ -96,8 +96,10 @@ def last_boxed(text: str) -> str | None:
 
 # What may stand between boxes that together are one answer: `\boxed{2}, \boxed{3}`,
 # `$\boxed{1}$ and $\boxed{2}$`, `\boxed{a} \quad \text{or} \quad \boxed{b}`.
-_JOINER_RE = re.compile(r"(?:\s|[,;$]|\\[()\[\]]|\\q?quad|\\[,;: ]|\band\b|\bor\b"
-                        r"|\\text\{[^{}]{0,20}\b(?:and|or)\s*\})*")
+_JOINER_RE = re.compile(
+    r"(?:\s|[,;$]|\\[()\[\]]|\\q?quad|\\[,;: ]|\band\b|\bor\b"
+    r"|\\text\{[^{}]{0,20}\b(?:and|or)\s*\})*"
+)
 _MAX_BOXES = 8
 
 
@@ -143,8 +145,10 @@ _MATHY_RE = re.compile(r"[ \t]*(?:[-\d$]|\\[(\[])")  # `is $5$`, `is 5`; not `is
 # `the smallest $k$ is 12`; not `x = 5, since the sum is 7`
 _PROSE_IS_RE = re.compile(r"[A-Za-z][^\n=]{0,80}?\s(?:is|are|equals)\s+(?=[-\d$(\[\\])")
 _MATH_DELIMITERS = (  # opening string, closing pattern; `\$` is a dollar sign, not a delimiter
-    ("$$", re.compile(r"(?<!\\)\$\$")), ("$", re.compile(r"(?<!\\)\$")),
-    ("\\(", re.compile(r"\\\)")), ("\\[", re.compile(r"\\\]")),
+    ("$$", re.compile(r"(?<!\\)\$\$")),
+    ("$", re.compile(r"(?<!\\)\$")),
+    ("\\(", re.compile(r"\\\)")),
+    ("\\[", re.compile(r"\\\]")),
 )
 
 
@@ -153,8 +157,7 @@ def extract_answer(text: str, source: str, *, timeout: float | None = None) -> s
     return extract_answer_with_rule(text, source, timeout=timeout)[0]
 
 
-def extract_answer_with_rule(text: str, source: str, *, timeout: float | None = None
-                             ) -> tuple[str | None, str | None]:
+def extract_answer_with_rule(text: str, source: str, *, timeout: float | None = None) -> tuple[str | None, str | None]:
     """(answer, name of the rule that found it); (None, None) when no rule matches.
 
     MATH text no strict rule reads goes to math-verify's extraction (rules `mv_latex`, `mv_expr`)
@@ -187,8 +190,12 @@ def _gsm8k_spans(text: str):
 def _math_spans(text: str):
     stated = _last_match(_ANSWER_IS_RE, text)
     last_box = _last_match(_BOX_RE, text)
-    if (stated and stated.group(1) and (last_box is None or stated.start() > last_box.start())
-            and _MATHY_RE.match(text, stated.end())):
+    if (
+        stated
+        and stated.group(1)
+        and (last_box is None or stated.start() > last_box.start())
+        and _MATHY_RE.match(text, stated.end())
+    ):
         # `$.. = \boxed{255}$ .. The final answer is $10,455$.`: the model's last word counts
         yield "final_answer_is", _math_after(text, stated.end())
     yield "boxed_multi", boxed_together(text)
@@ -207,7 +214,7 @@ def _stated_spans(text: str, take):
 
 def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
     last = None
-    for last in pattern.finditer(text):
+    for last in pattern.finditer(text):  # noqa: B007  (the loop variable is the result)
         pass
     return last
 
@@ -301,16 +308,38 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
 # ---------------------------------------------------------------- MATH strings
 
 _REPLACEMENTS = (
-    ("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
-    ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
-    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\u00b0", ""),
-    ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-    ("\\ ", " "), ("~", " "),
+    ("\n", ""),
+    ("\\!", ""),
+    ("\\\\", "\\"),
+    ("tfrac", "frac"),
+    ("dfrac", "frac"),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("\\displaystyle", ""),
+    ("^{\\circ}", ""),
+    ("^\\circ", ""),
+    ("\\circ", ""),
+    ("\u00b0", ""),
+    ("\\$", ""),
+    ("$", ""),
+    ("\\%", ""),
+    ("%", ""),
+    ("\\,", ""),
+    ("\\;", ""),
+    ("\\:", ""),
+    ("\\ ", " "),
+    ("~", " "),
 )
-_RELATIONS = tuple((re.compile(pattern), new) for pattern, new in (  # one spelling per relation
-    (r"\\leq(?:slant)?(?![a-zA-Z])|<=", r"\\le"), (r"\\geq(?:slant)?(?![a-zA-Z])|>=", r"\\ge"),
-    (r"\\neq(?![a-zA-Z])|!=", r"\\ne"), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
-))
+_RELATIONS = tuple(
+    (re.compile(pattern), new)
+    for pattern, new in (  # one spelling per relation
+        (r"\\leq(?:slant)?(?![a-zA-Z])|<=", r"\\le"),
+        (r"\\geq(?:slant)?(?![a-zA-Z])|>=", r"\\ge"),
+        (r"\\neq(?![a-zA-Z])|!=", r"\\ne"),
+        (r"\\lt(?![a-zA-Z])", "<"),
+        (r"\\gt(?![a-zA-Z])", ">"),
+    )
+)
 _TEXT_CMDS = r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)"
 # Units are a trailing `\text{ cm}` (note the space, as in Hendrycks), maybe squared.
 _UNITS_RE = re.compile(_TEXT_CMDS + r"\{\s[^{}]*\}(?:\^\{?\d\}?)?$")
@@ -530,8 +559,9 @@ class _Worker:
         parent, child = socket.socketpair()
         code = f"import sys; sys.path.insert(0, {_SRC!r}); from q2g.answers import _serve; _serve({child.fileno()})"
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),),
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL
+            )
             self.conn = Connection(parent.detach())
         except (OSError, ValueError) as err:
             logger.warning("answer-check worker not started (%s); checking in a thread", err)

@@ -44,8 +44,9 @@ def padding_share(batches: list[list[int]]) -> float:
     return 1 - real / total if total else 0.0
 
 
-def trainer_order(lengths: list[int], batch_size: int, grad_accum: int = 1, strategy: str = "random",
-                  seed: int = 0) -> list[list[int]]:
+def trainer_order(
+    lengths: list[int], batch_size: int, grad_accum: int = 1, strategy: str = "random", seed: int = 0
+) -> list[list[int]]:
     """Row lengths per batch in the order the Trainer's sampler would give them (one epoch)."""
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -59,13 +60,15 @@ def trainer_order(lengths: list[int], batch_size: int, grad_accum: int = 1, stra
         order = list(range(len(lengths)))
     else:
         raise ValueError(f"strategy must be random, sequential or group_by_length, got {strategy!r}")
-    return [[lengths[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    return [[lengths[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
 
 
 def padding_report(lengths: list[int], batch_size: int, grad_accum: int = 1, seed: int = 0) -> dict:
     """Padding share of one epoch under the random and the length-grouped sampler."""
-    return {s: padding_share(trainer_order(lengths, batch_size, grad_accum, s, seed))
-            for s in ("random", "group_by_length")}
+    return {
+        s: padding_share(trainer_order(lengths, batch_size, grad_accum, s, seed))
+        for s in ("random", "group_by_length")
+    }
 
 
 def is_right_padded(attention_mask) -> bool:
@@ -116,8 +119,11 @@ class PackedCollator:
             ids += b["input_ids"]
             labels += [IGNORE_INDEX] + list(b["labels"][1:])
             positions += range(len(b["input_ids"]))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }
 
 
 GUARDED_SDPA = "sdpa_guarded"

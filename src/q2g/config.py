@@ -34,8 +34,14 @@ _MISSING = dataclasses.MISSING
 def option(default=_MISSING, *, help: str, choices=None, min=None, max=None, gt=None, flag: str | None = None):
     """A config field: `default` (a list default is copied per instance), `help` for --help,
     `choices` (also checked for every element of a list), `min`/`max` (inclusive), `gt` (exclusive)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "gt": gt,
-            "flag": flag}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "min": min,
+        "max": max,
+        "gt": gt,
+        "flag": flag,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -63,6 +69,7 @@ class Config:
 
 
 # ---------------------------------------------------------------- types and checks
+
 
 def field_kind(hint) -> tuple[type, bool, bool]:
     """(element type, is a list, may be None) of a field annotation such as `list[int] | None`."""
@@ -152,6 +159,7 @@ def field_problems(cls, values: dict, labels: dict) -> list[str]:
 
 # ---------------------------------------------------------------- YAML
 
+
 def _unique_key_loader():
     """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the
     last silently: a second `finetune:` section would replace the first whole)."""
@@ -198,12 +206,15 @@ def yaml_section(data: dict, section: str | None, path="config") -> tuple[dict, 
     """The stage's own mapping of a `q2g run` file (its `section`), or a flat file's scalar keys."""
     if section and section in data:
         if not isinstance(data[section], dict):
-            raise ConfigError(f"{path}: {section}: must be a mapping of option: value, got {type(data[section]).__name__}")
+            raise ConfigError(
+                f"{path}: {section}: must be a mapping of option: value, got {type(data[section]).__name__}"
+            )
         return data[section], f"{section}."
     return {k: v for k, v in data.items() if not isinstance(v, dict)}, ""
 
 
 # ---------------------------------------------------------------- command line
+
 
 def _flag(name: str, f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + name.replace("_", "-")
@@ -221,8 +232,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         elif kind is dict:  # --flag key=value, repeated; values read as YAML scalars
             kw.update(action="append", type=_key_value, metavar="KEY=VALUE")
         else:
-            kw.update(type=kind, metavar=(meta["choices"] and "{" + ",".join(map(str, meta["choices"])) + "}")
-                      or name.upper())
+            kw.update(
+                type=kind,
+                metavar=(meta["choices"] and "{" + ",".join(map(str, meta["choices"])) + "}") or name.upper(),
+            )
             if is_list:
                 kw["nargs"] = "+"
         parser.add_argument(_flag(name, f), **kw)
@@ -238,8 +251,9 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def build_parser(classes, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML file of options (keys as the flags); flags given here win")
     for cls in classes:
         add_options(parser, cls)
@@ -273,8 +287,11 @@ def load_config(classes, argv=None, *, prog: str, description: str | None = None
         values = normalise_keys(data, set(labels), path, prefix, prog)
         labels.update({k: f"{path}: {prefix}{k}" for k in values})
     for name, value in given.items():  # flags win; KEY=VALUE flags add to the file's mapping
-        values[name] = {**(values.get(name) or {}), **dict(value)} if isinstance(value, list) and value and \
-            isinstance(value[0], tuple) else value
+        values[name] = (
+            {**(values.get(name) or {}), **dict(value)}
+            if isinstance(value, list) and value and isinstance(value[0], tuple)
+            else value
+        )
     labels.update({k: _flag(k, fields_of_any(classes, k)) for k in given})
     problems = [p for cls in classes for p in field_problems(cls, values, labels)]
     if problems:

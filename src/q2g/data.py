@@ -24,8 +24,8 @@ import random
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from q2g.errors import DataError  # noqa: F401  (bad or missing input data: names file, line and field)
 
@@ -42,8 +42,6 @@ MATH_SUBJECTS = {
 DEFAULT_MATH_SUBJECTS = ("algebra", "counting_and_probability")
 DATA_DIR_ENV = "Q2G_DATA_DIR"
 SPLIT_VERSION = 1
-
-
 
 
 def packaged_data_dir() -> Path:
@@ -84,9 +82,12 @@ def read_jsonl_lines(path: Path, required: Iterable[str] = (), types: dict | Non
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 4]!r})") from None
-    return [(lineno, _jsonl_row(path, lineno, line, required, types))
-            for lineno, line in enumerate(text.split("\n"), 1) if line.strip()]
+        raise DataError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start : e.start + 4]!r})") from None
+    return [
+        (lineno, _jsonl_row(path, lineno, line, required, types))
+        for lineno, line in enumerate(text.split("\n"), 1)
+        if line.strip()
+    ]
 
 
 def _jsonl_row(path, lineno: int, line: str, required: tuple, types: dict) -> dict:
@@ -104,8 +105,10 @@ def _jsonl_row(path, lineno: int, line: str, required: tuple, types: dict) -> di
         value = row.get(key)
         if key in row and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
             names = "/".join(k.__name__ for k in kinds)
-            raise DataError(f"{path}:{lineno}: field {key!r} must be {names}, got {type(row[key]).__name__} "
-                            f"{json.dumps(row[key])[:40]}")
+            raise DataError(
+                f"{path}:{lineno}: field {key!r} must be {names}, got {type(row[key]).__name__} "
+                f"{json.dumps(row[key])[:40]}"
+            )
     return row
 
 
@@ -117,6 +120,7 @@ def _local_file(data_dir: Path, *parts: str) -> Path:
 
 
 # ---------------------------------------------------------------- GSM8K
+
 
 def gsm8k_gold(solution: str) -> str:
     """GSM8K's gold answer: the number after the last '####', commas removed."""
@@ -157,6 +161,7 @@ def _at_line(path, lineno: int, make, row: dict, *args) -> dict:
 
 
 # ---------------------------------------------------------------- MATH
+
 
 def subject_slug(name: str) -> str:
     """'Counting & Probability' / 'counting_and_probability' -> 'counting_and_probability'."""
@@ -201,8 +206,11 @@ def load_math(split="train", subjects=DEFAULT_MATH_SUBJECTS, levels=None, data_d
     records = []
     if local is not None:
         path = _local_file(local, "math", f"{split}.jsonl")
-        lines = read_jsonl_lines(path, required=("problem", "level", "type", "solution"),
-                                 types={"problem": str, "type": str, "solution": str})
+        lines = read_jsonl_lines(
+            path,
+            required=("problem", "level", "type", "solution"),
+            types={"problem": str, "type": str, "solution": str},
+        )
         counters: dict[str, int] = defaultdict(int)
         for lineno, row in lines:
             slug = _at_line(path, lineno, lambda r: subject_slug(r["type"]), row)
@@ -223,8 +231,10 @@ def load_math(split="train", subjects=DEFAULT_MATH_SUBJECTS, levels=None, data_d
 
 # ---------------------------------------------------------------- all problems
 
-def load_problems(datasets=SOURCES, split="train", math_subjects=DEFAULT_MATH_SUBJECTS,
-                  math_levels=None, data_dir=None) -> list[dict]:
+
+def load_problems(
+    datasets=SOURCES, split="train", math_subjects=DEFAULT_MATH_SUBJECTS, math_levels=None, data_dir=None
+) -> list[dict]:
     """The records of the chosen benchmarks, in a fixed order (source, then file order)."""
     records = []
     for name in datasets:
@@ -252,6 +262,7 @@ def _load_hub(repo: str, config: str, split: str) -> list[dict]:
 
 # ---------------------------------------------------------------- WikiText
 
+
 def load_wikitext(data_dir=None) -> str:
     """WikiText-103 raw test text: the non-empty rows, in order, LF line ends.
 
@@ -268,6 +279,7 @@ def load_wikitext(data_dir=None) -> str:
 
 
 # ---------------------------------------------------------------- holdout split
+
 
 def normalize_problem(text: str) -> str:
     """Problem text reduced for duplicate detection: NFKC, lower case, no whitespace or `$`."""
@@ -306,9 +318,13 @@ def split_holdout(records: list[dict], fraction: float = 0.2, seed: int = 0) -> 
 
 def make_manifest(train: list[dict], holdout: list[dict], settings: dict) -> dict:
     """The split manifest: settings, and id + problem hash of each side."""
+
     def side(rows):
-        return [{"id": r["id"], "hash": problem_hash(r["problem"]), "source": r["source"],
-                 "subject": r["subject"]} for r in rows]
+        return [
+            {"id": r["id"], "hash": problem_hash(r["problem"]), "source": r["source"], "subject": r["subject"]}
+            for r in rows
+        ]
+
     return {"version": SPLIT_VERSION, "settings": settings, "holdout": side(holdout), "train": side(train)}
 
 
@@ -355,7 +371,9 @@ def load_holdout(split_path) -> list[dict]:
     expected = {e["id"]: e["hash"] for e in manifest["holdout"]}
     got = {r["id"]: problem_hash(r["problem"]) for r in records}
     if got != expected:
-        raise DataError(f"{split_path.parent / 'holdout.jsonl'} does not match {split_path} (ids or problem hashes differ)")
+        raise DataError(
+            f"{split_path.parent / 'holdout.jsonl'} does not match {split_path} (ids or problem hashes differ)"
+        )
     return records
 
 
@@ -367,13 +385,27 @@ def find_leaks(records: Iterable[dict], manifest: dict) -> list[dict]:
     for record in records:
         h = problem_hash(record["problem"])
         if record.get("id") in ids or h in by_hash:
-            leaks.append({"id": record.get("id"), "holdout_id": by_hash.get(h, record.get("id")),
-                          "hash": h, "by": "id" if record.get("id") in ids else "problem_hash"})
+            leaks.append(
+                {
+                    "id": record.get("id"),
+                    "holdout_id": by_hash.get(h, record.get("id")),
+                    "hash": h,
+                    "by": "id" if record.get("id") in ids else "problem_hash",
+                }
+            )
     return leaks
 
 
-def select_split(datasets=SOURCES, math_subjects=DEFAULT_MATH_SUBJECTS, math_levels=None,
-                 holdout="random", fraction=0.2, seed=0, data_dir=None, limit=None) -> tuple[list[dict], list[dict], dict]:
+def select_split(
+    datasets=SOURCES,
+    math_subjects=DEFAULT_MATH_SUBJECTS,
+    math_levels=None,
+    holdout="random",
+    fraction=0.2,
+    seed=0,
+    data_dir=None,
+    limit=None,
+) -> tuple[list[dict], list[dict], dict]:
     """Load problems and split them -> (train, holdout, settings).
 
     holdout='random': a seeded `fraction` of the train split. holdout='official-test': the
@@ -390,10 +422,16 @@ def select_split(datasets=SOURCES, math_subjects=DEFAULT_MATH_SUBJECTS, math_lev
         train = [r for r in pool if r["id"] not in leaked]
     else:
         raise ValueError(f"holdout must be 'random' or 'official-test', got {holdout!r}")
-    settings = {"datasets": list(datasets), "math_subjects": [subject_slug(s) for s in math_subjects],
-                "math_levels": sorted(math_levels) if math_levels else None, "holdout": holdout,
-                "holdout_fraction": fraction, "seed": seed, "limit": limit,
-                "data_dir": str(resolve_data_dir(data_dir) or "hub")}
+    settings = {
+        "datasets": list(datasets),
+        "math_subjects": [subject_slug(s) for s in math_subjects],
+        "math_levels": sorted(math_levels) if math_levels else None,
+        "holdout": holdout,
+        "holdout_fraction": fraction,
+        "seed": seed,
+        "limit": limit,
+        "data_dir": str(resolve_data_dir(data_dir) or "hub"),
+    }
     return train, held, settings
 
 

@@ -42,7 +42,7 @@ class Generation:
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first: an OOM shows up at once)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def left_pad(rows: list[list[int]], pad_id: int):
@@ -52,8 +52,8 @@ def left_pad(rows: list[list[int]], pad_id: int):
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -86,11 +86,13 @@ def _stop_prefix(tokenizer, toks: list[int], end: set[int], stop_strings) -> int
     full = tokenizer.decode([t for t in toks if t not in end], skip_special_tokens=True)
     if not any(s in full for s in stop_strings):
         return None
-    return next(n for n in range(1, len(toks) + 1) if _has_stop(tokenizer, toks[:n], end, stop_strings)
-                or n == len(toks))
+    return next(
+        n for n in range(1, len(toks) + 1) if _has_stop(tokenizer, toks[:n], end, stop_strings) or n == len(toks)
+    )
 
 
 # ---------------------------------------------------------------- greedy: drop finished rows, refill
+
 
 class _Batch:
     """The running rows: their cache, 2-D attention mask over the shared timeline, positions."""
@@ -142,8 +144,9 @@ def _merge(run: _Batch | None, new: _Batch) -> _Batch:
     cache = _join_caches(run.cache, new.cache, la, lb)
     width = max(la, lb)
     mask = torch.cat([F.pad(run.mask, (width - la, 0)), F.pad(new.mask, (width - lb, 0))])
-    return _Batch(cache, mask, torch.cat([run.positions, new.positions]), run.rows + new.rows,
-                  torch.cat([run.last, new.last]))
+    return _Batch(
+        cache, mask, torch.cat([run.positions, new.positions]), run.rows + new.rows, torch.cat([run.last, new.last])
+    )
 
 
 def _keep(run: _Batch, keep: list[int]) -> _Batch:
@@ -192,14 +195,28 @@ def _step(model, run: _Batch) -> None:
     import torch
 
     run.mask = torch.cat([run.mask, run.mask.new_ones((len(run), 1))], dim=1)
-    out = model(input_ids=run.last[:, None], attention_mask=run.mask, position_ids=run.positions[:, None],
-                use_cache=True, **{_cache_kwarg(model): run.cache})
+    out = model(
+        input_ids=run.last[:, None],
+        attention_mask=run.mask,
+        position_ids=run.positions[:, None],
+        use_cache=True,
+        **{_cache_kwarg(model): run.cache},
+    )
     run.cache, run.positions = _out_cache(out), run.positions + 1
     run.last = out.logits[:, -1].float().argmax(-1)
 
 
-def generate_refill(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 512, end_ids=(),
-                    stop_strings=(), batch_size: int = 8, progress=None) -> list[Generation]:
+def generate_refill(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 512,
+    end_ids=(),
+    stop_strings=(),
+    batch_size: int = 8,
+    progress=None,
+) -> list[Generation]:
     """Greedy continuations; a finished row's slot is refilled with the next prompt at once.
     `progress(n_done_prompts, n_new_tokens)` is called as rows finish."""
     import torch
@@ -236,9 +253,21 @@ def generate_refill(model, tokenizer, prompts: list[list[int]], *, max_new_token
 
 # ---------------------------------------------------------------- static batches (sampling; reference)
 
-def generate_static(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 512,
-                    temperature: float = 0.0, top_p: float = 1.0, end_ids=(), stop_strings=(),
-                    batch_size: int = 8, seed: int = 0, progress=None) -> list[Generation]:
+
+def generate_static(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    end_ids=(),
+    stop_strings=(),
+    batch_size: int = 8,
+    seed: int = 0,
+    progress=None,
+) -> list[Generation]:
     """One `model.generate` per length-sorted batch; a batch runs until its longest row ends."""
     import torch
 
@@ -247,17 +276,25 @@ def generate_static(model, tokenizer, prompts: list[list[int]], *, max_new_token
     results: list[Generation | None] = [None] * len(prompts)
     for batch in length_batches([len(p) for p in prompts], batch_size):
         ids, mask = left_pad([prompts[i] for i in batch], pad_id)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        )
         if temperature > 0:
             torch.manual_seed(hash((seed, tuple(batch))) % 2**31)
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                eos_token_id=sorted(end), pad_token_id=pad_id,
-                stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
-                **sampling, top_k=None)
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(end),
+                pad_token_id=pad_id,
+                stop_strings=list(stop_strings) or None,
+                tokenizer=tokenizer if stop_strings else None,
+                **sampling,
+                top_k=None,
+            )
         n_batch_tokens = 0
-        for row, i in zip(out[:, ids.shape[1]:].tolist(), batch):
+        for row, i in zip(out[:, ids.shape[1] :].tolist(), batch):
             results[i] = _static_row(tokenizer, row, end, stop_strings)
             n_batch_tokens += results[i].n_tokens
         if progress:
@@ -277,10 +314,19 @@ def _static_row(tokenizer, row: list[int], end: set[int], stop_strings) -> Gener
 
 # generation_config fields that change greedy decoding in `model.generate` (Qwen2.5-Instruct ships
 # repetition_penalty 1.05): the refill loop is plain argmax, so such a model keeps model.generate.
-_LOGITS_PROCESSING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-                      "suppress_tokens": None, "begin_suppress_tokens": None, "min_new_tokens": None,
-                      "min_length": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
-                      "sequence_bias": None, "exponential_decay_length_penalty": None}
+_LOGITS_PROCESSING = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+}
 
 
 def plain_greedy(model) -> bool:
@@ -289,18 +335,47 @@ def plain_greedy(model) -> bool:
     return all(getattr(config, k, neutral) in (neutral, None) for k, neutral in _LOGITS_PROCESSING.items())
 
 
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 512,
-             temperature: float = 0.0, top_p: float = 1.0, end_ids=(), stop_strings=(),
-             batch_size: int = 8, seed: int = 0, progress=None) -> list[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    end_ids=(),
+    stop_strings=(),
+    batch_size: int = 8,
+    seed: int = 0,
+    progress=None,
+) -> list[Generation]:
     """Generate a continuation for each prompt: greedy by `generate_refill`, sampling (or a
     generation config that processes logits, see `plain_greedy`) by `generate_static`.
     `progress(n_done_prompts, n_new_tokens)` is called as prompts finish."""
     if temperature > 0 or not plain_greedy(model):
-        return generate_static(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, end_ids=end_ids, stop_strings=stop_strings, batch_size=batch_size,
-                               seed=seed, progress=progress)
-    return generate_refill(model, tokenizer, prompts, max_new_tokens=max_new_tokens, end_ids=end_ids,
-                           stop_strings=stop_strings, batch_size=batch_size, progress=progress)
+        return generate_static(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            end_ids=end_ids,
+            stop_strings=stop_strings,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+    return generate_refill(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        end_ids=end_ids,
+        stop_strings=stop_strings,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 # ---------------------------------------------------------------- vLLM (`--eval-backend vllm`)
@@ -339,30 +414,56 @@ def vllm_engine(base: str, *, dtype: str, lora_rank: int, gpu_memory_utilization
     held = _ENGINES.get((base, dtype))
     if held is None or held["max_lora_rank"] < need:
         _ENGINES.pop((base, dtype), None)
-        llm = vllm.LLM(model=base, tokenizer=base, dtype=dtype, seed=seed, enable_lora=True, max_lora_rank=need,
-                       max_loras=1, gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
+        llm = vllm.LLM(
+            model=base,
+            tokenizer=base,
+            dtype=dtype,
+            seed=seed,
+            enable_lora=True,
+            max_lora_rank=need,
+            max_loras=1,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=False,
+        )
         held = _ENGINES[(base, dtype)] = {"llm": llm, "max_lora_rank": need, "next_lora_id": 1}
     return held
 
 
-def generate_vllm(engine: dict, prompts: list[list[int]], *, max_new_tokens: int, end_ids=(), stop_strings=(),
-                  adapter_dir=None, seed: int = 0) -> list[Generation]:
+def generate_vllm(
+    engine: dict,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    end_ids=(),
+    stop_strings=(),
+    adapter_dir=None,
+    seed: int = 0,
+) -> list[Generation]:
     """Greedy continuations from a `vllm_engine`, with the LoRA adapter saved in `adapter_dir`
     (None: the base model). Every call gets a new LoRA id: vLLM caches an adapter by its id, and
     the same folder may hold new weights next time."""
     vllm, LoRARequest = import_vllm()
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop_strings) or None,
-                                 stop_token_ids=sorted(end_ids) or None, seed=seed)
+    params = vllm.SamplingParams(
+        temperature=0.0,
+        max_tokens=max_new_tokens,
+        stop=list(stop_strings) or None,
+        stop_token_ids=sorted(end_ids) or None,
+        seed=seed,
+    )
     lora = None
     if adapter_dir is not None:
         lora_id, engine["next_lora_id"] = engine["next_lora_id"], engine["next_lora_id"] + 1
         lora = LoRARequest(f"q2g-{lora_id}", lora_id, str(adapter_dir))
-    outputs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                     lora_request=lora)
+    outputs = engine["llm"].generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora
+    )
     results = []
     for out in outputs:
         c = out.outputs[0]
         text, _ = cut_at_stop(c.text, stop_strings)  # vLLM leaves the stop string out already
-        results.append(Generation(text=text, n_tokens=len(c.token_ids), stopped=c.finish_reason == "stop",
-                                  token_ids=list(c.token_ids)))
+        results.append(
+            Generation(
+                text=text, n_tokens=len(c.token_ids), stopped=c.finish_reason == "stop", token_ids=list(c.token_ids)
+            )
+        )
     return results

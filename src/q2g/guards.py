@@ -66,15 +66,20 @@ class NonFiniteGuard(TrainerCallback):
             p.grad = None
         self.skips += 1
         self.skipped_steps.append(step)
-        print(f"[finetune] step {step}: non-finite {what} ({value}); optimizer step skipped "
-              f"({self.skips} so far, {self.consecutive} in a row)", flush=True)
+        print(
+            f"[finetune] step {step}: non-finite {what} ({value}); optimizer step skipped "
+            f"({self.skips} so far, {self.consecutive} in a row)",
+            flush=True,
+        )
         return control
 
     def _fail(self, step: int, what: str, value: float, why: str = "") -> None:
         last = self.last_good_adapter or "none saved yet"
-        raise NonFiniteError(f"step {step}: non-finite {what} ({value}){why}; training stopped. "
-                             f"Last good adapter: {last}. Lower the learning rate, check the data, or "
-                             f"skip such steps (NonFiniteGuard(skip=True))")
+        raise NonFiniteError(
+            f"step {step}: non-finite {what} ({value}){why}; training stopped. "
+            f"Last good adapter: {last}. Lower the learning rate, check the data, or "
+            f"skip such steps (NonFiniteGuard(skip=True))"
+        )
 
     def metrics(self) -> dict:
         """Fields for the metrics row."""

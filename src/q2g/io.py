@@ -33,14 +33,16 @@ def write_failed(path, error: BaseException, hint: str = "") -> WriteFailed:
     """The error that reports a failed write of `path`."""
     full = isinstance(error, OSError) and error.errno in FULL_ERRNOS
     why = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
-    return WriteFailed(f"{'disk full' if full else 'write failed'}: {path} ({why}); the files written before it "
-                       f"are intact{'; ' + hint if hint else ''}")
+    return WriteFailed(
+        f"{'disk full' if full else 'write failed'}: {path} ({why}); the files written before it "
+        f"are intact{'; ' + hint if hint else ''}"
+    )
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     os.fsync(fd)
 
 
@@ -149,7 +151,10 @@ def read_jsonl_tolerant(path, repair: bool = False) -> list[dict]:
         except json.JSONDecodeError:
             if not (is_last and not raw.endswith(b"\n")) and not is_last:
                 raise ValueError(f"{path}:{i + 1}: not valid JSON (file corrupted?)") from None
-            warnings.warn(f"{path}:{i + 1}: dropping a torn last line ({len(line)} bytes) left by an interrupted run")
+            warnings.warn(
+                f"{path}:{i + 1}: dropping a torn last line ({len(line)} bytes) left by an interrupted run",
+                stacklevel=2,
+            )
             if repair:
                 try:
                     with open(path, "r+b") as f:
@@ -176,5 +181,8 @@ def settings_diff(path, config: dict, keys) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return [f"{path} is not valid JSON (a damaged output folder?)"]
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples vs lists, paths)
-    return [f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now" for k in keys
-            if norm(old.get(k)) != norm(config.get(k))]
+    return [
+        f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now"
+        for k in keys
+        if norm(old.get(k)) != norm(config.get(k))
+    ]

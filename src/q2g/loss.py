@@ -56,7 +56,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
-            hc, yc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            hc, yc = h[start : start + chunk_size], targets[start : start + chunk_size]
             z = hc @ weight.t()
             if bias is not None:
                 z = z + bias
@@ -74,7 +74,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 dz *= scale
             del logp, z
             if grad_h is not None:
-                grad_h[start:start + chunk_size] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[start : start + chunk_size] = (dz.to(weight.dtype) @ weight).to(h.dtype)
             if need_w:
                 grad_w += dz.t() @ hc.float()
             if need_b:
@@ -92,8 +92,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
-def chunked_linear_cross_entropy(h, weight, targets, bias=None, chunk_size: int = 1024,
-                                 softcap: float | None = None, scale: float = 1.0) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    h, weight, targets, bias=None, chunk_size: int = 1024, softcap: float | None = None, scale: float = 1.0
+) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy of logits transform(h @ W.T + b) against targets; fp32."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -113,12 +114,15 @@ def liger_linear_cross_entropy(h, weight, targets, bias=None, softcap: float | N
     except ImportError as e:
         raise ImportError("the fused loss needs Liger Kernel: pip install liger-kernel") from e
     kwargs = {"softcap": softcap} if softcap is not None else {}
-    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)(weight, h, targets, bias)
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)(
+        weight, h, targets, bias
+    )
     return out[0] if isinstance(out, tuple) else out
 
 
-def label_only_loss_sum(hidden, labels, lm_head, config, chunk_size: int = 1024,
-                        fused: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def label_only_loss_sum(
+    hidden, labels, lm_head, config, chunk_size: int = 1024, fused: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the shifted-label cross-entropy, number of label tokens) from the final hidden states.
 
     fused: "auto" = Liger's kernel on CUDA when installed (and the model has no logit scaling),
@@ -143,7 +147,9 @@ def split_causal_lm(model):
         decoder = getattr(lm, "model", None)
     head = lm.get_output_embeddings()
     if decoder is None or head is None:
-        raise TypeError(f"{type(lm).__name__}: cannot find the decoder and lm_head of this model for the label-only loss")
+        raise TypeError(
+            f"{type(lm).__name__}: cannot find the decoder and lm_head of this model for the label-only loss"
+        )
     return decoder, head, lm.config
 
 
@@ -158,14 +164,23 @@ class LabelOnlyLossTrainer(Trainer):
     in the batch, so the Trainer still counts non-padding tokens from it.
     """
 
-    def __init__(self, *args, loss_chunk_size: int = 1024, fused: str = "auto", nonfinite_guard=None,
-                 drop_right_padding_mask: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_chunk_size: int = 1024,
+        fused: str = "auto",
+        nonfinite_guard=None,
+        drop_right_padding_mask: bool = True,
+        **kwargs,
+    ):
         if nonfinite_guard is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
         super().__init__(*args, **kwargs)
         if self.args.world_size > 1:  # the decoder is called past the DDP/FSDP wrapper's forward
-            raise ValueError("LabelOnlyLossTrainer runs in one process (one GPU); use the plain Trainer "
-                             "(with use_liger_kernel=True) for multi-GPU runs")
+            raise ValueError(
+                "LabelOnlyLossTrainer runs in one process (one GPU); use the plain Trainer "
+                "(with use_liger_kernel=True) for multi-GPU runs"
+            )
         self.loss_chunk_size, self.fused, self.nonfinite_guard = loss_chunk_size, fused, nonfinite_guard
         self.drop_right_padding_mask = drop_right_padding_mask
 

@@ -48,8 +48,16 @@ def dims(config) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    return {"h": config.hidden_size, "I": config.intermediate_size, "L": config.num_hidden_layers,
-            "V": config.vocab_size, "heads": heads, "q": heads * head_dim, "kv": kv * head_dim, "head_dim": head_dim}
+    return {
+        "h": config.hidden_size,
+        "I": config.intermediate_size,
+        "L": config.num_hidden_layers,
+        "V": config.vocab_size,
+        "heads": heads,
+        "q": heads * head_dim,
+        "kv": kv * head_dim,
+        "head_dim": head_dim,
+    }
 
 
 def count_params(config) -> int:
@@ -58,7 +66,9 @@ def count_params(config) -> int:
     h, kind = d["h"], getattr(config, "model_type", "")
     qkv_bias = kind == "qwen2" or bool(getattr(config, "attention_bias", False))
     attn = h * d["q"] + 2 * h * d["kv"] + d["q"] * h + (d["q"] + 2 * d["kv"] if qkv_bias else 0)
-    norms = {"gemma3_text": 4 * h + 2 * d["head_dim"], "gemma3": 4 * h + 2 * d["head_dim"], "gemma2": 4 * h}.get(kind, 2 * h)
+    norms = {"gemma3_text": 4 * h + 2 * d["head_dim"], "gemma3": 4 * h + 2 * d["head_dim"], "gemma2": 4 * h}.get(
+        kind, 2 * h
+    )
     embed = d["V"] * h * (1 if getattr(config, "tie_word_embeddings", True) else 2)
     return embed + d["L"] * (attn + 3 * h * d["I"] + norms) + h
 
@@ -67,9 +77,15 @@ def lora_params(config, r: int, targets=("q_proj", "v_proj")) -> int:
     """LoRA parameters for `targets` ('all-linear': every projection of a decoder layer; a name
     this table does not know is counted as the largest projection, an overestimate on purpose)."""
     d = dims(config)
-    shape = {"q_proj": (d["h"], d["q"]), "k_proj": (d["h"], d["kv"]), "v_proj": (d["h"], d["kv"]),
-             "o_proj": (d["q"], d["h"]), "gate_proj": (d["h"], d["I"]), "up_proj": (d["h"], d["I"]),
-             "down_proj": (d["I"], d["h"])}
+    shape = {
+        "q_proj": (d["h"], d["q"]),
+        "k_proj": (d["h"], d["kv"]),
+        "v_proj": (d["h"], d["kv"]),
+        "o_proj": (d["q"], d["h"]),
+        "gate_proj": (d["h"], d["I"]),
+        "up_proj": (d["h"], d["I"]),
+        "down_proj": (d["I"], d["h"]),
+    }
     targets = list(shape) if list(targets) == ["all-linear"] else list(targets)
     largest = max(shape.values(), key=sum)
     return d["L"] * sum(r * sum(shape.get(t, largest)) for t in targets)
@@ -100,9 +116,12 @@ def logits_bytes(config, s: TrainShape) -> int:
 def estimate(config, s: TrainShape, n_params: int | None = None) -> dict:
     """Bytes per term and their total (see the module docstring)."""
     n = n_params if n_params is not None else count_params(config)
-    parts = {"weights": n * s.dtype_bytes,
-             "lora": lora_params(config, s.lora_r, s.target_modules) * (10 if s.optim_8bit else 16),
-             "activations": activation_bytes(config, s), "logits": logits_bytes(config, s)}
+    parts = {
+        "weights": n * s.dtype_bytes,
+        "lora": lora_params(config, s.lora_r, s.target_modules) * (10 if s.optim_8bit else 16),
+        "activations": activation_bytes(config, s),
+        "logits": logits_bytes(config, s),
+    }
     return {**parts, "total": sum(parts.values())}
 
 
@@ -129,19 +148,31 @@ def plan(config, s: TrainShape, free_bytes: int, grad_accum: int = 1, n_params: 
         return done("fits", s, grad_accum, f"fits: {need / GB:.1f} GB of {free_bytes / GB:.1f} GB free")
     ckpt = replace(s, gradient_checkpointing=True)
     if not s.gradient_checkpointing and estimate(config, ckpt, n_params)["total"] <= budget:
-        return done("gradient_checkpointing", ckpt, grad_accum,
-                    f"{need / GB:.1f} GB needed, {free_bytes / GB:.1f} GB free: turn on --gradient-checkpointing")
+        return done(
+            "gradient_checkpointing",
+            ckpt,
+            grad_accum,
+            f"{need / GB:.1f} GB needed, {free_bytes / GB:.1f} GB free: turn on --gradient-checkpointing",
+        )
     shape, accum = ckpt, grad_accum
     while shape.batch_size > 1:
         shape, accum = replace(shape, batch_size=shape.batch_size // 2), accum * 2
         if estimate(config, shape, n_params)["total"] <= budget:
-            return done("smaller_batch", shape, accum,
-                        f"{need / GB:.1f} GB needed, {free_bytes / GB:.1f} GB free: use --gradient-checkpointing "
-                        f"--batch-size {shape.batch_size} --grad-accum {accum}")
+            return done(
+                "smaller_batch",
+                shape,
+                accum,
+                f"{need / GB:.1f} GB needed, {free_bytes / GB:.1f} GB free: use --gradient-checkpointing "
+                f"--batch-size {shape.batch_size} --grad-accum {accum}",
+            )
     hint = "" if s.label_only_loss else "use the label-only loss (q2g.loss), "
-    return done("does_not_fit", shape, accum,
-                f"does not fit even at batch 1 with checkpointing ({estimate(config, shape, n_params)['total'] / GB:.1f} GB, "
-                f"{free_bytes / GB:.1f} GB free): {hint}shorten --max-seq-len, or use a bigger GPU")
+    return done(
+        "does_not_fit",
+        shape,
+        accum,
+        f"does not fit even at batch 1 with checkpointing ({estimate(config, shape, n_params)['total'] / GB:.1f} GB, "
+        f"{free_bytes / GB:.1f} GB free): {hint}shorten --max-seq-len, or use a bigger GPU",
+    )
 
 
 def free_memory(device: str = "cpu") -> int:

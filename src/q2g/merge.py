@@ -23,7 +23,9 @@ from q2g.config import Config, option
 from q2g.errors import BadInput, RunFailed
 
 DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
-PROBE_PROBLEM = "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?"
+PROBE_PROBLEM = (
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?"
+)
 
 
 class MergeError(BadInput):
@@ -48,8 +50,10 @@ def adapter_base(adapter: Path, base_model: str | None) -> str:
     if not adapter.is_dir():
         raise MergeError(f"--adapter {adapter}: no such folder")
     if not config_path.is_file():
-        raise MergeError(f"{adapter}: no adapter_config.json (is it a LoRA adapter folder? "
-                         f"final/ has none when no epoch stayed within the forgetting budget)")
+        raise MergeError(
+            f"{adapter}: no adapter_config.json (is it a LoRA adapter folder? "
+            f"final/ has none when no epoch stayed within the forgetting budget)"
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -66,9 +70,14 @@ def check_out(out: Path) -> None:
     """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge)."""
     if out.exists() and not out.is_dir():
         raise MergeError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not ((out / "merge_check.json").exists() or (out / "config.json").exists()):
-        raise MergeError(f"--out {out} holds other files and no merge_check.json; refusing to replace it "
-                         f"(choose another --out)")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not ((out / "merge_check.json").exists() or (out / "config.json").exists())
+    ):
+        raise MergeError(
+            f"--out {out} holds other files and no merge_check.json; refusing to replace it (choose another --out)"
+        )
 
 
 def refuse_quantized(base: str) -> None:
@@ -81,8 +90,10 @@ def refuse_quantized(base: str) -> None:
     quant = getattr(config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        raise MergeError(f"base model {base} is quantized ({method}); merging would round the adapter into "
-                         f"quantized weights. Merge into an unquantized bf16/fp32 copy (--base-model).")
+        raise MergeError(
+            f"base model {base} is quantized ({method}); merging would round the adapter into "
+            f"quantized weights. Merge into an unquantized bf16/fp32 copy (--base-model)."
+        )
 
 
 def probe_logits(model, ids):
@@ -120,8 +131,13 @@ def main(argv=None) -> int:
     from q2g.io import atomic_write_json, writes_to
     from q2g.models import check_model_name, load_model, load_tokenizer, pick_device, storage_dtype
 
-    args = load_config(MergeConfig, argv, prog="q2g merge", section="merge",
-                       description="Merge a LoRA adapter into its base model, checked on a probe.")
+    args = load_config(
+        MergeConfig,
+        argv,
+        prog="q2g merge",
+        section="merge",
+        description="Merge a LoRA adapter into its base model, checked on a probe.",
+    )
     adapter, out = Path(args.adapter), Path(args.out)
     check_out(out)
     base = adapter_base(adapter, args.base_model)
@@ -141,15 +157,29 @@ def main(argv=None) -> int:
         diff = (probe_logits(merged, ids) - reference).abs().max().item()
         atol = args.atol if args.atol is not None else DEFAULT_ATOL[args.precision]
         ok = diff <= atol
-        atomic_write_json(out / "merge_check.json", {"adapter": str(adapter), "base_model": base,
-                                                     "precision": args.precision, "probe_tokens": ids.shape[1],
-                                                     "max_abs_logit_diff": diff, "atol": atol, "ok": ok})
-    print(f"[merge] probe ({ids.shape[1]} tokens): max |logit(merged) - logit(base + adapter)| = {diff:.3g} "
-          f"(tolerance {atol:g}): {'OK' if ok else 'MISMATCH'}", flush=True)
+        atomic_write_json(
+            out / "merge_check.json",
+            {
+                "adapter": str(adapter),
+                "base_model": base,
+                "precision": args.precision,
+                "probe_tokens": ids.shape[1],
+                "max_abs_logit_diff": diff,
+                "atol": atol,
+                "ok": ok,
+            },
+        )
+    print(
+        f"[merge] probe ({ids.shape[1]} tokens): max |logit(merged) - logit(base + adapter)| = {diff:.3g} "
+        f"(tolerance {atol:g}): {'OK' if ok else 'MISMATCH'}",
+        flush=True,
+    )
     print(f"[merge] wrote {out}", flush=True)
     if not ok:
-        raise RunFailed(f"merged model's logits differ from base + adapter by {diff:.3g} > {atol:g}; "
-                        f"{out / 'merge_check.json'} has the numbers")
+        raise RunFailed(
+            f"merged model's logits differ from base + adapter by {diff:.3g} > {atol:g}; "
+            f"{out / 'merge_check.json'} has the numbers"
+        )
     return 0
 
 

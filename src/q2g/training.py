@@ -27,6 +27,7 @@ ADAPTER_CONFIG_NAME = "q2g_config.json"
 @dataclass
 class Run:
     """Everything the stage shares between the baseline, the callback and the retrains."""
+
     cfg: object  # finetune.FinetuneConfig
     eval_cfg: q2g_eval.EvalConfig
     out: Path
@@ -48,6 +49,7 @@ class Run:
 
 # ---------------------------------------------------------------- model and trainer
 
+
 def lora_targets(target_modules: list[str]):
     """peft's `target_modules`: a list of names, or the string 'all-linear' (every linear layer)."""
     return "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
@@ -60,8 +62,13 @@ def build_lora_model(model, rank: int, alpha: float, cfg):
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so the frozen embeddings stay frozen.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=lora_targets(cfg.target_modules))
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_targets(cfg.target_modules),
+    )
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
@@ -69,11 +76,31 @@ def build_lora_model(model, rank: int, alpha: float, cfg):
 
 # TrainingArguments that q2g's own options decide (they win over a `trainer:` entry of the same
 # name), and those its machinery needs as they are (resume by epoch, masked labels, token counts).
-FROM_Q2G_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps",
-                    "num_train_epochs", "max_steps", "optim", "seed", "bf16", "fp16", "use_cpu", "report_to",
-                    "gradient_checkpointing", "lr_scheduler_type", "train_sampling_strategy")
-FOR_Q2G_MACHINERY = ("output_dir", "remove_unused_columns", "label_names", "include_num_input_tokens_seen",
-                     "save_strategy", "logging_nan_inf_filter")
+FROM_Q2G_OPTIONS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "optim",
+    "seed",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "report_to",
+    "gradient_checkpointing",
+    "lr_scheduler_type",
+    "train_sampling_strategy",
+)
+FOR_Q2G_MACHINERY = (
+    "output_dir",
+    "remove_unused_columns",
+    "label_names",
+    "include_num_input_tokens_seen",
+    "save_strategy",
+    "logging_nan_inf_filter",
+)
 
 
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
@@ -83,24 +110,43 @@ def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int
 
     from q2g.errors import ConfigError
 
-    defaults = dict(save_total_limit=1,  # epoch-N/ keeps every adapter; checkpoint-* is for --resume
-                    logging_strategy="steps", logging_steps=max(1, steps_per_epoch // 10), logging_first_step=True,
-                    dataloader_pin_memory=device != "cpu")
-    ours = dict(per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-                learning_rate=cfg.lr, lr_scheduler_type="cosine",
-                warmup_steps=cfg.warmup_ratio,  # v5: a float in [0, 1) is a ratio of all steps
-                num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, optim=optim, seed=cfg.seed,
-                bf16=amp == "bf16", fp16=amp == "fp16", use_cpu=device == "cpu",
-                report_to=[r for r in cfg.report_to if r != "none"] or "none",
-                output_dir=str(run_dir), remove_unused_columns=False, label_names=["labels"],
-                include_num_input_tokens_seen="non_padding", save_strategy="epoch",
-                train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-                logging_nan_inf_filter=False)  # a NaN loss must be seen, not averaged away
+    defaults = dict(
+        save_total_limit=1,  # epoch-N/ keeps every adapter; checkpoint-* is for --resume
+        logging_strategy="steps",
+        logging_steps=max(1, steps_per_epoch // 10),
+        logging_first_step=True,
+        dataloader_pin_memory=device != "cpu",
+    )
+    ours = dict(
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,  # v5: a float in [0, 1) is a ratio of all steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        optim=optim,
+        seed=cfg.seed,
+        bf16=amp == "bf16",
+        fp16=amp == "fp16",
+        use_cpu=device == "cpu",
+        report_to=[r for r in cfg.report_to if r != "none"] or "none",
+        output_dir=str(run_dir),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="epoch",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        logging_nan_inf_filter=False,
+    )  # a NaN loss must be seen, not averaged away
     user = dict(cfg.trainer or {})
     taken = sorted(set(user) & set(ours))
     if taken:
-        print(f"[finetune] note: trainer field(s) {', '.join(taken)} are set by q2g's own options "
-              f"(see `q2g finetune --help`); the trainer: values are ignored", flush=True)
+        print(
+            f"[finetune] note: trainer field(s) {', '.join(taken)} are set by q2g's own options "
+            f"(see `q2g finetune --help`); the trainer: values are ignored",
+            flush=True,
+        )
     try:
         return TrainingArguments(**{**defaults, **user, **ours})
     except TypeError as e:  # an unknown field
@@ -113,8 +159,15 @@ def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int
 def tracker_scalars(row: dict) -> dict:
     """The evaluation fields of a metrics row, as scalars for TensorBoard / W&B / MLflow / Trackio
     (the `eval_` prefix is what the Trainer integrations file under eval/)."""
-    keys = ("pass@1", "token_perplexity", "word_perplexity", "bits_per_byte", "ppl_change", "heldout_loss",
-            "answer_format_rate")
+    keys = (
+        "pass@1",
+        "token_perplexity",
+        "word_perplexity",
+        "bits_per_byte",
+        "ppl_change",
+        "heldout_loss",
+        "answer_format_rate",
+    )
     out = {f"eval_{k}": float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}
     out.update({f"eval_pass@1/{k}": float(v) for k, v in (row.get("pass@1_by_source") or {}).items()})
     if row.get("pass@1") is not None:
@@ -125,6 +178,7 @@ def tracker_scalars(row: dict) -> dict:
 def latest_checkpoint(run_dir: Path) -> str | None:
     """The newest complete `checkpoint-<step>`: trainer_state.json is written last, and must parse
     (the Trainer writes it in place, so a kill or a full disk can leave it empty or cut)."""
+
     def complete(p: Path) -> bool:
         try:
             return p.name[11:].isdigit() and isinstance(json.loads((p / "trainer_state.json").read_text()), dict)
@@ -150,31 +204,41 @@ def save_adapter(model, tokenizer, folder: Path, config: dict) -> None:
 
 # ---------------------------------------------------------------- evaluation rows
 
+
 def evaluate(run: Run, model, gen_path: Path, adapter_dir: Path | None = None) -> dict:
     """pass@1 + perplexity of the in-memory model -> the evaluation fields of a metrics row."""
     from q2g.io import write_jsonl
 
     if run.records is None:
         return {"pass@1": None, "token_perplexity": None, "ppl_change": None, "flagged": False}
-    result = q2g_eval.evaluate_model(model, run.tokenizer, run.records, run.wikitext, run.eval_cfg,
-                                     precision=run.precision, adapter_dir=adapter_dir)
+    result = q2g_eval.evaluate_model(
+        model, run.tokenizer, run.records, run.wikitext, run.eval_cfg, precision=run.precision, adapter_dir=adapter_dir
+    )
     write_jsonl(gen_path, result["math"]["generations"])
     row = result["row"]
     change = forgetting.relative_change(run.baseline_ppl() or row["token_perplexity"], row["token_perplexity"])
-    return {**row, "ppl_change": change, "flagged": forgetting.over_budget(change, run.cfg.forgetting_budget),
-            "generations": str(gen_path.relative_to(run.out))}
+    return {
+        **row,
+        "ppl_change": change,
+        "flagged": forgetting.over_budget(change, run.cfg.forgetting_budget),
+        "generations": str(gen_path.relative_to(run.out)),
+    }
 
 
 def describe(row: dict, budget: float) -> str:
     if row.get("pass@1") is None:
         return "not evaluated (--no-eval)"
     by = ", ".join(f"{k} {v:.1%}" for k, v in row["pass@1_by_source"].items())
-    extra = "".join(f" | {label} {row[k]:{fmt}}" for k, label, fmt in (
-        ("heldout_loss", "held-out loss", ".4f"), ("answer_format_rate", "answer format", ".0%"))
-        if row.get(k) is not None)
-    return (f"pass@1 {row['pass@1']:.1%} ({by}){extra} | WikiText ppl {row['token_perplexity']:.3f}: "
-            f"{forgetting.verdict(row['ppl_change'], budget)} | eval {row['eval_s']:.0f} s "
-            f"({row['eval_problems_per_s']:.2f} problems/s, {row['eval_ppl_tokens_per_s']:.0f} ppl tok/s)")
+    extra = "".join(
+        f" | {label} {row[k]:{fmt}}"
+        for k, label, fmt in (("heldout_loss", "held-out loss", ".4f"), ("answer_format_rate", "answer format", ".0%"))
+        if row.get(k) is not None
+    )
+    return (
+        f"pass@1 {row['pass@1']:.1%} ({by}){extra} | WikiText ppl {row['token_perplexity']:.3f}: "
+        f"{forgetting.verdict(row['ppl_change'], budget)} | eval {row['eval_s']:.0f} s "
+        f"({row['eval_problems_per_s']:.2f} problems/s, {row['eval_ppl_tokens_per_s']:.0f} ppl tok/s)"
+    )
 
 
 def record(run: Run, row: dict) -> None:
@@ -193,17 +257,28 @@ def epoch_row(run: Run, state, model, rank: int, alpha: float, run_dir: Path, si
     t0, tokens0, step0 = since
     train_s, epoch = time.time() - t0, math.ceil(state.epoch - 1e-6)
     name = f"epoch-{epoch}"
-    save_adapter(model, run.tokenizer, run_dir / name,
-                 {**run.config, "lora_r": rank, "lora_alpha": alpha, "epoch": epoch, "step": state.global_step})
+    save_adapter(
+        model,
+        run.tokenizer,
+        run_dir / name,
+        {**run.config, "lora_r": rank, "lora_alpha": alpha, "epoch": epoch, "step": state.global_step},
+    )
     if run.records is not None:
         print(f"[finetune] epoch {epoch} (rank {rank}): evaluating...", flush=True)
     losses = [h["loss"] for h in state.log_history if "loss" in h and h["step"] > step0]
     tokens = state.num_input_tokens_seen - tokens0
-    return {"epoch": epoch, "step": state.global_step, "lora_rank": rank, "lora_alpha": alpha,
-            "adapter": str((run_dir / name).relative_to(run.out)),
-            "train_loss": sum(losses) / len(losses) if losses else None, "train_tokens": tokens,
-            "train_tokens_per_s": tokens / max(train_s, 1e-9), "train_s": train_s,
-            **evaluate(run, model, run_dir / "evals" / f"{name}.generations.jsonl", run_dir / name)}
+    return {
+        "epoch": epoch,
+        "step": state.global_step,
+        "lora_rank": rank,
+        "lora_alpha": alpha,
+        "adapter": str((run_dir / name).relative_to(run.out)),
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / max(train_s, 1e-9),
+        "train_s": train_s,
+        **evaluate(run, model, run_dir / "evals" / f"{name}.generations.jsonl", run_dir / name),
+    }
 
 
 def last_adapter(run: Run, rank: int) -> str | None:
@@ -220,6 +295,7 @@ def make_callback(run: Run, rank: int, alpha: float, run_dir: Path, guard=None):
     class EpochEval(TrainerCallback):
         """After every epoch: save epoch-N/, evaluate, write the metrics row, apply the policy.
         With several processes the main one does this and broadcasts the row."""
+
         trainer = None  # set by train_run: rows are logged to the trackers through it
 
         def log(self, row: dict) -> None:
@@ -248,11 +324,16 @@ def make_callback(run: Run, rank: int, alpha: float, run_dir: Path, guard=None):
                 record(run, row)
                 self.log(row)
             loss = f"loss {row['train_loss']:.4f}, " if row.get("train_loss") is not None else ""
-            print(f"[finetune] epoch {epoch} (rank {rank}): {loss}{row['train_tokens_per_s']:.0f} train tok/s | "
-                  f"{describe(row, run.cfg.forgetting_budget)}", flush=True)
+            print(
+                f"[finetune] epoch {epoch} (rank {rank}): {loss}{row['train_tokens_per_s']:.0f} train tok/s | "
+                f"{describe(row, run.cfg.forgetting_budget)}",
+                flush=True,
+            )
             if row["flagged"] and run.cfg.on_forgetting != "flag":
-                print(f"[finetune] forgetting budget exceeded: --on-forgetting {run.cfg.on_forgetting} ends this run",
-                      flush=True)
+                print(
+                    f"[finetune] forgetting budget exceeded: --on-forgetting {run.cfg.on_forgetting} ends this run",
+                    flush=True,
+                )
                 control.should_training_stop = True
             return control
 
@@ -261,6 +342,7 @@ def make_callback(run: Run, rank: int, alpha: float, run_dir: Path, guard=None):
 
 # ---------------------------------------------------------------- runs
 
+
 def load_base(run: Run):
     from q2g.models import load_model
 
@@ -268,9 +350,18 @@ def load_base(run: Run):
 
 
 def baseline_row(run: Run, model) -> dict:
-    return {"epoch": 0, "step": 0, "lora_rank": None, "lora_alpha": None, "adapter": None, "train_loss": None,
-            "train_tokens": 0, "train_tokens_per_s": None, "train_s": 0.0,
-            **evaluate(run, model, run.out / "evals" / "epoch-0.generations.jsonl")}
+    return {
+        "epoch": 0,
+        "step": 0,
+        "lora_rank": None,
+        "lora_alpha": None,
+        "adapter": None,
+        "train_loss": None,
+        "train_tokens": 0,
+        "train_tokens_per_s": None,
+        "train_s": 0.0,
+        **evaluate(run, model, run.out / "evals" / "epoch-0.generations.jsonl"),
+    }
 
 
 def baseline(run: Run):
@@ -314,17 +405,33 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         peft_model = build_lora_model(model if model is not None else load_base(run), rank, alpha, cfg)
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)
-        targs = training_arguments(cfg, run_dir, run.precision.autocast, run.config["optim_used"],
-                                   math.ceil(n_batches / cfg.grad_accum), run.config["device"])
-        guard = NonFiniteGuard(skip=cfg.skip_nonfinite, max_consecutive=cfg.max_nonfinite_skips,
-                               last_good_adapter=last_adapter(run, rank))
+        targs = training_arguments(
+            cfg,
+            run_dir,
+            run.precision.autocast,
+            run.config["optim_used"],
+            math.ceil(n_batches / cfg.grad_accum),
+            run.config["device"],
+        )
+        guard = NonFiniteGuard(
+            skip=cfg.skip_nonfinite, max_consecutive=cfg.max_nonfinite_skips, last_good_adapter=last_adapter(run, rank)
+        )
         callback = make_callback(run, rank, alpha, run_dir, guard)
-        kw = dict(model=peft_model, args=targs, train_dataset=run.examples, callbacks=[callback, guard],
-                  data_collator=Collator(run.tokenizer.pad_token_id), processing_class=run.tokenizer)
+        kw = dict(
+            model=peft_model,
+            args=targs,
+            train_dataset=run.examples,
+            callbacks=[callback, guard],
+            data_collator=Collator(run.tokenizer.pad_token_id),
+            processing_class=run.tokenizer,
+        )
         # The label-only chunked loss calls the decoder past the DDP wrapper, so several processes
         # use the Trainer's own loss (and its full logits).
-        trainer = (LabelOnlyLossTrainer(**kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard)
-                   if distributed.num_processes() == 1 else Trainer(**kw))
+        trainer = (
+            LabelOnlyLossTrainer(**kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard)
+            if distributed.num_processes() == 1
+            else Trainer(**kw)
+        )
         callback.trainer = trainer
         resume = latest_checkpoint(run_dir) if cfg.resume else None
         if resume:
@@ -332,8 +439,12 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
         trainer.train(resume_from_checkpoint=resume)
         del trainer, peft_model
     rows = [r for r in run.rows if r["lora_rank"] == rank]
-    result = {"rank": rank, "alpha": alpha, "epochs": [r["epoch"] for r in rows],
-              "over_budget": any(r["flagged"] for r in rows)}
+    result = {
+        "rank": rank,
+        "alpha": alpha,
+        "epochs": [r["epoch"] for r in rows],
+        "over_budget": any(r["flagged"] for r in rows),
+    }
     if distributed.is_main():
         atomic_write_json(done_file, result)
     distributed.wait()
@@ -354,8 +465,10 @@ def train_all(run: Run, model) -> None:
             return
         new_rank = forgetting.next_rank(rank, cfg.min_rank)
         if new_rank is None:
-            print(f"[finetune] rank {rank} is over budget and {rank // 2} < --min-rank {cfg.min_rank}: "
-                  f"no retrain left", flush=True)
+            print(
+                f"[finetune] rank {rank} is over budget and {rank // 2} < --min-rank {cfg.min_rank}: no retrain left",
+                flush=True,
+            )
             return
         print(f"[finetune] rank {rank} forgot too much: retraining from scratch at rank {new_rank}", flush=True)
         alpha, rank = forgetting.scaled_alpha(alpha, rank, new_rank), new_rank

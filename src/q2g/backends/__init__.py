@@ -86,8 +86,9 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-def thinking_sample(content: str, n_tokens: int, truncated: bool, *, reasoning: str | None = None,
-                    mode: str = DEFAULT_REASONING) -> Sample:
+def thinking_sample(
+    content: str, n_tokens: int, truncated: bool, *, reasoning: str | None = None, mode: str = DEFAULT_REASONING
+) -> Sample:
     """A Sample from a teacher's final content and its reasoning (given apart, or inline in `content`)."""
     if mode not in REASONING_MODES:
         raise ValueError(f"--reasoning must be one of {', '.join(REASONING_MODES)}, got {mode!r}")
@@ -120,17 +121,36 @@ def load_backend(name: str, args):
     if name == "hf":
         from q2g.backends.hf import HFBackend
 
-        return HFBackend(args.teacher, batch_size=args.batch_size, precision=args.precision,
-                         device=args.device, reasoning=reasoning, **sampling)
+        return HFBackend(
+            args.teacher,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            device=args.device,
+            reasoning=reasoning,
+            **sampling,
+        )
     if name == "vllm":
         from q2g.backends.vllm import VLLMBackend
 
-        return VLLMBackend(args.teacher, tensor_parallel_size=args.tensor_parallel_size,
-                           precision=args.precision, seed=args.seed, reasoning=reasoning, **sampling)
+        return VLLMBackend(
+            args.teacher,
+            tensor_parallel_size=args.tensor_parallel_size,
+            precision=args.precision,
+            seed=args.seed,
+            reasoning=reasoning,
+            **sampling,
+        )
     if name == "openai":
         from q2g.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(args.teacher, base_url=args.base_url, api_key=api_key(args),
-                             concurrency=args.concurrency, timeout=args.timeout,
-                             max_retries=args.max_retries, reasoning=reasoning, **sampling)
+        return OpenAIBackend(
+            args.teacher,
+            base_url=args.base_url,
+            api_key=api_key(args),
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+            reasoning=reasoning,
+            **sampling,
+        )
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

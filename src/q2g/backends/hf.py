@@ -29,9 +29,18 @@ def teacher_end_ids(tokenizer, model) -> list[int]:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, teacher: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 batch_size: int | None = None, precision: str = "auto", device: str = "auto",
-                 reasoning: str = DEFAULT_REASONING):
+    def __init__(
+        self,
+        teacher: str,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        device: str = "auto",
+        reasoning: str = DEFAULT_REASONING,
+    ):
         from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
 
         self.device = pick_device(device)
@@ -50,8 +59,14 @@ class HFBackend:
 
         prompts = [self.prompt_ids(p["problem"]) for p in problems for _ in range(k)]
         # The torch seed of a batch depends only on the run seed and the batch's problems.
-        outs = generate(self.model, self.tokenizer, prompts, end_ids=self.end_ids,
-                        batch_size=self.batch_size, seed=stable_seed(seed, *(p["id"] for p in problems)),
-                        **self.sampling)
+        outs = generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            end_ids=self.end_ids,
+            batch_size=self.batch_size,
+            seed=stable_seed(seed, *(p["id"] for p in problems)),
+            **self.sampling,
+        )
         samples = [thinking_sample(o.text, o.n_tokens, not o.stopped, mode=self.reasoning) for o in outs]
-        return [samples[i * k:(i + 1) * k] for i in range(len(problems))]
+        return [samples[i * k : (i + 1) * k] for i in range(len(problems))]

@@ -83,13 +83,25 @@ def tries(error, max_retries: int) -> int:
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, model: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 base_url: str | None = None, api_key: str | None = None, concurrency: int = 8,
-                 timeout: float = 600.0, max_retries: int = 6, reasoning: str = DEFAULT_REASONING):
+    def __init__(
+        self,
+        model: str,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 600.0,
+        max_retries: int = 6,
+        reasoning: str = DEFAULT_REASONING,
+    ):
         self.openai = import_openai()
         base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.client = self.openai.OpenAI(base_url=base_url, api_key=api_key or NO_KEY, timeout=timeout,
-                                         max_retries=max_retries)
+        self.client = self.openai.OpenAI(
+            base_url=base_url, api_key=api_key or NO_KEY, timeout=timeout, max_retries=max_retries
+        )
         self.url = base_url + "/chat/completions"
         self.model, self.reasoning = model, reasoning
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
@@ -116,8 +128,9 @@ class OpenAIBackend:
     def samples(self, problem: dict, k: int, seed: int) -> list[Sample]:
         out: list[Sample] = []
         while len(out) < k:
-            reply = self.create(teacher_messages(problem["problem"]), k - len(out),
-                                stable_seed(seed, problem["id"], len(out)))
+            reply = self.create(
+                teacher_messages(problem["problem"]), k - len(out), stable_seed(seed, problem["id"], len(out))
+            )
             if not getattr(reply, "choices", None):
                 raise ProblemError(f"{self.url} answered without choices: {str(reply)[:300]}")
             out += self.parse(reply)
@@ -127,23 +140,31 @@ class OpenAIBackend:
         messages = [c.message for c in reply.choices]
         texts = [getattr(m, "content", None) or "" for m in messages]
         reasoning = [getattr(m, "reasoning_content", None) or getattr(m, "reasoning", None) for m in messages]
-        tokens = split_tokens(getattr(reply.usage, "completion_tokens", None), [
-            (r or "") + t for r, t in zip(reasoning, texts)])
-        return [thinking_sample(t, n, c.finish_reason == "length", reasoning=r, mode=self.reasoning)
-                for t, r, n, c in zip(texts, reasoning, tokens, reply.choices)]
+        tokens = split_tokens(
+            getattr(reply.usage, "completion_tokens", None), [(r or "") + t for r, t in zip(reasoning, texts)]
+        )
+        return [
+            thinking_sample(t, n, c.finish_reason == "length", reasoning=r, mode=self.reasoning)
+            for t, r, n, c in zip(texts, reasoning, tokens, reply.choices)
+        ]
 
     def create(self, messages: list[dict], n: int, seed: int):
         """One chat completion (the SDK retries); errors turned into AuthError / BackendError / ProblemError."""
         openai = self.openai
         try:
-            return self.client.chat.completions.create(model=self.model, messages=messages, n=n, seed=seed,
-                                                       **self.sampling)
+            return self.client.chat.completions.create(
+                model=self.model, messages=messages, n=n, seed=seed, **self.sampling
+            )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise AuthError(f"{self.url} refused the request (HTTP {e.status_code}: {detail(e)}). "
-                            "Check --api-key, $OPENAI_API_KEY or $Q2G_API_KEY.") from None
+            raise AuthError(
+                f"{self.url} refused the request (HTTP {e.status_code}: {detail(e)}). "
+                "Check --api-key, $OPENAI_API_KEY or $Q2G_API_KEY."
+            ) from None
         except openai.NotFoundError as e:
-            raise BackendError(f"{self.url} answered HTTP 404 ({detail(e)}): check --base-url, and that "
-                               f"--teacher {self.model!r} is the model's name on that server") from None
+            raise BackendError(
+                f"{self.url} answered HTTP 404 ({detail(e)}): check --base-url, and that "
+                f"--teacher {self.model!r} is the model's name on that server"
+            ) from None
         except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
             # APITimeoutError is an APIConnectionError; 408/409 arrive as APIStatusError below.
             what = f"HTTP {e.status_code} {detail(e)}" if hasattr(e, "status_code") else f"{type(e).__name__}: {e}"

@@ -31,17 +31,31 @@ def import_vllm():
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, teacher: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 tensor_parallel_size: int = 1, precision: str = "auto", seed: int = 0,
-                 reasoning: str = DEFAULT_REASONING):
+    def __init__(
+        self,
+        teacher: str,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        tensor_parallel_size: int = 1,
+        precision: str = "auto",
+        seed: int = 0,
+        reasoning: str = DEFAULT_REASONING,
+    ):
         from q2g.models import resolve_model_path
 
         vllm = import_vllm()
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
         self.vllm = vllm
-        self.llm = vllm.LLM(model=resolve_model_path(teacher), tensor_parallel_size=tensor_parallel_size,
-                            dtype=DTYPES[precision], seed=seed, trust_remote_code=False)
+        self.llm = vllm.LLM(
+            model=resolve_model_path(teacher),
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=DTYPES[precision],
+            seed=seed,
+            trust_remote_code=False,
+        )
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         self.reasoning = reasoning
@@ -52,12 +66,13 @@ class VLLMBackend:
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         # Greedy decoding gives k identical samples; ask for one (older vLLM refuses n > 1 there).
         n = 1 if self.sampling["temperature"] == 0 else k
-        params = [self.vllm.SamplingParams(n=n, seed=stable_seed(seed, p["id"]), **self.sampling)
-                  for p in problems]
+        params = [self.vllm.SamplingParams(n=n, seed=stable_seed(seed, p["id"]), **self.sampling) for p in problems]
         outputs = self.llm.generate([self.prompt(p["problem"]) for p in problems], params, use_tqdm=False)
         result = []
         for out in outputs:
-            samples = [thinking_sample(c.text, len(c.token_ids), c.finish_reason == "length", mode=self.reasoning)
-                       for c in out.outputs]
+            samples = [
+                thinking_sample(c.text, len(c.token_ids), c.finish_reason == "length", mode=self.reasoning)
+                for c in out.outputs
+            ]
             result.append((samples * k)[:k] if n == 1 else samples)
         return result
