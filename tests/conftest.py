@@ -68,6 +68,21 @@ def tiny_gemma_dir(tmp_path_factory):
     return build_tiny("gemma3", tmp_path_factory.mktemp("tiny-gemma3"))
 
 
+def reference_dataset(out: Path, limit: int, **extra) -> Path:
+    """A stage-1 folder as the `reference` teacher writes it: split.json + holdout.jsonl +
+    traces.jsonl (the packaged problems' own solutions, all validated; `extra` fields added)."""
+    import json
+
+    from q2g import data
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, holdout, settings = data.select_split(data_dir="packaged", limit=limit, seed=0)
+    data.write_split(out, train, holdout, settings)
+    rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True, **extra} for r in train]
+    (out / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 @pytest.fixture()
 def copy_dir(tmp_path):
     def _copy(src: Path, name: str = "copy") -> Path:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import reference_dataset
 
-from q2g import cli, data
+from q2g import cli
 
 GEN = ["--backend", "reference", "--data-dir", "packaged", "--limit", "2", "--out", "$OUT"]
 EVAL = [
@@ -732,12 +733,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dataset")
-    train, holdout, settings = data.select_split(data_dir="packaged", limit=3, seed=0)
-    data.write_split(out, train, holdout, settings)
-    rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True} for r in train]
-    (out / "traces.jsonl").write_text(jl(*rows))
-    return out
+    return reference_dataset(tmp_path_factory.mktemp("dataset"), limit=3)
 
 
 @pytest.fixture(scope="module")

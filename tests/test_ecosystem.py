@@ -10,20 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_dataset
 
-from q2g import cli, data
+from q2g import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dataset")
-    train, holdout, settings = data.select_split(data_dir="packaged", limit=5, seed=0)
-    data.write_split(out, train, holdout, settings)
-    rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True} for r in train]
-    (out / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
+    return reference_dataset(tmp_path_factory.mktemp("dataset"), limit=5)
 
 
 def argv(model, ds, out, *extra):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_dataset
 
 from q2g import data, decoding, evaluate, models, prompts, sft_data
 from q2g.evaluate import EvalConfig
@@ -372,12 +373,7 @@ def test_finetune_with_vllm_backend_and_lm_eval_protocol(tmp_path, tiny_gemma_di
     base model, then each epoch's adapter (the weights saved in epoch-N/) as a LoRARequest."""
     from q2g import cli
 
-    ds = tmp_path / "dataset"
-    train, holdout, settings = data.select_split(data_dir="packaged", limit=5, seed=0)
-    data.write_split(ds, train, holdout, settings)
-    (ds / "traces.jsonl").write_text(
-        "".join(json.dumps({**r, "qwen_trace": r["reference_solution"], "validated": True}) + "\n" for r in train)
-    )
+    ds = reference_dataset(tmp_path / "dataset", limit=5)
     out = tmp_path / "ck"
     argv = [
         "--base-model",

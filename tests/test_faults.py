@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import reference_dataset
 
-from q2g import cli, data, io, training
+from q2g import cli, io, training
 
 ROWS = [(0, 0, None), (1, 2, 16), (2, 4, 16)]  # (epoch, step, rank): 6 examples / batch 4 = 2 steps an epoch
 
@@ -162,12 +163,7 @@ def test_evaluate_disk_full_says_so_after_scoring(tiny_gemma_dir, dataset, tmp_p
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dataset")
-    train, holdout, settings = data.select_split(data_dir="packaged", limit=4, seed=0)
-    data.write_split(out, train, holdout, settings)
-    rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True} for r in train]
-    (out / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
+    return reference_dataset(tmp_path_factory.mktemp("dataset"), limit=4)
 
 
 def ft_argv(model, ds, out, *extra):

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import reference_dataset
 from transformers import AutoTokenizer
 
-from q2g import cli, data, finetune, training
+from q2g import cli, finetune, training
 from q2g.sft_data import IGNORE_INDEX, Collator, build_example
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -114,13 +115,8 @@ def test_traces_without_split_manifest_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """split.json + holdout.jsonl + traces.jsonl (reference solutions; one row not validated)."""
-    out = tmp_path_factory.mktemp("dataset")
-    train, holdout, settings = data.select_split(data_dir="packaged", limit=5, seed=0)
-    data.write_split(out, train, holdout, settings)
-    rows = [
-        {**r, "qwen_trace": r["reference_solution"], "validated": True, "teacher": "reference", "backend": "reference"}
-        for r in train
-    ]
+    out = reference_dataset(tmp_path_factory.mktemp("dataset"), limit=5, teacher="reference", backend="reference")
+    rows = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
     rows[-1]["validated"] = False
     (out / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
