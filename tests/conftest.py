@@ -83,6 +83,28 @@ def reference_dataset(out: Path, limit: int, **extra) -> Path:
     return out
 
 
+# A seconds-long finetune of a tiny model on a reference dataset (tests override what they need).
+TINY_FINETUNE = dict(
+    epochs=2,
+    batch_size=4,
+    grad_accum=1,
+    max_seq_len=128,
+    warmup_ratio=0,
+    lr="1e-3",
+    eval_limit=2,
+    eval_max_new_tokens=8,
+    ppl_max_tokens=128,
+    data_dir="packaged",
+)
+
+
+def finetune_argv(model, ds, out, *extra, **settings) -> list[str]:
+    """`q2g finetune` flags: the model, the traces folder, --out, TINY_FINETUNE updated by
+    `settings` (underscored names), then `extra` as given."""
+    flags = {"base_model": model, "traces": ds, "out": out, **TINY_FINETUNE, **settings}
+    return [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))] + list(extra)
+
+
 @pytest.fixture()
 def copy_dir(tmp_path):
     def _copy(src: Path, name: str = "copy") -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_dataset
+from conftest import finetune_argv, reference_dataset
 
 from q2g import cli
 
@@ -23,39 +23,18 @@ def dataset(tmp_path_factory):
 
 
 def argv(model, ds, out, *extra):
-    return [
-        "--base-model",
-        str(model),
-        "--traces",
-        str(ds),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "1",
-        "--max-seq-len",
-        "256",
-        "--warmup-ratio",
-        "0",
-        "--lr",
-        "1e-3",
-        "--eval-limit",
-        "2",
-        "--eval-max-new-tokens",
-        "4",
-        "--ppl-max-tokens",
-        "64",
-        "--ppl-max-length",
-        "64",
-        "--ppl-stride",
-        "32",
-        "--data-dir",
-        "packaged",
+    return finetune_argv(
+        model,
+        ds,
+        out,
         *extra,
-    ]
+        batch_size=2,
+        max_seq_len=256,
+        eval_max_new_tokens=4,
+        ppl_max_tokens=64,
+        ppl_max_length=64,
+        ppl_stride=32,
+    )
 
 
 def metrics(out: Path) -> list[dict]:

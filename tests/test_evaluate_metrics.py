@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_dataset
+from conftest import finetune_argv, reference_dataset
 
 from q2g import data, decoding, evaluate, models, prompts, sft_data
 from q2g.evaluate import EvalConfig
@@ -375,42 +375,9 @@ def test_finetune_with_vllm_backend_and_lm_eval_protocol(tmp_path, tiny_gemma_di
 
     ds = reference_dataset(tmp_path / "dataset", limit=5)
     out = tmp_path / "ck"
-    argv = [
-        "--base-model",
-        str(tiny_gemma_dir),
-        "--traces",
-        str(ds),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--max-seq-len",
-        "128",
-        "--warmup-ratio",
-        "0",
-        "--lr",
-        "1e-3",
-        "--eval-limit",
-        "2",
-        "--eval-max-new-tokens",
-        "8",
-        "--ppl-max-tokens",
-        "128",
-        "--data-dir",
-        "packaged",
-        "--eval-backend",
-        "vllm",
-        "--ppl-protocol",
-        "lm-eval",
-        "--ppl-max-length",
-        "64",
-        "--ppl-stride",
-        "32",
-    ]
+    argv = finetune_argv(
+        tiny_gemma_dir, ds, out, eval_backend="vllm", ppl_protocol="lm-eval", ppl_max_length=64, ppl_stride=32
+    )
     assert cli.call("finetune", argv) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]

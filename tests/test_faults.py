@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import reference_dataset
+from conftest import finetune_argv, reference_dataset
 
 from q2g import cli, io, training
 
@@ -167,39 +167,17 @@ def dataset(tmp_path_factory):
 
 
 def ft_argv(model, ds, out, *extra):
-    return [
-        "--base-model",
-        str(model),
-        "--traces",
-        str(ds),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--max-seq-len",
-        "128",
-        "--warmup-ratio",
-        "0",
-        "--lr",
-        "1e-3",
-        "--eval-limit",
-        "1",
-        "--eval-max-new-tokens",
-        "2",
-        "--ppl-max-tokens",
-        "32",
-        "--ppl-max-length",
-        "32",
-        "--ppl-stride",
-        "16",
-        "--data-dir",
-        "packaged",
+    return finetune_argv(
+        model,
+        ds,
+        out,
         *extra,
-    ]
+        eval_limit=1,
+        eval_max_new_tokens=2,
+        ppl_max_tokens=32,
+        ppl_max_length=32,
+        ppl_stride=16,
+    )
 
 
 def key(rows):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import reference_dataset
+from conftest import finetune_argv, reference_dataset
 from transformers import AutoTokenizer
 
 from q2g import cli, finetune, training
@@ -123,35 +123,7 @@ def dataset(tmp_path_factory):
 
 
 def argv(model, ds, out, *extra, epochs=2):
-    return [
-        "--base-model",
-        str(model),
-        "--traces",
-        str(ds),
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--max-seq-len",
-        "128",
-        "--warmup-ratio",
-        "0",
-        "--lr",
-        "1e-3",
-        "--eval-limit",
-        "2",
-        "--eval-max-new-tokens",
-        "8",
-        "--ppl-max-tokens",
-        "128",
-        "--data-dir",
-        "packaged",
-        *extra,
-    ]
+    return finetune_argv(model, ds, out, *extra, epochs=epochs)
 
 
 def metrics(out: Path) -> list[dict]:
