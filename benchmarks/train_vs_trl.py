@@ -97,12 +97,12 @@ def q2g_trainer(args, model, tok, bf16, out):
         lora_alpha=LORA["lora_alpha"],
         lora_dropout=LORA["lora_dropout"],
         target_modules=LORA["target_modules"],
-        trainer={"save_strategy": "no", "logging_steps": 10**6},
+        trainer={"logging_steps": 10**6},
     )
     examples, _ = build_dataset(tok, rows(args.n_examples), args.seq_len)
     peft_model = build_lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg)
     targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
-    targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g saves per epoch for --resume)
+    targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g's own setting, per epoch, is for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)
     return LabelOnlyLossTrainer(
         model=peft_model,

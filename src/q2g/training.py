@@ -74,35 +74,6 @@ def build_lora_model(model, rank: int, alpha: float, cfg):
         return get_peft_model(model, config)
 
 
-# TrainingArguments that q2g's own options decide (they win over a `trainer:` entry of the same
-# name), and those its machinery needs as they are (resume by epoch, masked labels, token counts).
-FROM_Q2G_OPTIONS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "warmup_steps",
-    "num_train_epochs",
-    "max_steps",
-    "optim",
-    "seed",
-    "bf16",
-    "fp16",
-    "use_cpu",
-    "report_to",
-    "gradient_checkpointing",
-    "lr_scheduler_type",
-    "train_sampling_strategy",
-)
-FOR_Q2G_MACHINERY = (
-    "output_dir",
-    "remove_unused_columns",
-    "label_names",
-    "include_num_input_tokens_seen",
-    "save_strategy",
-    "logging_nan_inf_filter",
-)
-
-
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
     """TrainingArguments from q2g's options, the user's `trainer:` fields and q2g's fixed ones.
     An unknown field or a value TrainingArguments refuses is a ConfigError naming it."""
@@ -117,6 +88,8 @@ def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int
         logging_first_step=True,
         dataloader_pin_memory=device != "cpu",
     )
+    # What q2g's own options decide, and what its machinery needs as it is (resume by epoch, masked
+    # labels, token counts, NaN losses seen): these win over a `trainer:` entry of the same name.
     ours = dict(
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
