@@ -39,7 +39,7 @@ def load(args):
     path = args.model
     if args.tiny:
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import build_tiny
+        from helpers import build_tiny
 
         path = str(build_tiny("gemma3", Path(tempfile.mkdtemp()) / "tiny-gemma3"))
     bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
@@ -212,7 +212,7 @@ def print_table(args, results: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pypi:gemma3-270m", help="student: hub id, folder, or pypi:gemma3-270m")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Gemma 3 (tests/conftest.py) instead of --model")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Gemma 3 (tests/helpers.py) instead of --model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import reference_dataset
+from helpers import reference_dataset
 
 from q2g import cli
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune_argv, reference_dataset
+from helpers import finetune_argv, reference_dataset
 
 from q2g import cli
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune_argv, reference_dataset
+from helpers import finetune_argv, reference_dataset
 
 from q2g import data, decoding, evaluate, models, prompts, sft_data
 from q2g.evaluate import EvalConfig

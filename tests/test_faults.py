@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import finetune_argv, reference_dataset
+from helpers import finetune_argv, reference_dataset
 
 from q2g import cli, io, training
 

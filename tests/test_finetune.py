@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import finetune_argv, reference_dataset
+from helpers import finetune_argv, reference_dataset
 from transformers import AutoTokenizer
 
 from q2g import cli, finetune, training

@@ -31,11 +31,35 @@ from q2g.errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def option(default=_MISSING, *, help: str, choices=None, min=None, max=None, gt=None, flag: str | None = None):
+# What an option's value changes (`option(results=...)`): the one declaration from which every
+# "same run?" check is derived (resume, baseline reuse, the sweep's shared baseline, generation).
+RESULTS = {
+    "baseline": "the base model's scores (the student, its precision, the data, every result-changing eval setting)",
+    "training": "the trained adapter and its scores, not the base model's",
+    "traces": "which trace records generation writes",
+    None: "nothing a run reports: speed, memory, paths, logging",
+}
+
+
+def option(
+    default=_MISSING,
+    *,
+    help: str,
+    results,
+    choices=None,
+    min=None,
+    max=None,
+    gt=None,
+    flag: str | None = None,
+):
     """A config field: `default` (a list default is copied per instance), `help` for --help,
+    `results` (what its value changes: a key of RESULTS; required, so no option is forgotten),
     `choices` (also checked for every element of a list), `min`/`max` (inclusive), `gt` (exclusive)."""
+    if results not in RESULTS:
+        raise ValueError(f"option(results=) must be one of {list(RESULTS)}, not {results!r}")
     meta = {
         "help": help,
+        "results": results,
         "choices": tuple(choices) if choices else None,
         "min": min,
         "max": max,
@@ -45,6 +69,11 @@ def option(default=_MISSING, *, help: str, choices=None, min=None, max=None, gt=
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def result_keys(*classes, scopes=("baseline", "training", "traces")) -> tuple[str, ...]:
+    """The fields of `classes` whose `option(results=...)` is one of `scopes`, in declaration order."""
+    return tuple(f.name for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("results") in scopes)
 
 
 class Config:

@@ -37,11 +37,12 @@ DEFAULT_STUDENT = "google/gemma-7b"  # finetune's default --base-model
 
 @dataclass
 class ExportConfig(Config):
-    traces: str | None = option(None, help="a folder from q2g generate, or its traces.jsonl (required)")
-    format: str = option("trl", choices=FORMATS, help="trl: prompt/completion; messages: chat turns")
-    out: str | None = option(None, help="the JSONL file to write (required)")
+    traces: str | None = option(None, results=None, help="a folder from q2g generate, or its traces.jsonl (required)")
+    format: str = option("trl", choices=FORMATS, results=None, help="trl: prompt/completion; messages: chat turns")
+    out: str | None = option(None, results=None, help="the JSONL file to write (required)")
     base_model: str = option(
         DEFAULT_STUDENT,
+        results=None,
         help="trl: the student whose prompt format and end-of-turn are written (hub id, folder, pypi:...)",
     )
 

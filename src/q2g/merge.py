@@ -34,12 +34,18 @@ class MergeError(BadInput):
 
 @dataclass
 class MergeConfig(Config):
-    adapter: str | None = option(None, help="adapter folder (e.g. checkpoints/final) (required)")
-    out: str | None = option(None, help="folder for the merged model (required)")
-    base_model: str | None = option(None, help="base model (default: base_model_name_or_path of adapter_config.json)")
-    precision: str = option("fp32", choices=("bf16", "fp32"), help="dtype of the merge and the saved weights")
-    atol: float | None = option(None, min=0, help="max |logit difference| allowed (default: 1e-3 fp32, 0.5 bf16)")
-    device: str = option("auto", help="auto, cpu, cuda")
+    adapter: str | None = option(None, results=None, help="adapter folder (e.g. checkpoints/final) (required)")
+    out: str | None = option(None, results=None, help="folder for the merged model (required)")
+    base_model: str | None = option(
+        None, results=None, help="base model (default: base_model_name_or_path of adapter_config.json)"
+    )
+    precision: str = option(
+        "fp32", choices=("bf16", "fp32"), results=None, help="dtype of the merge and the saved weights"
+    )
+    atol: float | None = option(
+        None, min=0, results=None, help="max |logit difference| allowed (default: 1e-3 fp32, 0.5 bf16)"
+    )
+    device: str = option("auto", results=None, help="auto, cpu, cuda")
 
     def check(self) -> list[str]:
         return [f"--{k} is required" for k in ("adapter", "out") if not getattr(self, k)]

@@ -35,13 +35,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.config import Config, field_kind, field_problems, fields_of, load_yaml, normalise_keys, option, value_problem
+from q2g.config import (
+    Config,
+    field_kind,
+    field_problems,
+    fields_of,
+    load_yaml,
+    normalise_keys,
+    option,
+    result_keys,
+    value_problem,
+)
 from q2g.errors import BadInput, ConfigError, RunFailed
+from q2g.finetune import FinetuneConfig
 
 OBJECTIVES = {"pass@1": "maximize", "heldout_loss": "minimize", "ppl_change": "minimize"}
 RATIO = "lora_alpha_ratio"  # searched in place of lora_alpha: alpha = ratio * r
 NOT_SEARCHABLE = ("out", "traces", "split", "resume", "baseline_from", "no_eval")  # set by the sweep itself
-STUDENT_KEYS = ("base_model", "precision", "device", "data_dir")  # what a baseline row depends on (+ eval)
 MAX_DUPLICATES = 50  # proposals in a row that repeat a trial before the sampler is taken to be done
 UNCLAIMED_S = 60  # a RUNNING trial no worker has claimed for this long was left by a dead process
 ENUMERATE_AFTER = 3  # ... or, in a finite space, before its untried points are enumerated instead
@@ -52,19 +62,27 @@ EPOCH_KEYS = ("epoch", "lora_rank", "pass@1", "heldout_loss", "ppl_change", "tra
 class SweepConfig(Config):
     """The `sweep:` section of a run config."""
 
-    space: dict = option(help="finetune option -> list of values, or {low, high, log}; plus lora_alpha_ratio")
-    n_trials: int | None = option(
-        None, min=1, help="finished trials in all, over reruns and workers (default: every point of an all-list space)"
+    space: dict = option(
+        results="training", help="finetune option -> list of values, or {low, high, log}; plus lora_alpha_ratio"
     )
-    sampler: str = option("tpe", choices=("grid", "tpe", "nsga2"), help="Optuna sampler")
+    n_trials: int | None = option(
+        None,
+        min=1,
+        results=None,
+        help="finished trials in all, over reruns and workers (default: every point of an all-list space)",
+    )
+    sampler: str = option("tpe", choices=("grid", "tpe", "nsga2"), results="training", help="Optuna sampler")
     objectives: list[str] = option(
         ["pass@1", "ppl_change"],
         choices=tuple(OBJECTIVES),
+        results="training",
         help="[pass@1 | heldout_loss, ppl_change]: the first's best, the second minimised",
     )
-    seed: int = option(0, help="sampler seed")
-    storage: str | None = option(None, help="Optuna storage URL, or a journal file path (default: DIR/study.journal)")
-    study_name: str = option("q2g-sweep", help="study name inside the storage")
+    seed: int = option(0, results="training", help="sampler seed")
+    storage: str | None = option(
+        None, results=None, help="Optuna storage URL, or a journal file path (default: DIR/study.journal)"
+    )
+    study_name: str = option("q2g-sweep", results=None, help="study name inside the storage")
 
     def check(self) -> list[str]:
         o = self.objectives
@@ -479,7 +497,9 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
         shutil.copy(sweep.config, sweep.out / "sweep_config.yaml")
         atomic_write_json(sweep.out / "sweep.json", resolved(sweep))
         generate.main(sweep.gen_argv)
-    if not set(STUDENT_KEYS) & set(sweep.dims):  # one baseline for all: score it before the first trial
+    if not set(result_keys(FinetuneConfig, scopes=("baseline",))) & set(
+        sweep.dims
+    ):  # one baseline for all: score it before the first trial
         ensure_baseline(sweep, sweep.finetune, baseline or evaluate_baseline)
     while True:
         with locked(sweep.lock):
@@ -501,7 +521,11 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
 
 def baseline_path(sweep: Sweep, cfg) -> Path:
     """DIR/baseline.json for the sweep's student; a searched student setting gets its own file."""
-    other = {k: getattr(cfg, k) for k in STUDENT_KEYS if getattr(cfg, k) != getattr(sweep.finetune, k)}
+    other = {
+        k: getattr(cfg, k)
+        for k in result_keys(FinetuneConfig, scopes=("baseline",))
+        if getattr(cfg, k) != getattr(sweep.finetune, k)
+    }
     if not other:
         return sweep.out / "baseline.json"
     return sweep.out / f"baseline-{hashlib.sha256(json.dumps(other).encode()).hexdigest()[:8]}.json"
