@@ -151,3 +151,65 @@ def test_three_shard_processes_into_their_own_folders_merge_after_a_copy(tmp_pat
             shutil.copy2(path, merged / path.name)
     assert cli.call("generate", [*argv, *BASE, "--merge-shards", "--out", str(merged)]) == 0
     assert_same_as_one_run(merged, one)
+
+
+FAKE_SBATCH = '''#!/usr/bin/env python3
+"""sbatch for the test: runs --wrap at once (an --array's tasks side by side), logs its argv."""
+import json, os, subprocess, sys
+args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
+with open(os.environ["FAKE_SBATCH_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+job = str(100 + sum(1 for _ in open(os.environ["FAKE_SBATCH_LOG"])))
+tasks = [None]
+if "array" in args:
+    tasks = [t for part in args["array"].split(",") for t in (
+        range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))]
+procs = []
+for t in tasks:
+    env = dict(os.environ, SLURM_JOB_ID=job, **({"SLURM_ARRAY_TASK_ID": str(t)} if t is not None else {}))
+    log = args["output"].replace("%A", job).replace("%a", str(t)).replace("%j", job)
+    procs.append(subprocess.Popen(["sh", "-c", args["wrap"]], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
+codes = [p.wait() for p in procs]
+print(job + ";cluster")
+'''
+
+
+def test_the_slurm_array_script_runs_one_shard_per_task_then_the_merge(tmp_path):
+    """scripts/slurm_generate_array.sh against a fake sbatch that runs each job at once: N array
+    tasks with --shard $SLURM_ARRAY_TASK_ID/N into one folder, the merge after them; the result is
+    one run's records, and the merge job's log says it merged N shards."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    one = unsharded(tmp_path, ["--backend", "reference"])
+    out = tmp_path / "dataset"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO / "src"),
+        "OMP_NUM_THREADS": "1",
+        "Q2G": f"{sys.executable} -m q2g.cli",
+        "LOGS": str(tmp_path / "logs"),
+        "FAKE_SBATCH_LOG": str(tmp_path / "sbatch.jsonl"),
+        "SBATCH_ARGS": "--partition=gpu --gres=gpu:1",
+    }
+    cmd = ["bash", str(REPO / "scripts" / "slurm_generate_array.sh"), str(N), str(out), "--backend", "reference"]
+    proc = subprocess.run(cmd + BASE, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted: shards 101 (tasks 0-2 of 3), merge 102 (after them)" in proc.stdout
+    array, merge = read(tmp_path / "sbatch.jsonl")
+    assert "--array=0-2" in array and "--requeue" in array and "--partition=gpu" in array
+    assert "--dependency=afterany:101" in merge
+    assert_same_as_one_run(out, one)
+    assert "merged 3 shards" in (tmp_path / "logs" / "merge-102.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "logs").glob("generate-*")) == [
+        f"generate-101-{i}.log" for i in range(N)
+    ]
+
+
+def test_the_slurm_array_script_refuses_a_bad_shard_count(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm_generate_array.sh"), "0", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "N: number of shards, a positive integer" in proc.stderr
