@@ -10,8 +10,12 @@ processes to overlap (their requests interleave)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,19 +36,23 @@ SHARD_OF = {p["problem"]: i for p in PROBLEMS for i in range(N) if gen.in_shard(
 
 
 class SlowTeacher:
-    """A fake OpenAI teacher on 127.0.0.1, right on two problems in three. Once `gate()` is called
-    it answers nobody until every shard has a request in flight (or 60 s passed), so the shard
-    processes provably ran at the same time; `overlapped` says whether that happened."""
+    """A fake OpenAI teacher on 127.0.0.1, right on two problems in three (one request per problem).
+    `gate()`: it answers nobody until every shard has a request in flight (or 60 s passed), so the
+    shard processes provably ran at the same time (`overlapped`). `hold(shard, after)`: that
+    shard's requests past the first `after` wait until `release` is set (`held`: one is waiting)."""
 
     def __init__(self):
         self.gold = {p["problem"]: p["answer"] for p in PROBLEMS}
-        self.waiting, self.opened = set(), None
+        self.lock, self.waiting, self.opened = threading.Lock(), set(), None
+        self.asked, self.held_shard, self.after = Counter(), None, 0
+        self.held, self.release = threading.Event(), threading.Event()
         self.server = ChatServer(text=self.answer)
 
     def gate(self):
-        import threading
-
         self.opened = threading.Event()
+
+    def hold(self, shard: int, after: int):
+        self.held_shard, self.after = shard, after
 
     @property
     def overlapped(self) -> bool:
@@ -52,11 +60,19 @@ class SlowTeacher:
 
     def answer(self, body) -> str:
         question = max((q for q in self.gold if q in body["messages"][-1]["content"]), key=len)
+        shard = SHARD_OF[question]
+        with self.lock:
+            self.asked[shard] += 1
+            hold = shard == self.held_shard and self.asked[shard] > self.after
+            if self.opened is not None:
+                self.waiting.add(shard)
+                if self.overlapped:
+                    self.opened.set()
         if self.opened is not None:
-            self.waiting.add(SHARD_OF[question])
-            if self.overlapped:
-                self.opened.set()
             self.opened.wait(60)
+        if hold:
+            self.held.set()
+            self.release.wait(60)
         right = gen.stable_int("right", question) % 3 != 0
         return "Work.\nThe final answer is $\\boxed{" + (self.gold[question] if right else "-987654321") + "}$."
 
@@ -68,30 +84,28 @@ class SlowTeacher:
 def slow_teacher():
     teacher = SlowTeacher()
     yield teacher
+    teacher.release.set()
     teacher.server.close()
 
 
-def shards_at_once(teacher_argv: list[str], out_of) -> list[subprocess.CompletedProcess]:
-    """N `q2g generate --shard I/N` processes started together; shard I writes into out_of(I)."""
+def start_shard(teacher_argv: list[str], i: int, out: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "q2g.cli", "generate", *teacher_argv, *BASE, "--shard", f"{i}/{N}"]
-            + ["--out", str(out_of(i))],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(N)
-    ]
-    done = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    for d in done:
-        assert d.returncode == 0, d.stderr[-3000:]
-    return done
+    cmd = [sys.executable, "-m", "q2g.cli", "generate", *teacher_argv, *BASE, "--shard", f"{i}/{N}", "--out", str(out)]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+    """The shard's output; it must have exited 0."""
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def shards_at_once(teacher_argv: list[str], out_of) -> list[str]:
+    """N `q2g generate --shard I/N` processes started together; shard I writes into out_of(I)."""
+    logs = [out_of(i).parent / f"shard-{i}.log" for i in range(N)]
+    procs = [start_shard(teacher_argv, i, out_of(i), logs[i]) for i in range(N)]
+    return [finish(p, log) for p, log in zip(procs, logs)]
 
 
 def unsharded(tmp_path: Path, teacher_argv: list[str]) -> Path:
@@ -131,7 +145,7 @@ def test_three_shard_processes_into_one_folder_merge_into_one_run(tmp_path, slow
     shared = tmp_path / "shared"
     slow_teacher.gate()
     done = shards_at_once(argv, lambda i: shared)
-    assert sum(f"all {N} shards complete: merged" in d.stdout for d in done) >= 1  # the last one merged
+    assert sum(f"all {N} shards complete: merged" in out for out in done) >= 1  # the last one merged
     assert_same_as_one_run(shared, one)
     for i in range(N):  # each shard's own files stay beside the merge (a rerun resumes from them)
         assert json.loads((shared / f"summary.shard-{i}-of-{N}.json").read_text())["complete"] is True
@@ -139,11 +153,48 @@ def test_three_shard_processes_into_one_folder_merge_into_one_run(tmp_path, slow
         assert slow_teacher.overlapped  # all three processes had a request in flight at once
 
 
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_shard_killed_mid_run_is_rerun_alone_and_the_merge_is_still_one_run(tmp_path, slow_teacher):
+    """A dead node: shard 1 is SIGKILLed with its first batch on disk and its second in flight. The
+    other two finish and nothing is merged; the same command rerun for shard 1 asks only for the
+    problems it had not written, and its end merges into exactly one run's records."""
+    argv = slow_teacher.argv()
+    one = unsharded(tmp_path, argv)
+    mine = [p for p in PROBLEMS if gen.in_shard(p["id"], (1, N))]
+    assert len(mine) > 2  # more than one batch of 2
+    slow_teacher.asked.clear()
+    slow_teacher.hold(shard=1, after=2)  # the first batch (2 problems) is answered, the second waits
+    shared = tmp_path / "shared"
+    logs = [tmp_path / f"shard-{i}.log" for i in range(N)]
+    procs = [start_shard(argv, i, shared, logs[i]) for i in range(N)]
+    summary = shared / f"summary.shard-1-of-{N}.json"
+    wait_for(lambda: slow_teacher.held.is_set() and summary.exists(), "shard 1's first batch and second request")
+    assert json.loads(summary.read_text())["total"]["samples"] == 4 and not json.loads(summary.read_text())["complete"]
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=60)
+    slow_teacher.release.set()
+    outs = [finish(procs[i], logs[i]) for i in (0, 2)]
+    assert not any("shards complete" in out for out in outs) and not (shared / "traces.jsonl").exists()
+
+    slow_teacher.asked.clear()
+    slow_teacher.hold(shard=None, after=0)
+    rerun = finish(start_shard(argv, 1, shared, logs[1]), logs[1])
+    assert slow_teacher.asked == {1: len(mine) - 2}  # the written batch was not asked again
+    assert f"all {N} shards complete: merged" in rerun
+    assert_same_as_one_run(shared, one)
+
+
 def test_three_shard_processes_into_their_own_folders_merge_after_a_copy(tmp_path):
     argv = ["--backend", "reference"]
     one = unsharded(tmp_path, argv)
     done = shards_at_once(argv, lambda i: tmp_path / f"node-{i}")
-    assert not any("shards complete" in d.stdout for d in done)  # no folder holds all shards
+    assert not any("shards complete" in out for out in done)  # no folder holds all shards
     assert not any((tmp_path / f"node-{i}" / "traces.jsonl").exists() for i in range(N))
     merged = tmp_path / "node-0"  # as docs/multi_node.md says: the other nodes' shard files into one folder
     for i in range(1, N):
