@@ -7,6 +7,7 @@ node (node-local disks: the shard files are copied into one folder, then `--merg
 Teachers: the `reference` one and a fake OpenAI server that answers slowly enough for the three
 processes to overlap (their requests interleave)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,7 +106,20 @@ def shards_at_once(teacher_argv: list[str], out_of) -> list[str]:
     """N `q2g generate --shard I/N` processes started together; shard I writes into out_of(I)."""
     logs = [out_of(i).parent / f"shard-{i}.log" for i in range(N)]
     procs = [start_shard(teacher_argv, i, out_of(i), logs[i]) for i in range(N)]
-    return [finish(p, log) for p, log in zip(procs, logs)]
+    with killed_at_exit(procs):
+        return [finish(p, log) for p, log in zip(procs, logs)]
+
+
+@contextlib.contextmanager
+def killed_at_exit(procs: list[subprocess.Popen]):
+    """A failing test leaves no shard process behind."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def unsharded(tmp_path: Path, teacher_argv: list[str]) -> Path:
@@ -173,13 +187,15 @@ def test_a_shard_killed_mid_run_is_rerun_alone_and_the_merge_is_still_one_run(tm
     shared = tmp_path / "shared"
     logs = [tmp_path / f"shard-{i}.log" for i in range(N)]
     procs = [start_shard(argv, i, shared, logs[i]) for i in range(N)]
-    summary = shared / f"summary.shard-1-of-{N}.json"
-    wait_for(lambda: slow_teacher.held.is_set() and summary.exists(), "shard 1's first batch and second request")
-    assert json.loads(summary.read_text())["total"]["samples"] == 4 and not json.loads(summary.read_text())["complete"]
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait(timeout=60)
-    slow_teacher.release.set()
-    outs = [finish(procs[i], logs[i]) for i in (0, 2)]
+    with killed_at_exit(procs):
+        summary = shared / f"summary.shard-1-of-{N}.json"
+        wait_for(lambda: slow_teacher.held.is_set() and summary.exists(), "shard 1's first batch and second request")
+        written = json.loads(summary.read_text())
+        assert written["total"]["samples"] == 4 and not written["complete"]
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=60)
+        slow_teacher.release.set()
+        outs = [finish(procs[i], logs[i]) for i in (0, 2)]
     assert not any("shards complete" in out for out in outs) and not (shared / "traces.jsonl").exists()
 
     slow_teacher.asked.clear()
