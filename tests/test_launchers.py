@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import finetune_argv, reference_dataset
+from helpers import finetune_argv, reference_dataset
 from test_ecosystem import free_port
 
 REPO = Path(__file__).resolve().parents[1]
