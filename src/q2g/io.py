@@ -40,7 +40,7 @@ PATH_ERRNOS = {
     errno.ELOOP: "too many symbolic links",
     errno.ENOENT: "no such file or folder",
 }
-DEFAULT_NAME_MAX = 255
+DEFAULT_NAME_MAX, DEFAULT_PATH_MAX = 255, 4096
 
 
 def path_error(path, error: OSError, what: str = "file") -> BadInput | None:
@@ -62,11 +62,11 @@ def read_input_bytes(path) -> bytes:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _name_max(existing: Path) -> int:
+def _path_limit(existing: Path, name: str, default: int) -> int:
     try:
-        return os.pathconf(existing, "PC_NAME_MAX")
+        return os.pathconf(existing, name)
     except (OSError, ValueError, AttributeError):
-        return DEFAULT_NAME_MAX
+        return default
 
 
 def check_output_path(path, flag: str = "--out", folder: bool = True) -> Path:
@@ -75,11 +75,20 @@ def check_output_path(path, flag: str = "--out", folder: bool = True) -> Path:
     file goes (`folder=False`) or a file where a folder goes, a parent that cannot be written."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("."))
-    limit = _name_max(existing if existing.is_dir() else existing.parent)
+    folder_there = existing if existing.is_dir() else existing.parent
+    limit = _path_limit(folder_there, "PC_NAME_MAX", DEFAULT_NAME_MAX)
     long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
     if long is not None:
         raise BadInput(
             f"{flag} {path}: the name {long[:40]}... is {len(os.fsencode(long))} bytes (the file system allows {limit})"
+        )
+    whole, path_max = (
+        len(os.fsencode(os.path.abspath(path))),
+        _path_limit(folder_there, "PC_PATH_MAX", DEFAULT_PATH_MAX),
+    )
+    if whole >= path_max:
+        raise BadInput(
+            f"{flag} {str(path)[:60]}...: the path is {whole} bytes (the file system allows {path_max - 1})"
         )
     if existing != path and not existing.is_dir():
         raise BadInput(f"{flag} {path}: {existing} is a file, not a folder")
@@ -252,6 +261,8 @@ def settings_diff(path, config: dict, keys) -> list[str]:
         old = json.loads(read_input_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return [f"{path} is not valid JSON (a damaged output folder?)"]
+    if not isinstance(old, dict):
+        return [f"{path} holds a JSON {type(old).__name__}, not a q2g config (another tool's file?)"]
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples vs lists, paths)
     return [
         f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now"

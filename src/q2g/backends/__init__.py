@@ -130,7 +130,8 @@ def check_available(name: str) -> None:
 
 
 def load_backend(name: str, args):
-    """The backend `name`, built from the parsed `q2g generate` options."""
+    """The backend `name`, built from the parsed `q2g generate` options (its module is imported
+    here, not at the top: each backend module imports this one for Sample)."""
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     reasoning = getattr(args, "reasoning", None) or DEFAULT_REASONING
     if name == "reference":

@@ -27,7 +27,7 @@ def read_jsonl_lines(path: Path, required: Iterable[str] = (), types: dict | Non
     required, types = tuple(required), types or {}
     raw = read_input_bytes(path)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is not part of the first record
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start : e.start + 4]!r})") from None

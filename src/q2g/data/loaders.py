@@ -47,6 +47,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     if str(value) == "packaged":
         return packaged_data_dir()
     path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data dir {path} is a file, not a folder (from --data-dir or ${DATA_DIR_ENV})")
     if not path.is_dir():
         raise DataError(f"data dir {path} does not exist (from --data-dir or ${DATA_DIR_ENV})")
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from q2g.answers.check import is_correct
 from q2g.answers.extract import extract_answer_with_rule
+from q2g.errors import DataError
 from q2g.io import atomic_write_text, read_jsonl_tolerant
 
 
@@ -70,9 +71,25 @@ def judge(problem: dict, samples: list, meta: dict) -> list[dict]:
     return records
 
 
+# What resume and merge read of a record; a file without them is from an older q2g or another tool.
+RECORD_FIELDS = ("id", "problem_id", "sample", "source", "validated", "n_tokens")
+
+
 def read_records(paths: dict[str, Path]) -> list[dict]:
-    """Records already written (traces and rejects); a torn last line is cut off the file."""
-    return read_jsonl_tolerant(paths["traces"], repair=True) + read_jsonl_tolerant(paths["rejected"], repair=True)
+    """Records already written (traces and rejects); a torn last line is cut off the file.
+    A record without RECORD_FIELDS is refused (DataError naming the file, record and field)."""
+    records = []
+    for key in ("traces", "rejected"):
+        rows = read_jsonl_tolerant(paths[key], repair=True)
+        for n, row in enumerate(rows, 1):
+            missing = [f for f in RECORD_FIELDS if not isinstance(row, dict) or f not in row]
+            if missing:
+                raise DataError(
+                    f"{paths[key]}: record {n} has no field {missing[0]!r} (written by an older q2g or "
+                    "another tool?); use another --out, or --overwrite to start again"
+                )
+        records += rows
+    return records
 
 
 def retried(records: list[dict]) -> list[dict]:

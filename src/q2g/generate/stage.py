@@ -180,6 +180,8 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
         previous = json.loads(read_input_bytes(paths["summary"])) if paths["summary"].exists() else {}
     except (ValueError, KeyError) as e:
         raise DataError(str(e)) from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("sources", {}), dict):
+        raise DataError(f"{paths['summary']}: not a q2g summary (use another --out, or --overwrite)")
     extra = summary_extra(args, mine, holdout)
     tally = Tally(previous.get("sources"))
     tally.add_records(records)
