@@ -1,4 +1,4 @@
-"""How fast and how faithful `q2g.answers.is_correct` is on the real reference solutions.
+"""How fast and how faithful `q2g.answers.check.is_correct` is on the real reference solutions.
 
     PYTHONPATH=src python benchmarks/answer_check_speed.py [--data ../shared/data]
 
@@ -27,7 +27,7 @@ def load(data: Path, name: str) -> list[dict]:
 
 def cases(data: Path):
     """(set name, [(text, gold, source, expected verdict)]) for each row of the table."""
-    from q2g.answers import last_boxed
+    from q2g.answers.extract import last_boxed
 
     for split in ("test", "train"):
         rows = load(data, f"gsm8k/{split}.jsonl")
@@ -46,7 +46,7 @@ def cases(data: Path):
 
 
 def measure(checks) -> dict:
-    from q2g.answers import is_correct
+    from q2g.answers.check import is_correct
 
     times, agree = [], 0
     for text, gold, source, expected in checks:
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(default), help="the shared data folder")
     args = parser.parse_args()
 
-    from q2g.answers import CHECK_TIMEOUT_S, start_worker
+    from q2g.answers.sandbox import CHECK_TIMEOUT_S, start_worker
 
     start = time.perf_counter()
     start_worker()

@@ -1,4 +1,4 @@
-"""Fuzz `q2g.answers.is_correct` with the issue #12 counts: 10,000 GSM8K-style, 2,000 MATH-style.
+"""Fuzz `q2g.answers.check.is_correct` with the issue #12 counts: 10,000 GSM8K-style, 2,000 MATH-style.
 
     PYTHONPATH=src python benchmarks/answer_fuzz.py [--seed 12] [--gsm8k 10000] [--math 2000]
 
@@ -25,7 +25,7 @@ def main() -> None:
 
     from test_answers_fuzz import gsm8k_cases, math_cases, run
 
-    from q2g.answers import CHECK_TIMEOUT_S, start_worker
+    from q2g.answers.sandbox import CHECK_TIMEOUT_S, start_worker
 
     start_worker()
     print(f"budget per check {CHECK_TIMEOUT_S} s, seed {args.seed}")

@@ -158,7 +158,8 @@ def print_table(rows: list[dict], title: str) -> None:
 def main() -> None:
     import torch
 
-    from q2g import data, models
+    from q2g import models
+    from q2g.data import loaders
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=models.DEMO_MODEL)
@@ -177,12 +178,12 @@ def main() -> None:
     device = models.pick_device(args.device)
     model = models.load_model(args.model, torch.float32, device).eval()
     tok = models.load_tokenizer(args.model, padding_side="left")
-    problems = data.load_gsm8k("test", "packaged")[: args.problems]
-    text = data.load_wikitext("packaged")
+    problems = loaders.load_gsm8k("test", "packaged")[: args.problems]
+    text = loaders.load_wikitext("packaged")
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     bench_generation(model, tok, problems[:1], 4, 1, "fp32", device)  # warm-up
-    mixed = data.load_gsm8k("test", "packaged")[: args.pass1_problems // 2]
-    mixed += data.load_math("test", data_dir="packaged")[: args.pass1_problems - len(mixed)]
+    mixed = loaders.load_gsm8k("test", "packaged")[: args.pass1_problems // 2]
+    mixed += loaders.load_math("test", data_dir="packaged")[: args.pass1_problems - len(mixed)]
     print_pass1_table(
         pass1_rows(model, tok, mixed, args, device),
         f"pass@1 decoding: {len(mixed)} GSM8K + MATH problems, cap {args.new_tokens} new tokens, "

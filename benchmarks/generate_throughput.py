@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     from q2g.backends import DEFAULT_BATCH_SIZE
     from q2g.backends.hf import HFBackend
-    from q2g.data import load_gsm8k
+    from q2g.data.loaders import load_gsm8k
     from q2g.models import DEMO_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ import time
 def batch_ids(tokenizer, batch: int, seq: int):
     import torch
 
-    from q2g.data import load_wikitext
+    from q2g.data.loaders import load_wikitext
 
     ids = tokenizer(load_wikitext("packaged"), add_special_tokens=False)["input_ids"]
     rows = [[tokenizer.bos_token_id] + ids[i * seq : (i + 1) * seq - 1] for i in range(batch)]
@@ -100,7 +100,7 @@ def gemm_probe() -> str:
 
 def demo_epoch_tokens(model: str, max_seq_len: int = 1024) -> tuple[int, int]:
     """(examples, tokens) of one epoch of the demo data, built exactly as finetune builds them."""
-    from q2g.data import select_split
+    from q2g.data.splits import select_split
     from q2g.models import load_tokenizer
     from q2g.sft_data import build_example
 

@@ -48,7 +48,7 @@ def load(args):
 
 
 def rows(n: int) -> list[dict]:
-    from q2g.data import select_split
+    from q2g.data.splits import select_split
 
     train, _, _ = select_split(data_dir="packaged", seed=0)
     return [

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from q2g import data
+from q2g.data.splits import select_split, write_split
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ def reference_dataset(out: Path, limit: int, **extra) -> Path:
     """A stage-1 folder as the `reference` teacher writes it: split.json + holdout.jsonl +
     traces.jsonl (the packaged problems' own solutions, all validated; `extra` fields added)."""
     out.mkdir(parents=True, exist_ok=True)
-    train, holdout, settings = data.select_split(data_dir="packaged", limit=limit, seed=0)
-    data.write_split(out, train, holdout, settings)
+    train, holdout, settings = select_split(data_dir="packaged", limit=limit, seed=0)
+    write_split(out, train, holdout, settings)
     rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True, **extra} for r in train]
     (out / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out

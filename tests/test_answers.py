@@ -17,16 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from q2g import answers
-from q2g.answers import (
-    answers_match,
-    extract_answer,
-    extract_answer_with_rule,
-    is_correct,
-    last_boxed,
-    normalize_math,
-    normalize_number,
-)
+from q2g.answers import extract, sandbox
+from q2g.answers.check import answers_match, is_correct
+from q2g.answers.extract import extract_answer, extract_answer_with_rule, last_boxed
+from q2g.answers.normalize import normalize_math, normalize_number
 
 # Takes sympy minutes, yet passes the cheap screen: the budget has to stop it.
 SLOW_PRED, SLOW_GOLD = "\\boxed{(a+b+c+d+1)^{30}}", "(a+b+c+d+2)^{30}"
@@ -331,10 +325,10 @@ CORPUS_TIMEOUT_S = 10.0  # what is measured is the rules; on a busy machine a sy
 
 
 def test_fallback_reads_the_tail_with_dollars_paired(monkeypatch):
-    monkeypatch.setattr(answers, "MV_TAIL_CHARS", 40)
+    monkeypatch.setattr(extract, "MV_TAIL_CHARS", 40)
     text = "so $" + "x + " * 30 + "1 = 2$ and the answer is clearly\n$5$"
-    assert answers._tail(text) == " and the answer is clearly\n$5$"  # cut inside `$..$`: after it
-    assert answers._tail("$$a$$ " + "b" * 60) == "b" * 40
+    assert extract._tail(text) == " and the answer is clearly\n$5$"  # cut inside `$..$`: after it
+    assert extract._tail("$$a$$ " + "b" * 60) == "b" * 40
 
 
 def test_labelled_math_corpus_agreement():
@@ -372,7 +366,7 @@ def test_extraction_and_check_share_one_budget():
     assert extract_answer_with_rule(text, "math")[1] == "mv_latex"
     result, took = _timed(is_correct, text, SLOW_GOLD, "math", timeout=1.0)
     assert result is False and took < 1.0 + SLACK_S
-    assert answers.start_worker() is True  # the replacement worker is up again
+    assert sandbox.start_worker() is True  # the replacement worker is up again
 
 
 def test_timeout_from_a_thread():
@@ -392,9 +386,9 @@ def test_timeout_from_a_thread():
 
 def test_thread_fallback_when_no_process_can_start():
     # What a check does where the worker cannot start; a 2 s problem stands in for a runaway one.
-    result, took = _timed(answers._check_in_thread, "(x+y+1)^{40}", "(x+y+2)^{40}", 0.3)
+    result, took = _timed(sandbox._check_in_thread, "(x+y+1)^{40}", "(x+y+2)^{40}", 0.3)
     assert result is False and took < 0.3 + SLACK_S
-    assert answers._check_in_thread("\\sqrt{25}", "5", 30.0) is True
+    assert sandbox._check_in_thread("\\sqrt{25}", "5", 30.0) is True
 
 
 def _check_in_child(_):

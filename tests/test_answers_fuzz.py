@@ -1,4 +1,4 @@
-"""Fuzzing q2g.answers.is_correct with seeded, generated GSM8K- and MATH-style outputs (issue #12).
+"""Fuzzing q2g.answers.check.is_correct with seeded, generated GSM8K- and MATH-style outputs (issue #12).
 
 Each generated (model output, gold) pair mixes realistic solution endings with pathological
 LaTeX: brackets nested thousands deep, 10^6-digit numbers, long `\\frac` chains, exponent
@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from q2g import answers
-from q2g.answers import extract_answer_with_rule, is_correct
+from q2g.answers import sandbox
+from q2g.answers.check import is_correct
+from q2g.answers.extract import extract_answer_with_rule
 
 SEED = 12
 BUDGET_S = 1.0  # per check, as in test_answers.py
@@ -158,7 +159,7 @@ def math_cases(rng: random.Random, n: int):
 
 def timed_check(text: str, gold: str, source: str, budget: float) -> tuple[object, float]:
     """is_correct's verdict and seconds taken, the worker (re)started beforehand and not timed."""
-    answers.start_worker()
+    sandbox.start_worker()
     start = time.perf_counter()
     verdict = is_correct(text, gold, source, timeout=budget)
     return verdict, time.perf_counter() - start
@@ -178,7 +179,7 @@ def run(cases, source: str, budget: float) -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_worker():
-    assert answers.start_worker() is True
+    assert sandbox.start_worker() is True
 
 
 def test_generators_are_seeded_and_pathological():

@@ -11,7 +11,9 @@ import re
 
 import pytest
 
-from q2g.answers import extract_answer_with_rule, is_correct, last_boxed, normalize_math, normalize_number
+from q2g.answers.check import is_correct
+from q2g.answers.extract import extract_answer_with_rule, last_boxed
+from q2g.answers.normalize import normalize_math, normalize_number
 
 pytestmark = pytest.mark.shared
 

@@ -13,11 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from q2g.answers import is_correct
+from q2g.answers.check import is_correct
 from q2g.backends import BackendError, Sample, load_backend, split_thinking, stable_seed, thinking_sample
 from q2g.backends.openai import AuthError, OpenAIBackend, split_tokens
 from q2g.backends.reference import ReferenceBackend, reference_trace
-from q2g.data import load_gsm8k, load_math
+from q2g.data.loaders import load_gsm8k, load_math
 from q2g.prompts import FINAL_ANSWER_LINE, teacher_messages
 
 GSM8K = {
@@ -304,7 +304,7 @@ def test_load_backend_passes_the_reasoning_mode():
 
 def test_the_answer_is_read_from_the_final_content_not_the_thinking(tmp_path):
     """A teacher that found 42 while thinking but answered 41 is wrong, whatever the mode."""
-    from q2g.generate import judge
+    from q2g.generate.records import judge
 
     problem = dict(GSM8K, answer="42")
     wrong = thinking_sample("The final answer is $\\boxed{41}$.", 5, False, reasoning="\\boxed{42}")

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from q2g import cli, data, decoding, evaluate, models, prompts
+from q2g import cli, decoding, evaluate, models, prompts
+from q2g.data import loaders, splits
 from q2g.evaluate import EvalConfig
 
 TEXT = (
@@ -265,8 +266,8 @@ def test_select_eval_subset_stratified_and_fixed():
 
 @pytest.fixture(scope="module")
 def split_path(tmp_path_factory):
-    train, held, settings = data.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
-    return data.write_split(tmp_path_factory.mktemp("dataset"), train, held, settings)
+    train, held, settings = splits.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
+    return splits.write_split(tmp_path_factory.mktemp("dataset"), train, held, settings)
 
 
 def _run(tmp_path, model_dir, split, *extra):
@@ -312,7 +313,7 @@ def test_cli_end_to_end(tmp_path, tiny_gemma_dir, split_path, capsys):
     )
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(row["n_tokens"] <= 8 for row in rows)
-    assert {row["id"] for row in rows} <= {r["id"] for r in data.load_holdout(split_path)}
+    assert {row["id"] for row in rows} <= {r["id"] for r in splits.load_holdout(split_path)}
     assert "pass@1" in capsys.readouterr().out
 
 
@@ -321,7 +322,7 @@ def test_cli_adapter_and_config(tmp_path, tiny_gemma_dir, split_path, gemma):
 
     model, tok = gemma
     base = evaluate.perplexity(
-        model, tok, data.load_wikitext("packaged"), EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False
+        model, tok, loaders.load_wikitext("packaged"), EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False
     )
     peft_model = get_peft_model(
         models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8)
@@ -348,7 +349,11 @@ def test_cli_adapter_and_config(tmp_path, tiny_gemma_dir, split_path, gemma):
     assert result["math"] is None and (out / "generations.jsonl").read_text() == ""
     assert result["ppl"]["stride"] == 128 and result["eval_config"]["eval_limit"] == 4  # the flag wins
     in_memory = evaluate.perplexity(
-        peft_model, tok, data.load_wikitext("packaged"), EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False
+        peft_model,
+        tok,
+        loaders.load_wikitext("packaged"),
+        EvalConfig(ppl_max_tokens=256, ppl_stride=128),
+        progress=False,
     )
     assert result["ppl"]["nll_sum"] == pytest.approx(in_memory["nll_sum"], rel=1e-5)
     # the adapter was applied: same windows, other numbers (the tiny random model is near-uniform,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import finetune_argv, reference_dataset
 
-from q2g import data, decoding, evaluate, models, prompts, sft_data
+from q2g import decoding, evaluate, models, prompts, sft_data
+from q2g.data import loaders, splits
 from q2g.evaluate import EvalConfig
 
 
@@ -107,14 +108,14 @@ def test_heldout_loss_cut_skipped_and_in_the_row(gemma):
 
 def _excerpt() -> str:
     """Two short WikiText articles: the first rows of the packaged file's first two articles."""
-    docs = evaluate.wikitext_documents(data.load_wikitext("packaged"))
+    docs = evaluate.wikitext_documents(loaders.load_wikitext("packaged"))
     return "".join("\n".join(d.split("\n")[:n]) + "\n" for d, n in zip(docs, (3, 2)))
 
 
 def test_documents_split_at_top_level_titles():
     text = " = A = \n a b \n = = Sub = = \n c \n = B = \n d \n"
     assert evaluate.wikitext_documents(text) == [" = A = \n a b \n = = Sub = = \n c ", " = B = \n d \n"]
-    full = data.load_wikitext("packaged")
+    full = loaders.load_wikitext("packaged")
     docs = evaluate.wikitext_documents(full)
     assert len(docs) == 8 and "".join(d + "\n" for d in docs[:-1]) + docs[-1] == full
     assert all(d.startswith(" = ") and not d.startswith(" = = ") for d in docs)
@@ -122,7 +123,7 @@ def test_documents_split_at_top_level_titles():
 
 def test_detokenizer_is_lm_evals():
     lm_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
-    for doc in evaluate.wikitext_documents(data.load_wikitext("packaged")):
+    for doc in evaluate.wikitext_documents(loaders.load_wikitext("packaged")):
         assert evaluate.wikitext_detokenize(doc) == lm_wikitext.wikitext_detokenizer({"page": doc})
 
 
@@ -305,8 +306,8 @@ def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):
 
 @pytest.fixture(scope="module")
 def split_path(tmp_path_factory):
-    train, held, settings = data.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
-    return data.write_split(tmp_path_factory.mktemp("dataset"), train, held, settings)
+    train, held, settings = splits.select_split(data_dir="packaged", limit=10, fraction=0.5, seed=0)
+    return splits.write_split(tmp_path_factory.mktemp("dataset"), train, held, settings)
 
 
 def test_cli_lm_eval_protocol_named_in_eval_json(tmp_path, tiny_gemma_dir):

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import q2g.generate as gen
+import q2g.generate.stage as gen
 from q2g import backends, cli
-from q2g.answers import is_correct
+from q2g.answers.check import is_correct
 from q2g.backends import Sample, stable_int
-from q2g.data import find_leaks, packaged_data_dir, read_split, select_split
+from q2g.data.loaders import packaged_data_dir
+from q2g.data.splits import find_leaks, read_split, select_split
 
 BASE = ["--data-dir", "packaged", "--limit", "10", "--seed", "0"]
 TRACE_FIELDS = {

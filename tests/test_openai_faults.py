@@ -11,9 +11,9 @@ import time
 import pytest
 from test_backends import GSM8K, HANG, RESET, ChatServer, client  # the 127.0.0.1 server and client settings
 
-import q2g.generate as gen
 from q2g import cli
 from q2g.backends import BackendError
+from q2g.data.splits import select_split
 
 PROBLEMS = [dict(GSM8K, id=f"p{i}", problem=f"Problem {i}") for i in range(3)]
 FAULTS = {  # name: (script entry, what the error of a problem that got only that says)
@@ -86,7 +86,7 @@ def read(path):
 
 
 def test_generate_records_a_failed_problem_and_the_next_run_asks_again(chat_server, tmp_path, capsys):
-    gold = {p["problem"]: p["answer"] for p in gen.select_split(data_dir="packaged", limit=3, seed=0)[0]}
+    gold = {p["problem"]: p["answer"] for p in select_split(data_dir="packaged", limit=3, seed=0)[0]}
     answer = lambda body: "\\boxed{" + next(a for q, a in gold.items() if q in body["messages"][1]["content"]) + "}"
     server = chat_server(script=[FAULTS["not_json"][0]], text=answer)
     argv = [
@@ -119,7 +119,7 @@ def test_generate_records_a_failed_problem_and_the_next_run_asks_again(chat_serv
     assert cli.call("generate", argv) == 0  # the server answers now: only the failed problem is new
     traces = read(tmp_path / "traces.jsonl")
     assert sorted(t["problem_id"] for t in traces) == sorted(
-        p["id"] for p in gen.select_split(data_dir="packaged", limit=3, seed=0)[0]
+        p["id"] for p in select_split(data_dir="packaged", limit=3, seed=0)[0]
     )
     assert failed["id"] in {t["id"] for t in traces}
     assert read(tmp_path / "rejected.jsonl") == []  # the failed record was replaced, not kept beside it

@@ -35,7 +35,7 @@ def test_converted_folder_is_a_plain_safetensors_model(gemma):
 
 
 def test_wikitext_perplexity_is_sane_and_bos_matters(gemma):
-    from q2g.data import load_wikitext
+    from q2g.data.loaders import load_wikitext
     from q2g.evaluate import EvalConfig, perplexity
 
     _, model, tok = gemma

@@ -5,7 +5,7 @@ import pytest
 from q2g.config import option, result_keys
 from q2g.evaluate import EvalConfig
 from q2g.finetune import FinetuneConfig, run_keys
-from q2g.generate import GenerateConfig
+from q2g.generate.config import GenerateConfig
 
 
 def test_an_option_must_say_what_it_changes():

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from q2g.backends.vllm import import_vllm
+
 # Refill once this share of the slots is free (or all are): each refill is one prefill forward,
 # so refilling every single freed slot would add nearly a forward per prompt.
 REFILL_AT = 0.25
@@ -389,15 +391,6 @@ VLLM_MIN_LORA_RANK = 64
 _ENGINES: dict = {}  # one engine per (base model, dtype) for the whole process
 
 
-def import_vllm():
-    try:
-        import vllm
-        from vllm.lora.request import LoRARequest
-    except ImportError:
-        raise ImportError("--eval-backend vllm needs vLLM: pip install 'q2g[vllm]' (Linux with a CUDA GPU)") from None
-    return vllm, LoRARequest
-
-
 def adapter_rank(adapter_dir) -> int:
     """The LoRA rank in a peft adapter folder's adapter_config.json."""
     import json
@@ -409,7 +402,7 @@ def adapter_rank(adapter_dir) -> int:
 def vllm_engine(base: str, *, dtype: str, lora_rank: int, gpu_memory_utilization: float, seed: int = 0) -> dict:
     """The process's vLLM engine for `base`, with LoRA on (adapters come per request, never
     merged). Built once and kept across epochs; rebuilt only for an adapter of a higher rank."""
-    vllm, _ = import_vllm()
+    vllm = import_vllm("--eval-backend vllm")
     need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_rank, VLLM_MIN_LORA_RANK)), lora_rank)
     held = _ENGINES.get((base, dtype))
     if held is None or held["max_lora_rank"] < need:
@@ -442,7 +435,9 @@ def generate_vllm(
     """Greedy continuations from a `vllm_engine`, with the LoRA adapter saved in `adapter_dir`
     (None: the base model). Every call gets a new LoRA id: vLLM caches an adapter by its id, and
     the same folder may hold new weights next time."""
-    vllm, LoRARequest = import_vllm()
+    vllm = import_vllm("--eval-backend vllm")
+    from vllm.lora.request import LoRARequest
+
     params = vllm.SamplingParams(
         temperature=0.0,
         max_tokens=max_new_tokens,

@@ -52,7 +52,7 @@ from pathlib import Path
 
 from q2g import decoding, prompts
 from q2g.config import Config, option
-from q2g.data import source_key  # noqa: F401  (re-exported: callers group results by it)
+from q2g.data.sources import source_key  # noqa: F401  (re-exported: callers group results by it)
 from q2g.models import PRECISIONS
 
 # The model's logits for one forward are [windows, positions, vocab]; Gemma's vocab is 262k, so
@@ -190,7 +190,8 @@ def select_eval_subset(holdout: list[dict], limit: int | None, seed: int = 0) ->
 
 
 def _score(record: dict, gen) -> dict:
-    from q2g.answers import extract_answer_with_rule, is_correct
+    from q2g.answers.check import is_correct
+    from q2g.answers.extract import extract_answer_with_rule
 
     extracted, rule = extract_answer_with_rule(gen.text, record["source"])
     return {
@@ -758,10 +759,10 @@ def check_paths(args: EvaluateConfig) -> None:
 
 
 def _load_inputs(args: EvaluateConfig) -> tuple[list[dict] | None, str | None]:
-    from q2g import data
+    from q2g.data import loaders, splits
 
-    holdout = None if args.no_math else data.load_holdout(args.split)
-    text = None if args.no_ppl else data.load_wikitext(args.data_dir)
+    holdout = None if args.no_math else splits.load_holdout(args.split)
+    text = None if args.no_ppl else loaders.load_wikitext(args.data_dir)
     return holdout, text
 
 

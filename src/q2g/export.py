@@ -25,11 +25,17 @@ data_files=FILE)` reads either file as it is.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.config import Config, option
+from q2g.config import Config, load_config, option
+from q2g.errors import BadInput, DataError
+from q2g.io import check_output_path, write_jsonl
+from q2g.models import load_tokenizer
+from q2g.prompts import has_chat_template, student_prompt, student_target, target_trace
+from q2g.sft_data import read_traces
 
 FORMATS = ("trl", "messages")
 DEFAULT_STUDENT = "google/gemma-7b"  # finetune's default --base-model
@@ -50,22 +56,31 @@ class ExportConfig(Config):
         return [f"--{k} is required" for k in ("traces", "out") if not getattr(self, k)]
 
 
-def validated_traces(traces: str) -> list[dict]:
-    """The validated rows of traces.jsonl, checked field by field (DataError naming file:line)."""
-    from q2g.errors import DataError
-    from q2g.sft_data import read_traces
-
+def traces_file(traces: str) -> Path:
+    """The traces.jsonl that --traces names (a folder from q2g generate, or the file itself)."""
     path = Path(traces)
     path = path / "traces.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise DataError(f"{path}: traces file not found (run `q2g generate` first)")
+    return path
+
+
+def validated_traces(path: Path) -> list[dict]:
+    """The validated rows of traces.jsonl, checked field by field (DataError naming file:line);
+    a file without one is refused (sft_data.read_traces): an export of nothing is a mistake."""
     return read_traces(path)[1]
+
+
+def check_out(out: str, traces: Path) -> Path:
+    """--out, refused when it is the traces file itself (also through a link or another spelling)."""
+    path = check_output_path(out, "--out", folder=False)
+    if path.exists() and os.path.samefile(path, traces) or Path(os.path.realpath(path)) == traces.resolve():
+        raise BadInput(f"--out {out} is the traces file being exported ({traces}): choose another file")
+    return path
 
 
 def trl_prompt(tokenizer, problem: str) -> str:
     """The student prompt as TRL will encode it (with special tokens): without a BOS the template wrote."""
-    from q2g.prompts import has_chat_template, student_prompt
-
     text, bos = student_prompt(tokenizer, problem), tokenizer.bos_token
     adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
     if has_chat_template(tokenizer) and adds_bos and text.startswith(bos):
@@ -74,12 +89,10 @@ def trl_prompt(tokenizer, problem: str) -> str:
 
 
 def trl_row(tokenizer, row: dict) -> dict:
-    from q2g.prompts import end_of_turn_text
-
     # The same target as prompts.student_target_ids: the stripped trace, then the end-of-turn.
     return {
         "prompt": trl_prompt(tokenizer, row["problem"]),
-        "completion": row["qwen_trace"].strip() + end_of_turn_text(tokenizer),
+        "completion": student_target(tokenizer, row["qwen_trace"]),
     }
 
 
@@ -87,7 +100,7 @@ def messages_row(row: dict) -> dict:
     return {
         "messages": [
             {"role": "user", "content": row["problem"]},
-            {"role": "assistant", "content": row["qwen_trace"].strip()},
+            {"role": "assistant", "content": target_trace(row["qwen_trace"])},
         ]
     }
 
@@ -101,18 +114,13 @@ def export_rows(rows: list[dict], fmt: str, tokenizer=None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from q2g.config import load_config
-    from q2g.io import write_jsonl
-
     args = load_config(ExportConfig, argv, prog="q2g export", section="export", description=__doc__.split("\n\n")[0])
-    rows = validated_traces(args.traces)
-    tokenizer = None
-    if args.format == "trl":
-        from q2g.models import load_tokenizer
-
-        tokenizer = load_tokenizer(args.base_model)
+    traces = traces_file(args.traces)
+    out_path = check_out(args.out, traces)
+    rows = validated_traces(traces)
+    tokenizer = load_tokenizer(args.base_model) if args.format == "trl" else None
     out = export_rows(rows, args.format, tokenizer)
-    write_jsonl(args.out, out)
+    write_jsonl(out_path, out)
     print(f"[export] {len(out)} validated traces -> {args.out} ({args.format})")
     return 0
 

@@ -159,13 +159,14 @@ class FinetuneConfig(Config):
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     """Read and check every input, then build the Run (nothing is written here)."""
-    from q2g import data, models
+    from q2g import models
+    from q2g.data import loaders, splits
     from q2g.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
     from q2g.training import Run, training_arguments
 
     traces_path, split_path = locate_traces(cfg.traces, cfg.split)
     all_rows, rows = read_traces(traces_path)
-    refuse_leaks(rows, data.read_split(split_path), traces_path, split_path)
+    refuse_leaks(rows, splits.read_split(split_path), traces_path, split_path)
     device = models.pick_device(cfg.device)
     precision = models.resolve_precision(cfg.precision, device)
     models.check_model_name(cfg.base_model)
@@ -204,8 +205,8 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
         cfg=cfg, eval_cfg=eval_cfg, out=out, tokenizer=tokenizer, examples=examples, config=config, precision=precision
     )
     if not cfg.no_eval:
-        run.records = data.load_holdout(split_path)  # evaluate_model draws its fixed subsets from it
-        run.wikitext = data.load_wikitext(cfg.data_dir)
+        run.records = splits.load_holdout(split_path)  # evaluate_model draws its fixed subsets from it
+        run.wikitext = loaders.load_wikitext(cfg.data_dir)
     return run
 
 
@@ -334,14 +335,12 @@ def finalize(run) -> dict:
 
 def holdout_kind(split_file: str) -> str:
     """What the holdout is, for the report: the official test splits or a random share of train."""
-    from q2g import data
+    from q2g.data import splits
 
-    settings = data.read_split(split_file).get("settings", {})
+    settings = splits.read_split(split_file).get("settings", {})
     if settings.get("holdout") == "official-test":
         return "official test splits (GSM8K test, MATH test of the chosen subjects)"
-    return (
-        f"a random {settings.get('holdout_fraction', 0.2):.0%} of the train problems (seed {settings.get('seed', 0)})"
-    )
+    return f"a random {settings.get('holdout_fraction', splits.HOLDOUT_FRACTION):.0%} of the train problems (seed {settings.get('seed', 0)})"
 
 
 def versions() -> dict:

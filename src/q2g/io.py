@@ -8,6 +8,12 @@ A write that fails (disk full, quota, file size limit, I/O error) leaves the fil
 temporary file is removed, a failed append is cut back off. It raises RunFailed (exit 1) naming
 the file, so a full disk is said as such instead of as a traceback; `writes_to` does the same for
 the writes of libraries (Trainer checkpoints, safetensors, plots) under an output folder.
+
+A path that cannot be used at all (a name longer than the file system allows, a parent that is a
+file, a folder where a file is expected, no permission) is bad input, not a failed run:
+`path_error` turns such an OSError into a BadInput (exit 2) naming the path, `read_input_bytes`
+reads an input file that way, and `check_output_path` refuses an output path before anything is
+written.
 """
 
 from __future__ import annotations
@@ -19,10 +25,82 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from q2g.errors import Q2GError, RunFailed
+from q2g.errors import BadInput, DataError, Q2GError, RunFailed
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 PROBE_BYTES = 1 << 20  # a write this size must succeed for the folder to count as writable
+# A path the user must change, not a disk that filled up: bad input (exit 2), not a failed run.
+PATH_ERRNOS = {
+    errno.ENAMETOOLONG: "name too long for the file system",
+    errno.ENOTDIR: "a parent is a file, not a folder",
+    errno.EISDIR: "a folder, not a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ELOOP: "too many symbolic links",
+    errno.ENOENT: "no such file or folder",
+}
+DEFAULT_NAME_MAX, DEFAULT_PATH_MAX = 255, 4096
+
+
+def path_error(path, error: OSError, what: str = "file") -> BadInput | None:
+    """The BadInput that names `path` for an OSError about the path itself (None: another kind)."""
+    why = PATH_ERRNOS.get(getattr(error, "errno", None))
+    if why is None:
+        return None
+    cls = DataError if what.startswith("input") else BadInput
+    return cls(f"{what} {path}: {why}")
+
+
+def read_input_bytes(path) -> bytes:
+    """The bytes of an input file; a missing file, a folder, no permission... -> DataError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, no permission, a name too long...
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _path_limit(existing: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(existing, name)
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def check_output_path(path, flag: str = "--out", folder: bool = True) -> Path:
+    """Refuse (BadInput naming `flag`) an output path that cannot be created, before anything is
+    written: a name longer than the file system allows, a parent that is a file, a folder where a
+    file goes (`folder=False`) or a file where a folder goes, a parent that cannot be written."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("."))
+    folder_there = existing if existing.is_dir() else existing.parent
+    limit = _path_limit(folder_there, "PC_NAME_MAX", DEFAULT_NAME_MAX)
+    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if long is not None:
+        raise BadInput(
+            f"{flag} {path}: the name {long[:40]}... is {len(os.fsencode(long))} bytes (the file system allows {limit})"
+        )
+    whole, path_max = (
+        len(os.fsencode(os.path.abspath(path))),
+        _path_limit(folder_there, "PC_PATH_MAX", DEFAULT_PATH_MAX),
+    )
+    if whole >= path_max:
+        raise BadInput(
+            f"{flag} {str(path)[:60]}...: the path is {whole} bytes (the file system allows {path_max - 1})"
+        )
+    if existing != path and not existing.is_dir():
+        raise BadInput(f"{flag} {path}: {existing} is a file, not a folder")
+    if existing == path and folder and not path.is_dir():
+        raise BadInput(f"{flag} {path} is a file, not a folder")
+    if existing == path and not folder and path.is_dir():
+        raise BadInput(f"{flag} {path} is a folder, not a file")
+    writable = existing if existing.is_dir() else existing.parent
+    if existing != path or not folder:
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise BadInput(f"{flag} {path}: {writable} is not writable (permission denied)")
+    return path
 
 
 class WriteFailed(RunFailed):
@@ -58,8 +136,11 @@ def atomic_write_text(path, text: str) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failed(path, e) from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the temporary name itself was unusable (e.g. too long): nothing was created
+        raise (path_error(path, e, "output file") or write_failed(path, e)) from None
 
 
 def atomic_write_json(path, obj) -> None:
@@ -74,7 +155,7 @@ def append_jsonl(path, rows: list[dict]) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as e:
-        raise write_failed(path, e) from None
+        raise (path_error(path, e, "output file") or write_failed(path, e)) from None
     try:
         start = os.fstat(fd).st_size
         _write_all(fd, data)
@@ -137,7 +218,7 @@ def read_jsonl_tolerant(path, repair: bool = False) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    raw = path.read_bytes()
+    raw = read_input_bytes(path)
     lines = raw.split(b"\n")
     rows, good_bytes = [], 0
     for i, line in enumerate(lines):
@@ -177,9 +258,11 @@ def settings_diff(path, config: dict, keys) -> list[str]:
     if not path.exists():
         return []
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = json.loads(read_input_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return [f"{path} is not valid JSON (a damaged output folder?)"]
+    if not isinstance(old, dict):
+        return [f"{path} holds a JSON {type(old).__name__}, not a q2g config (another tool's file?)"]
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples vs lists, paths)
     return [
         f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now"

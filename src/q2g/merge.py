@@ -21,6 +21,7 @@ from pathlib import Path
 
 from q2g.config import Config, option
 from q2g.errors import BadInput, RunFailed
+from q2g.models import PRECISIONS
 
 DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
 PROBE_PROBLEM = (
@@ -40,7 +41,10 @@ class MergeConfig(Config):
         None, results=None, help="base model (default: base_model_name_or_path of adapter_config.json)"
     )
     precision: str = option(
-        "fp32", choices=("bf16", "fp32"), results=None, help="dtype of the merge and the saved weights"
+        "fp32",
+        choices=tuple(p for p in PRECISIONS if p in DEFAULT_ATOL),
+        results=None,
+        help="dtype of the merge and the saved weights",
     )
     atol: float | None = option(
         None, min=0, results=None, help="max |logit difference| allowed (default: 1e-3 fp32, 0.5 bf16)"

@@ -260,12 +260,12 @@ def check_demo_model(model, tokenizer) -> dict:
     """Score the fixed shipped excerpt; a perplexity far from the known value raises RunFailed."""
     import transformers
 
-    from q2g import data
+    from q2g.data.loaders import load_wikitext
     from q2g.errors import RunFailed
     from q2g.evaluate import EvalConfig, perplexity
 
     cfg = EvalConfig(ppl_max_length=512, ppl_stride=256, ppl_max_tokens=512)
-    ppl = perplexity(model, tokenizer, data.load_wikitext("packaged"), cfg, progress=False)["token_perplexity"]
+    ppl = perplexity(model, tokenizer, load_wikitext("packaged"), cfg, progress=False)["token_perplexity"]
     ok = DEMO_KNOWN_PPL / DEMO_PPL_TOLERANCE <= ppl <= DEMO_KNOWN_PPL * DEMO_PPL_TOLERANCE
     print(
         f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "

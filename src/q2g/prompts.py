@@ -94,7 +94,18 @@ def end_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def target_trace(trace: str) -> str:
+    """The part of a trace the student learns: the trace without surrounding whitespace."""
+    return trace.strip()
+
+
+def student_target(tokenizer, trace: str) -> str:
+    """The text the student is trained to produce (what `student_target_ids` encodes, for
+    trainers that tokenize text themselves, e.g. `q2g export --format trl`)."""
+    return target_trace(trace) + end_of_turn_text(tokenizer)
+
+
 def student_target_ids(tokenizer, trace: str) -> list[int]:
     """Token ids the student is trained to produce: the trace, then its end token(s)."""
-    ids = tokenizer(trace.strip(), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(target_trace(trace), add_special_tokens=False)["input_ids"]
     return ids + tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]

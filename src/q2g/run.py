@@ -48,9 +48,10 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
 def run_pipeline(config: Path, out: Path | None = None) -> int:
     """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
     the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
-    from q2g import finetune, generate
+    from q2g import finetune
     from q2g.config import load_yaml
     from q2g.errors import ConfigError
+    from q2g.generate import stage as generate
     from q2g.io import write_failed
 
     data = load_yaml(config)
@@ -86,8 +87,8 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
 def preflight(gen, ft) -> None:
     """What can be checked before either stage runs, so a typo in finetune: fails at once, not after
     generation: both stages' settings (parsed by the caller), the models and the data folders."""
-    from q2g.data import resolve_data_dir
-    from q2g.generate import check_teacher
+    from q2g.data.loaders import resolve_data_dir
+    from q2g.generate.stage import check_teacher
     from q2g.models import check_model_name
 
     check_model_name(ft.base_model)

@@ -15,7 +15,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.data import SOURCES, DataError, find_leaks, read_jsonl
+from q2g.data.jsonl import read_jsonl
+from q2g.data.sources import SOURCES
+from q2g.data.splits import find_leaks
+from q2g.errors import DataError
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (prompt, padding)
 TRACE_FIELDS = {"problem": str, "qwen_trace": str, "answer": (str, int, float), "source": str}

@@ -249,7 +249,8 @@ def check_points(dims: dict, base, where: str, limit: int = 4096) -> None:
 
 def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     """Read and check the whole file (stages and sweep) before anything runs or is written."""
-    from q2g import finetune, generate, run
+    from q2g import finetune, run
+    from q2g.generate import stage as generate
 
     data = load_yaml(config)
     unknown = set(data) - {"out", *run.STAGES, "sweep"}
@@ -483,7 +484,8 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     """Generate once, then run trials until the study has its n_trials; returns write_outputs(...).
     `train(cfg, eval_cfg)` (default finetune.run_finetune) and `baseline(cfg, eval_cfg, path)`
     (default evaluate_baseline) are replaceable for tests."""
-    from q2g import finetune, generate
+    from q2g import finetune
+    from q2g.generate import stage as generate
     from q2g.io import atomic_write_json
 
     optuna = load_optuna()

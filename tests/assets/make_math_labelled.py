@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "math_labelled.jsonl"
 sys.path.insert(0, str(HERE.parents[1] / "src"))
-from q2g.answers import last_boxed  # noqa: E402  the data layer's reading of a gold
+from q2g.answers.extract import last_boxed  # noqa: E402  the data layer's reading of a gold
 FILES = ["test_all.py", "test_numina_cases.py", "test_open_thoughts.py", "test_yujianll.py",
          "test_boxed.py", "test_strict.py"]
 SKIP_TESTS = {"test_number_extraction": "expression-only number formats (GSM8K style, decimal commas)",

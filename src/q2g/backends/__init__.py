@@ -28,11 +28,12 @@ the final content only. Either way the final answer is read from the final conte
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.errors import RunFailed
+from q2g.errors import BadInput, RunFailed
 
 BACKENDS = ("hf", "vllm", "openai", "reference")
 # Problems per batch (the unit of one write and of resume) when --batch-size is not given.
@@ -41,6 +42,11 @@ API_KEY_ENVS = ("OPENAI_API_KEY", "Q2G_API_KEY")
 REASONING_MODES = ("reasoning+answer", "answer")  # --reasoning: what of a thinking teacher's output is the trace
 DEFAULT_REASONING = "reasoning+answer"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# backend -> (the package it imports, the command that installs it); the others need only q2g's own.
+EXTRAS = {
+    "vllm": ("vllm", "pip install 'q2g[vllm]' (Linux with a CUDA GPU)"),
+    "openai": ("openai", "pip install 'q2g[openai]'"),
+}
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,24 @@ def api_key(args) -> str | None:
     return next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
 
 
+def is_available(package: str) -> bool:
+    """Whether `package` can be imported (found without importing it: vLLM takes seconds)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken install, or a module without a spec
+        return False
+
+
+def check_available(name: str) -> None:
+    """Refuse (BadInput, exit 2, with the pip command) a backend whose package is not installed."""
+    if name in EXTRAS and not is_available(EXTRAS[name][0]):
+        package, install = EXTRAS[name]
+        raise BadInput(f"--backend {name} needs the {package} package, which is not installed: {install}")
+
+
 def load_backend(name: str, args):
-    """The backend `name`, built from the parsed `q2g generate` options."""
+    """The backend `name`, built from the parsed `q2g generate` options (its module is imported
+    here, not at the top: each backend module imports this one for Sample)."""
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     reasoning = getattr(args, "reasoning", None) or DEFAULT_REASONING
     if name == "reference":

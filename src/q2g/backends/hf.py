@@ -12,6 +12,8 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 from __future__ import annotations
 
 from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
+from q2g.decoding import generate
+from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
 from q2g.prompts import end_token_ids, teacher_prompt_ids
 
 
@@ -41,8 +43,6 @@ class HFBackend:
         device: str = "auto",
         reasoning: str = DEFAULT_REASONING,
     ):
-        from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
-
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(teacher, padding_side="left")
         self.model = load_model(teacher, resolve_precision(precision, self.device).dtype, self.device).eval()
@@ -55,8 +55,6 @@ class HFBackend:
         return teacher_prompt_ids(self.tokenizer, problem)
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
-        from q2g.decoding import generate
-
         prompts = [self.prompt_ids(p["problem"]) for p in problems for _ in range(k)]
         # The torch seed of a batch depends only on the run seed and the batch's problems.
         outs = generate(

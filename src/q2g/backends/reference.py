@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from q2g.backends import Sample
+from q2g.models import load_tokenizer
 from q2g.prompts import FINAL_ANSWER_LINE
 
 CALCULATOR = re.compile(r"<<.*?>>")
@@ -41,8 +42,6 @@ class ReferenceBackend:
     def __init__(self, tokenizer=None):
         self.tokenizer = None
         if tokenizer is not None:
-            from q2g.models import load_tokenizer
-
             self.tokenizer = load_tokenizer(tokenizer)
 
     def count_tokens(self, text: str) -> int:

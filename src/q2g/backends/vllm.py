@@ -14,17 +14,21 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 
 from __future__ import annotations
 
-from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
+from q2g.backends import DEFAULT_REASONING, EXTRAS, Sample, stable_seed, thinking_sample
+from q2g.models import PRECISIONS, resolve_model_path
 from q2g.prompts import teacher_prompt_ids
 
-DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# vLLM's dtype names for q2g's precisions; "auto" is vLLM's own choice (the checkpoint's dtype).
+DTYPES = dict(zip(PRECISIONS, ("auto", "bfloat16", "float16", "float32")))
 
 
-def import_vllm():
+def import_vllm(needed_by: str = "the vllm backend"):
+    """The vllm module; without it an ImportError that gives the pip command. The one place q2g
+    imports vLLM (generation's --backend vllm and evaluation's --eval-backend vllm both call it)."""
     try:
         import vllm
     except ImportError:
-        raise ImportError("the vllm backend needs vLLM: pip install 'q2g[vllm]' (Linux with a CUDA GPU)") from None
+        raise ImportError(f"{needed_by} needs vLLM: {EXTRAS['vllm'][1]}") from None
     return vllm
 
 
@@ -43,8 +47,6 @@ class VLLMBackend:
         seed: int = 0,
         reasoning: str = DEFAULT_REASONING,
     ):
-        from q2g.models import resolve_model_path
-
         vllm = import_vllm()
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")

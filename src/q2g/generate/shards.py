@@ -1,0 +1,76 @@
+"""Shards: `--shard I/N` takes the problems whose stable hash of id is I mod N; merging them.
+
+Shard I of N writes traces.shard-I-of-N.jsonl, rejected.shard-I-of-N.jsonl and
+summary.shard-I-of-N.json; once all N summaries say complete, `merge_shards` writes traces.jsonl,
+rejected.jsonl and summary.json (records sorted in problem order, times summed over shards).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from q2g.backends import stable_int
+from q2g.errors import DataError
+from q2g.generate.records import read_records, write_sorted
+from q2g.generate.summary import Tally
+from q2g.io import atomic_write_json, read_input_bytes
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def in_shard(problem_id: str, shard: tuple[int, int] | None) -> bool:
+    return shard is None or stable_int("shard", problem_id) % shard[1] == shard[0]
+
+
+def output_paths(out: Path, shard: tuple[int, int] | None) -> dict[str, Path]:
+    tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
+    return {
+        "traces": out / f"traces{tag}.jsonl",
+        "rejected": out / f"rejected{tag}.jsonl",
+        "summary": out / f"summary{tag}.json",
+    }
+
+
+def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) -> dict | None:
+    """Merge complete shards into traces.jsonl / rejected.jsonl / summary.json (None: not all done)."""
+    found = {}
+    for path in out.glob("summary.shard-*-of-*.json"):
+        i, n = map(int, re.fullmatch(r"summary\.shard-(\d+)-of-(\d+)\.json", path.name).groups())
+        found[(i, n)] = json.loads(read_input_bytes(path).decode("utf-8"))
+    counts = {n for _, n in found}
+    if len(counts) != 1:
+        if required:
+            problem = f"shards of different N {sorted(counts)}" if counts else "no shard outputs found"
+            raise DataError(f"{out}: {problem}")
+        return None
+    n = counts.pop()
+    missing = [i for i in range(n) if not found.get((i, n), {}).get("complete")]
+    if missing:
+        if required:
+            raise DataError(f"{out}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} not complete yet")
+        return None
+    records = []
+    for i in range(n):
+        records += read_records(output_paths(out, (i, n)))
+    timing = defaultdict(lambda: {"timed_tokens": 0, "seconds": 0.0})
+    for summary in found.values():  # time = sum over shards (GPU-seconds when they ran side by side)
+        for source, row in summary["sources"].items():
+            timing[source]["timed_tokens"] += row["timed_tokens"]
+            timing[source]["seconds"] += row["seconds"]
+    write_sorted(out / "traces.jsonl", [r for r in records if r["validated"]], order)
+    write_sorted(out / "rejected.jsonl", [r for r in records if not r["validated"]], order)
+    tally = Tally(timing)
+    tally.add_records(list({r["id"]: r for r in records}.values()))
+    summary = tally.summary(
+        complete=True, **{**extra, "shard": None, "merged_shards": n, "problems_planned": len(order)}
+    )
+    atomic_write_json(out / "summary.json", summary)
+    return summary
