@@ -74,6 +74,10 @@ def fake_train(cfg, eval_cfg):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "attempts.txt", "a") as f:
         f.write(f"{os.getpid()} resume={cfg.resume}\n")
+    workers.kill_point("train")  # test hook: a kill inside the trial
+    if os.environ.get("FAKE_SLEEP"):  # a trial that takes a while (a worker is killed inside it)
+        (folder / "started").touch()
+        time.sleep(float(os.environ["FAKE_SLEEP"]))
     if os.environ.get("FAKE_BARRIER"):  # every worker holds a trial at once before any finishes
         barrier = Path(os.environ["FAKE_BARRIER"])
         (barrier / str(os.getpid())).touch()
