@@ -328,8 +328,11 @@ def test_a_trial_is_orphaned_when_its_worker_is_gone():
     study = optuna.create_study()
     trial = study.ask()
     frozen = lambda: study.trials[0]  # noqa: E731
-    assert not workers.orphaned(frozen())  # just asked, claimed in a moment
+    assert not workers.orphaned(frozen())  # just asked, not claimed: not an orphan to take over, but
+    assert workers.unclaimed(frozen(), None)  # under the lock (journal): given up at once
+    assert not workers.unclaimed(frozen(), 60)  # an RDB's other machines: only after the grace period
     workers.claim(trial)
+    assert not workers.unclaimed(frozen(), None)
     assert not workers.orphaned(frozen()) and frozen().user_attrs["attempts"] == 1  # this process holds it
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     trial.set_user_attr("worker", {**frozen().user_attrs["worker"], "pid": int(dead.stdout)})

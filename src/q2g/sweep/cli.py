@@ -32,6 +32,7 @@ import json
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 from q2g import finetune, generate, run
@@ -42,7 +43,7 @@ from q2g.io import atomic_write_json, write_failed
 from q2g.sweep.pareto import write_outputs
 from q2g.sweep.settings import load_sweep, resolved
 from q2g.sweep.storage import check_storage, describe, is_url, open_storage
-from q2g.sweep.study import load_optuna, next_trial, open_study
+from q2g.sweep.study import load_optuna, next_trial, open_study, others_running
 from q2g.sweep.trials import ensure_baseline, evaluate_baseline, run_trial
 from q2g.sweep.workers import kill_point, locked
 
@@ -86,7 +87,10 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
         with locked(sweep.lock):
             trial = next_trial(optuna, study, sweep)
         if trial is None:
-            break
+            if not others_running(study, sweep):
+                break
+            time.sleep(sweep.cfg.heartbeat_interval)  # a trial of another worker may be re-queued
+            continue
         run_trial(study, sweep, trial, train or finetune.run_finetune, baseline or evaluate_baseline)
         kill_point("between")
     with locked(sweep.lock):

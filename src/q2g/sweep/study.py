@@ -205,3 +205,15 @@ def next_trial(optuna, study, sweep: Sweep):
         study.tell(trial, state=TrialState.FAIL)
     print(f"[sweep] the sampler proposed only settings already tried {MAX_DUPLICATES} times: stopping", flush=True)
     return None
+
+
+def others_running(study, sweep: Sweep) -> bool:
+    """With an RDB storage, a worker with nothing left to ask waits while other workers' trials run
+    and the study is short of its n_trials: one of them may die, and its re-queued trial is then
+    this worker's (recover). A journal's workers are all on this machine: they are taken over at once."""
+    from optuna.trial import TrialState
+
+    if not is_url(sweep.cfg.storage):
+        return False
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return len(done) < sweep.target and bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
