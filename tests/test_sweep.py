@@ -18,8 +18,13 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from q2g import cli, sweep  # noqa: E402
+from q2g import cli  # noqa: E402
 from q2g.errors import ConfigError  # noqa: E402
+from q2g.sweep import cli as sweep  # noqa: E402
+from q2g.sweep import pareto, storage, workers  # noqa: E402
+from q2g.sweep import settings as sweep_settings  # noqa: E402
+from q2g.sweep import space as sweep_space  # noqa: E402
+from q2g.sweep import study as sweep_study  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -69,6 +74,10 @@ def fake_train(cfg, eval_cfg):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "attempts.txt", "a") as f:
         f.write(f"{os.getpid()} resume={cfg.resume}\n")
+    workers.kill_point("train")  # test hook: a kill inside the trial
+    if os.environ.get("FAKE_SLEEP"):  # a trial that takes a while (a worker is killed inside it)
+        (folder / "started").touch()
+        time.sleep(float(os.environ["FAKE_SLEEP"]))
     if os.environ.get("FAKE_BARRIER"):  # every worker holds a trial at once before any finishes
         barrier = Path(os.environ["FAKE_BARRIER"])
         (barrier / str(os.getpid())).touch()
@@ -108,7 +117,7 @@ def fake_baseline(cfg, eval_cfg, path):
 
 
 WORKER = (
-    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g import sweep; "
+    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g.sweep import cli as sweep; "
     "sweep.run_sweep({config!r}, {out!r}, train=t.fake_train, baseline=t.fake_baseline)"
 )
 
@@ -122,7 +131,7 @@ def start_worker(config, out, **env) -> subprocess.Popen:
 
 
 def study_of(out: Path, name="q2g-sweep"):
-    return optuna.load_study(study_name=name, storage=sweep.storage_for(optuna, None, out))
+    return optuna.load_study(study_name=name, storage=storage.open_storage(optuna, None, out, 60, 180))
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -137,7 +146,7 @@ def settings_of(rows) -> list[str]:
 
 
 def test_front_excludes_dominated_and_keeps_ties(tmp_path):
-    s = sweep.load_sweep(write_config(tmp_path / "s.yaml", GRID), tmp_path / "out")
+    s = sweep_settings.load_sweep(write_config(tmp_path / "s.yaml", GRID), tmp_path / "out")
     s.out.mkdir()
     study = optuna.create_study(directions=["maximize", "minimize"])
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8, 16])}
@@ -158,7 +167,7 @@ def test_front_excludes_dominated_and_keeps_ties(tmp_path):
                 values=[acc, change], params={"lora_r": 4}, distributions=dist, user_attrs={"row": row}
             )
         )
-    result = sweep.write_outputs(study, s)
+    result = pareto.write_outputs(study, s)
     # 2 is dominated by 0/1, 5 by 4; 0 and 1 tie (both kept); 3 is on the front though over budget
     assert result["front"] == {0, 1, 3, 4}
     assert [r["on_front"] for r in rows_of(s.out)] == [True, True, False, True, True, False]
@@ -175,8 +184,8 @@ def test_best_within_budget_minimises_a_loss_objective():
         {"trial": 1, "values": {"heldout_loss": 1.0}, "ppl_change": 0.09, "over_budget": True},
         {"trial": 2, "values": {"heldout_loss": 1.1}, "ppl_change": 0.04, "over_budget": False},
     ]
-    assert sweep.best_within_budget(rows, ["heldout_loss", "ppl_change"])["trial"] == 2
-    assert sweep.best_within_budget(rows[1:2], ["heldout_loss", "ppl_change"]) is None
+    assert pareto.best_within_budget(rows, ["heldout_loss", "ppl_change"])["trial"] == 2
+    assert pareto.best_within_budget(rows[1:2], ["heldout_loss", "ppl_change"]) is None
 
 
 # ---------------------------------------------------------------- refused before anything runs
@@ -210,16 +219,16 @@ def test_bad_space_is_refused_before_anything_runs(tmp_path, capsys, space, mess
 def test_bad_sweep_section_and_override(tmp_path, capsys):
     config = write_config(tmp_path / "s.yaml", GRID, extra_sweep="  objectives: [ppl_change, pass@1]\n")
     with pytest.raises(ConfigError, match=r"objectives: \['ppl_change', 'pass@1'\] must be"):
-        sweep.load_sweep(config)
+        sweep_settings.load_sweep(config)
     config = write_config(tmp_path / "s.yaml", GRID, extra_sweep="  n_trial: 3\n")
     with pytest.raises(ConfigError, match="unknown option 'sweep.n_trial' for q2g sweep \\(did you mean 'n_trials'"):
-        sweep.load_sweep(config)
+        sweep_settings.load_sweep(config)
     config = write_config(tmp_path / "s.yaml", GRID)
     assert cli.call("sweep", ["--config", str(config), "--out", str(tmp_path / "o"), "--n-trials", "0"]) == 2
     assert "--n-trials: must be >= 1, got 0" in capsys.readouterr().err
     config = write_config(tmp_path / "s.yaml", "    lr: {low: 1.0e-4, high: 1.0e-3, log: true}\n", sampler="tpe")
     with pytest.raises(ConfigError, match="sweep.n_trials is needed when the space has a range"):
-        sweep.load_sweep(config)
+        sweep_settings.load_sweep(config)
 
 
 def test_a_point_finetune_refuses_stops_the_sweep_before_it_starts(tmp_path, monkeypatch):
@@ -233,19 +242,19 @@ def test_a_point_finetune_refuses_stops_the_sweep_before_it_starts(tmp_path, mon
         )
 
     config = write_config(tmp_path / "s.yaml", GRID)
-    sweep.load_sweep(config, tmp_path / "out")
+    sweep_settings.load_sweep(config, tmp_path / "out")
     monkeypatch.setattr(FinetuneConfig, "check", check)
     with pytest.raises(
         ConfigError, match=r"the point \{'lora_r': 16, 'target_modules': \['all-linear'\]\} is refused"
     ):
-        sweep.load_sweep(config, tmp_path / "out")
+        sweep_settings.load_sweep(config, tmp_path / "out")
 
 
 def test_alpha_ratio_and_list_choices_become_finetune_settings(tmp_path):
     space = "    lora_r: [4, 16]\n    lora_alpha_ratio: [2]\n    target_modules: [[q_proj, v_proj], all-linear]\n"
-    s = sweep.load_sweep(write_config(tmp_path / "s.yaml", space), tmp_path / "out")
+    s = sweep_settings.load_sweep(write_config(tmp_path / "s.yaml", space), tmp_path / "out")
     assert s.target == 4 and list(s.dims["target_modules"].choices) == ["q_proj,v_proj", "all-linear"]
-    settings = sweep.trial_settings(
+    settings = sweep_space.trial_settings(
         s.dims, {"lora_r": 16, "lora_alpha_ratio": 2, "target_modules": "all-linear"}, s.finetune
     )
     assert settings == {"lora_r": 16, "target_modules": ["all-linear"], "lora_alpha": 32}
@@ -256,8 +265,16 @@ def test_alpha_ratio_and_list_choices_become_finetune_settings(tmp_path):
 # ---------------------------------------------------------------- resume, workers, duplicates
 
 
+def fake_student(tmp_path: Path) -> str:
+    """A folder that passes the model check `q2g sweep` makes before it writes (the fakes never load it)."""
+    folder = tmp_path / "fake-student"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_sweep(tmp_path):
-    config = write_config(tmp_path / "s.yaml", GRID)
+    config = write_config(tmp_path / "s.yaml", GRID, student=fake_student(tmp_path))
     whole = sweep.run_sweep(config, tmp_path / "whole", train=fake_train, baseline=fake_baseline)
 
     out = tmp_path / "killed"
@@ -311,14 +328,17 @@ def test_a_trial_is_orphaned_when_its_worker_is_gone():
     study = optuna.create_study()
     trial = study.ask()
     frozen = lambda: study.trials[0]  # noqa: E731
-    assert not sweep.orphaned(frozen())  # just asked, claimed in a moment
-    sweep.claim(trial)
-    assert not sweep.orphaned(frozen()) and frozen().user_attrs["attempts"] == 1  # this process holds it
+    assert not workers.orphaned(frozen())  # just asked, not claimed: not an orphan to take over, but
+    assert workers.unclaimed(frozen(), None)  # under the lock (journal): given up at once
+    assert not workers.unclaimed(frozen(), 60)  # an RDB's other machines: only after the grace period
+    workers.claim(trial)
+    assert not workers.unclaimed(frozen(), None)
+    assert not workers.orphaned(frozen()) and frozen().user_attrs["attempts"] == 1  # this process holds it
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     trial.set_user_attr("worker", {**frozen().user_attrs["worker"], "pid": int(dead.stdout)})
-    assert sweep.orphaned(frozen())  # its process exited
+    assert workers.orphaned(frozen())  # its process exited
     trial.set_user_attr("worker", {"released": True})
-    assert sweep.orphaned(frozen())  # let go on Ctrl-C
+    assert workers.orphaned(frozen())  # let go on Ctrl-C
 
 
 def test_sqlite_storage_url(tmp_path):
@@ -405,7 +425,7 @@ def test_a_failed_trial_is_retried_on_the_next_run(tmp_path, monkeypatch, capsys
 
     first = sweep.run_sweep(config, tmp_path / "out", train=flaky, baseline=fake_baseline)
     assert sorted(r["settings"]["lora_r"] for r in first["rows"]) == [4]
-    monkeypatch.setattr(sweep, "RETRIED", set())  # a new process
+    sweep_study.RETRIED.clear()  # a new process
     second = sweep.run_sweep(config, tmp_path / "out", train=flaky, baseline=fake_baseline)
     assert sorted(r["settings"]["lora_r"] for r in second["rows"]) == [4, 8] and sorted(tries) == [4, 8, 8]
     assert "retrying the settings of failed trial" in capsys.readouterr().out

@@ -22,7 +22,7 @@ COMMANDS = {
     "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
     "export": ("q2g.export", "validated traces as TRL prompt/completion or chat-messages JSONL"),
     "run": ("q2g.run", "generate -> finetune -> report from one YAML config, resuming finished stages"),
-    "sweep": ("q2g.sweep", "Optuna sweep of finetune settings: a Pareto front of accuracy vs forgetting"),
+    "sweep": ("q2g.sweep.cli", "Optuna sweep of finetune settings: a Pareto front of accuracy vs forgetting"),
     "demo": ("q2g.run", "the offline demo: real Gemma 3 270M, shipped data, reference teacher"),
 }
 
