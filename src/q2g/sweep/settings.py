@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from q2g import finetune, run
-from q2g.generate import stage as generate
 from q2g.config import Config, field_problems, fields_of, load_yaml, normalise_keys, option
 from q2g.errors import ConfigError
+from q2g.generate import stage as generate
 from q2g.sweep.space import check_points, parse_space, space_size
 
 OBJECTIVES = {"pass@1": "maximize", "heldout_loss": "minimize", "ppl_change": "minimize"}
