@@ -153,7 +153,9 @@ class FinetuneConfig(Config):
         flag="--trainer-arg",
         results="training",
         help="any TrainingArguments field: --trainer-arg "
-        "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win",
+        "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win. "
+        "ddp_timeout (the process group's timeout, s) defaults to 10800 (3 h); q2g's non-main processes "
+        "wait up to a day for the main one's evaluation without a collective",
     )
 
 
@@ -391,6 +393,8 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     from q2g.io import atomic_write_json, read_jsonl_tolerant, writes_to
     from q2g.training import baseline, train_all
 
+    distributed.check_parallel_mode(cfg.trainer)  # FSDP / ZeRO-3: refused before anything loads
+    distributed.init(distributed.timeout_s(cfg.trainer))  # the group's timeout is ddp_timeout
     t0, main = time.time(), distributed.is_main()
     run = prepare(cfg, eval_cfg or EvalConfig())
     with writes_to(run.out, hint="free some space, then rerun the same command with --resume"):
