@@ -81,7 +81,9 @@ def test_two_processes_survive_an_evaluation_longer_than_ddp_timeout(tiny_gemma_
 def test_sharded_modes_are_refused_naming_the_supported_ones(trainer, env, named):
     with pytest.raises(ConfigError) as e:
         distributed.check_parallel_mode(trainer, env)
-    assert named in str(e.value) and "Supported: one process, DDP" in str(e.value) and "ZeRO stage 1 or 2" in str(e.value)
+    assert (
+        named in str(e.value) and "Supported: one process, DDP" in str(e.value) and "ZeRO stage 1 or 2" in str(e.value)
+    )
 
 
 def test_ddp_and_zero2_pass_and_a_deepspeed_file_is_read(tmp_path):
@@ -106,3 +108,42 @@ def test_finetune_refuses_fsdp_before_loading(tiny_gemma_dir, tmp_path, capsys):
     assert cli.call("finetune", argv) == 2
     assert "FSDP, ZeRO-3) are not supported" in capsys.readouterr().err
     assert not out.exists()
+
+
+def run_config(path, student, trainer=""):
+    path.write_text(f"""out: unused
+generate:
+  backend: reference
+  teacher: reference
+  data_dir: packaged
+  limit: 4
+finetune:
+  base_model: {student}
+  data_dir: packaged
+{trainer}""")
+    return path
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_q2g_run_under_a_launcher_generates_on_the_main_process_only(tmp_path, tiny_gemma_dir, monkeypatch, main):
+    from q2g import finetune, generate, run
+
+    calls = []
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(distributed, "init", lambda s: calls.append(("init", s)))
+    monkeypatch.setattr(distributed, "is_main", lambda: main)
+    monkeypatch.setattr(distributed, "wait", lambda *a: calls.append("wait"))
+    monkeypatch.setattr(generate, "main", lambda argv: calls.append("generate"))
+    monkeypatch.setattr(finetune, "main", lambda argv: calls.append("finetune"))
+    monkeypatch.setattr(run, "summarize", lambda *a: None)
+    (tmp_path / "o" / "dataset").mkdir(parents=True)
+    assert run.run_pipeline(run_config(tmp_path / "r.yaml", tiny_gemma_dir), tmp_path / "o") == 0
+    expected = ["generate", "wait", "finetune"] if main else ["wait", "finetune"]
+    assert calls == [("init", distributed.DEFAULT_TIMEOUT_S), *expected]
+
+
+def test_q2g_run_refuses_fsdp_before_the_teacher_loads(tmp_path, tiny_gemma_dir, capsys):
+    config = run_config(tmp_path / "r.yaml", tiny_gemma_dir, "  trainer:\n    fsdp: full_shard\n")
+    assert cli.call("run", ["--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "sharded weights (FSDP, ZeRO-3) are not supported" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

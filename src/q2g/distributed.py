@@ -159,3 +159,11 @@ def check_parallel_mode(trainer: dict | None, env=None) -> None:
             f"{'; '.join(asked)}: sharded weights (FSDP, ZeRO-3) are not supported, because the "
             f"per-epoch evaluation runs the whole model on the main process. Supported: {SUPPORTED_MODES}"
         )
+
+
+def on_main(fn, *args):
+    """fn(*args) on the main process only (e.g. `q2g run`'s generation under a launcher); the
+    others wait for it (store polls, up to WAIT_S) and get None."""
+    result = fn(*args) if is_main() else None
+    wait()
+    return result

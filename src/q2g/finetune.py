@@ -231,14 +231,15 @@ def fit_memory(cfg: FinetuneConfig, precision, device: str, config: dict, length
         optim_8bit=config["optim_used"] == "adamw_bnb_8bit",
     )
     model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.base_model), trust_remote_code=False)
-    p = memory.plan(model_config.get_text_config(), shape, memory.free_memory(device), cfg.grad_accum)
+    free, kept = memory.free_for_training(device, config)  # less the vLLM engine's share
+    p = memory.plan(model_config.get_text_config(), shape, free, cfg.grad_accum)
     padding = padding_report(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
     config.update(
         memory_plan={
             "action": p.action,
             "need_gb": p.need_bytes / memory.GB,
             "free_gb": p.free_bytes / memory.GB,
-            "message": p.message,
+            "message": p.message + (f"; {kept}" if kept else ""),
         },
         padding_share=padding["group_by_length" if cfg.group_by_length else "random"],
     )
