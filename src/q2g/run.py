@@ -88,10 +88,9 @@ def preflight(gen, ft) -> None:
     """What can be checked before either stage runs, so a typo in finetune: fails at once, not after
     generation: both stages' settings (parsed by the caller), the models and the data folders."""
     from q2g.data import resolve_data_dir
+    from q2g.distributed import check_parallel_mode
     from q2g.generate import check_teacher
     from q2g.models import check_model_name
-
-    from q2g.distributed import check_parallel_mode
 
     check_parallel_mode(ft.trainer)  # FSDP / ZeRO-3: refused before the teacher loads
     check_model_name(ft.base_model)
