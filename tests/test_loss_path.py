@@ -103,3 +103,17 @@ def test_trainer_reports_the_path_it_ran(tiny_qwen_dir, tmp_path):
         "loss_note": None,
         "loss_processes": 1,
     }
+
+
+def test_planned_path_before_training(monkeypatch):
+    from q2g.loss import planned_loss_path
+
+    cfg = types.SimpleNamespace()
+    assert planned_loss_path("cpu", cfg)["loss_path"] == "chunked"
+    stand_in_liger(monkeypatch, [], fail_import=True)
+    planned = planned_loss_path("cuda", cfg)
+    assert planned["loss_path"] == "chunked" and "does not import" in planned["loss_note"]
+    stand_in_liger(monkeypatch, [])
+    assert planned_loss_path("cuda", cfg)["loss_path"] == "liger"
+    assert planned_loss_path("cuda", cfg, fused="never")["loss_path"] == "chunked"
+    assert planned_loss_path("cuda", types.SimpleNamespace(logit_scale=0.5))["loss_path"] == "chunked"

@@ -151,7 +151,8 @@ def check_parallel_mode(trainer: dict | None, env=None) -> None:
     if env.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1"):
         asked.append("ACCELERATE_USE_FSDP (accelerate config: FSDP)")
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1") and (
-        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" or _zero_stage(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")) == 3
+        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        or _zero_stage(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")) == 3
     ):
         asked.append("ACCELERATE_DEEPSPEED_ZERO_STAGE 3 (accelerate config: DeepSpeed ZeRO-3)")
     if asked:

@@ -141,6 +141,24 @@ class LossPath:
         return {"loss_path": self.path, "loss_fused": self.fused, "loss_note": self.note}
 
 
+def planned_loss_path(device: str, config, fused: str = "auto") -> dict:
+    """What the training loss will run, decided before training (for config.json): Liger where
+    `fused` allows it, on CUDA, for a model without a logit scale, and its module imports; else
+    the chunked path. The Trainer's `loss_info()` says what did run (a first-call failure falls back)."""
+    path = LossPath(fused)
+    _, scale = logit_transform(config)
+    if fused == "never" or not device.startswith("cuda") or scale != 1.0 or not is_liger_available():
+        path.path = "chunked"
+        return path.info()
+    try:
+        import liger_kernel.transformers.fused_linear_cross_entropy  # noqa: F401
+    except Exception as e:  # a broken install (Triton): said here, and the chunked path runs
+        path.path, path.note = "chunked", f"liger_kernel does not import ({type(e).__name__}: {e})"
+        return path.info()
+    path.path = "liger"
+    return path.info()
+
+
 def liger_eligible(h: torch.Tensor, scale: float) -> bool:
     """Liger's kernel runs on CUDA, for models without a logit scale (it has a softcap only)."""
     return h.is_cuda and scale == 1.0 and is_liger_available()
