@@ -2,6 +2,8 @@
 
     python benchmarks/train_vs_trl.py --device cuda --steps 20           # the real Gemma 3 270M
     python benchmarks/train_vs_trl.py --tiny --steps 2                   # tiny random Gemma 3: a smoke test
+    python benchmarks/train_vs_trl.py --device cuda --random-shape gemma-7b --batch-size 8 --grad-accum 4 \
+        --seq-len 1024 --json out.json                                   # a Gemma-7B-shaped random bf16 model
 
 Both train a LoRA adapter (r16, alpha 32, dropout 0.05, q_proj/v_proj) on the packaged train
 problems' reference solutions (what the `reference` teacher writes), with the same batch size,
@@ -37,6 +39,8 @@ def load(args):
     from q2g.models import load_model, load_tokenizer
 
     path = args.model
+    if args.random_shape:
+        return random_model(args)
     if args.tiny:
         sys.path.insert(0, str(REPO / "tests"))
         from helpers import build_tiny
@@ -45,6 +49,52 @@ def load(args):
     bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
     model = load_model(path, torch.bfloat16 if bf16 else torch.float32, args.device)
     return model, load_tokenizer(path, padding_side="right"), bf16
+
+
+GEMMA_7B = dict(  # google/gemma-7b's config.json
+    vocab_size=256000,
+    hidden_size=3072,
+    intermediate_size=24576,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=256,
+    max_position_embeddings=8192,
+)
+
+
+def random_model(args):
+    """A Gemma-7B-shaped model with random weights, built on the device in bf16 (no download);
+    the tokenizer is the packaged tiny one's vocabulary-compatible stand-in (ids < its vocab)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import build_tiny
+
+    from q2g.models import load_tokenizer
+
+    tiny = build_tiny("gemma3", Path(tempfile.mkdtemp()) / "tiny-gemma3")
+    bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    config = GemmaConfig(**GEMMA_7B, attn_implementation="sdpa")
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return model, load_tokenizer(str(tiny), padding_side="right"), bf16
+
+
+def plan_estimate(args, model, bf16) -> float:
+    """q2g's memory plan's estimate (GB) for this model and shape (q2g.memory.estimate)."""
+    from q2g.memory import GB, TrainShape, estimate
+
+    shape = TrainShape(
+        args.batch_size,
+        args.seq_len,
+        2 if bf16 else 4,
+        16,
+        tuple(LORA["target_modules"]),
+        args.gradient_checkpointing == "on",
+    )
+    return estimate(model.config.get_text_config(), shape)["total"] / GB
 
 
 def rows(n: int) -> list[dict]:
@@ -181,6 +231,9 @@ def worker(args) -> dict:
     }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.worker == "q2g":
+        out["plan_gb"] = plan_estimate(args, model, bf16)
+        out.update(trainer.loss_info())
     return out
 
 
@@ -229,6 +282,8 @@ def main() -> int:
         "--packing", action="store_true", help="q2g packs each batch into one row (q2g.batching.PackedCollator)"
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
+    p.add_argument("--random-shape", choices=["gemma-7b"], help="a random bf16 model of this shape, built on --device")
+    p.add_argument("--json", help="also write both trainers' numbers to this JSON file")
     p.add_argument("--worker", choices=["q2g", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     args.n_examples = args.batch_size * args.grad_accum * (args.warmup + args.steps)
@@ -249,6 +304,8 @@ def main() -> int:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: done ({results[name]['s_per_step']:.3f} s/step)", file=sys.stderr, flush=True)
     print_table(args, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

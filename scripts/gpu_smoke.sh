@@ -1,3 +1,4 @@
+# (The full GPU proof is benchmarks/gpu_proof.py; see docs/gpu.md.)
 # GPU smoke run of the whole CLI with the tiny test models (hf generation in bf16, finetune with
 # bf16 + 8-bit AdamW, merge, evaluate), for a session lent the `device` GPU machine. That machine
 # has torch/transformers/peft but not math-verify or bitsandbytes: download their wheels into

@@ -127,3 +127,44 @@ def test_lora_params_all_linear_and_unknown_names():
     # q: 8x8, k/v: 8x4, o: 8x8, gate/up: 8x32, down: 32x8 -> r * (in + out) summed, 2 layers
     assert lora_params(c, 4, every) == 2 * 4 * (16 + 12 + 12 + 16 + 40 + 40 + 40)
     assert lora_params(c, 4, ["w_pack"]) == 2 * 4 * 40  # unknown: counted as the largest
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A 80 GB card: 30 GB free at the driver, torch holding 20 GB reserved of which 5 GB is in use."""
+    gb = 10**9
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (30 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i=0: 20 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i=0: 5 * gb)
+    return gb
+
+
+def test_free_memory_counts_torch_cached_but_unused_blocks(fake_cuda):
+    assert free_memory("cuda") == 45 * fake_cuda  # 30 at the driver + (20 - 5) cached, free to reuse
+    assert free_memory("cuda:0") == 45 * fake_cuda
+
+
+def test_vllm_evaluation_share_is_kept_out_of_the_plan(fake_cuda):
+    from q2g.memory import free_for_training
+
+    free, note = free_for_training("cuda", {"eval_backend": "vllm", "vllm_gpu_memory_utilization": 0.3})
+    assert free == 45 * fake_cuda - 24 * fake_cuda  # 0.3 x 80 GB for the engine
+    assert "24.0 GB kept for the vLLM evaluation engine (30%)" == note
+    assert free_for_training("cuda", {"eval_backend": "hf"}) == (45 * fake_cuda, "")
+    assert free_for_training("cuda", {"eval_backend": "vllm", "no_eval": True})[0] == 45 * fake_cuda
+    free, _ = free_for_training("cuda", {"eval_backend": "vllm", "vllm_gpu_memory_utilization": 0.9})
+    assert free == 0  # 72 GB for the engine: nothing left, never negative
+
+
+def test_free_accelerator_memory_collects_and_empties_the_cache(monkeypatch):
+    import gc
+
+    from q2g.memory import free_accelerator_memory
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("gc") or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    free_accelerator_memory()
+    assert calls == ["gc", "empty_cache"]

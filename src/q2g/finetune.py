@@ -153,7 +153,9 @@ class FinetuneConfig(Config):
         flag="--trainer-arg",
         results="training",
         help="any TrainingArguments field: --trainer-arg "
-        "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win",
+        "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win. "
+        "ddp_timeout (the process group's timeout, s) defaults to 10800 (3 h); q2g's non-main processes "
+        "wait up to a day for the main one's evaluation without a collective",
     )
 
 
@@ -230,14 +232,15 @@ def fit_memory(cfg: FinetuneConfig, precision, device: str, config: dict, length
         optim_8bit=config["optim_used"] == "adamw_bnb_8bit",
     )
     model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.base_model), trust_remote_code=False)
-    p = memory.plan(model_config.get_text_config(), shape, memory.free_memory(device), cfg.grad_accum)
+    free, kept = memory.free_for_training(device, config)  # less the vLLM engine's share
+    p = memory.plan(model_config.get_text_config(), shape, free, cfg.grad_accum)
     padding = padding_report(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
     config.update(
         memory_plan={
             "action": p.action,
             "need_gb": p.need_bytes / memory.GB,
             "free_gb": p.free_bytes / memory.GB,
-            "message": p.message,
+            "message": p.message + (f"; {kept}" if kept else ""),
         },
         padding_share=padding["group_by_length" if cfg.group_by_length else "random"],
     )
@@ -390,6 +393,8 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     from q2g.io import atomic_write_json, read_jsonl_tolerant, writes_to
     from q2g.training import baseline, train_all
 
+    distributed.check_parallel_mode(cfg.trainer)  # FSDP / ZeRO-3: refused before anything loads
+    distributed.init(distributed.timeout_s(cfg.trainer))  # the group's timeout is ddp_timeout
     t0, main = time.time(), distributed.is_main()
     run = prepare(cfg, eval_cfg or EvalConfig())
     with writes_to(run.out, hint="free some space, then rerun the same command with --resume"):

@@ -12,10 +12,15 @@ On CUDA with `liger_kernel` installed its fused Triton kernel does the same work
 
 The loss is the sum over label tokens divided by the Trainer's `num_items_in_batch` (the label
 tokens of the whole accumulated batch), exactly as the model's own loss under the Trainer.
-One process only: the decoder is called directly, past any DDP/FSDP wrapper.
+The same with one process or many: the (DDP-wrapped) model's own forward runs, asked for the
+last position's logits only (`logits_to_keep=1`), and a forward hook on its decoder takes the
+final hidden states, so DDP sees every forward it must see and no [B, T, V] tensor is built.
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import torch
 from transformers import Trainer
@@ -108,10 +113,12 @@ def is_liger_available() -> bool:
 
 
 def liger_linear_cross_entropy(h, weight, targets, bias=None, softcap: float | None = None) -> torch.Tensor:
-    """Liger Kernel's fused linear cross-entropy (CUDA), summed. ImportError says what to install."""
+    """Liger Kernel's fused linear cross-entropy (CUDA), summed. ImportError says what is wrong."""
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
+        if is_liger_available():  # installed, but it (or its Triton) does not import
+            raise ImportError(f"liger_kernel is installed but does not import ({e}); check its Triton") from e
         raise ImportError("the fused loss needs Liger Kernel: pip install liger-kernel") from e
     kwargs = {"softcap": softcap} if softcap is not None else {}
     out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)(
@@ -120,22 +127,81 @@ def liger_linear_cross_entropy(h, weight, targets, bias=None, softcap: float | N
     return out[0] if isinstance(out, tuple) else out
 
 
+class LossPath:
+    """What the loss ran: "liger" (fused Triton kernel), "chunked" (q2g's PyTorch path) or "plain"
+    (the model's own loss, full logits), and why a fused path was left (`note`)."""
+
+    def __init__(self, fused: str = "auto"):
+        if fused not in ("auto", "liger", "never"):
+            raise ValueError(f"fused must be auto, liger or never, got {fused!r}")
+        self.fused, self.path, self.note, self.liger_failed = fused, None, None, False
+
+    def info(self) -> dict:
+        """The fields for config.json / the report."""
+        return {"loss_path": self.path, "loss_fused": self.fused, "loss_note": self.note}
+
+
+def planned_loss_path(device: str, config, fused: str = "auto") -> dict:
+    """What the training loss will run, decided before training (for config.json): Liger where
+    `fused` allows it, on CUDA, for a model without a logit scale, and its module imports; else
+    the chunked path. The Trainer's `loss_info()` says what did run (a first-call failure falls back)."""
+    path = LossPath(fused)
+    _, scale = logit_transform(config)
+    if fused == "never" or not device.startswith("cuda") or scale != 1.0 or not is_liger_available():
+        path.path = "chunked"
+        return path.info()
+    try:
+        import liger_kernel.transformers.fused_linear_cross_entropy  # noqa: F401
+    except Exception as e:  # a broken install (Triton): said here, and the chunked path runs
+        path.path, path.note = "chunked", f"liger_kernel does not import ({type(e).__name__}: {e})"
+        return path.info()
+    path.path = "liger"
+    return path.info()
+
+
+def liger_eligible(h: torch.Tensor, scale: float) -> bool:
+    """Liger's kernel runs on CUDA, for models without a logit scale (it has a softcap only)."""
+    return h.is_cuda and scale == 1.0 and is_liger_available()
+
+
+def _fused_or_none(h, lm_head, targets, softcap, scale, path: LossPath):
+    """Liger's loss, or None where it is not to be used; a failing first call (a broken install,
+    a Triton that cannot compile) falls back to the chunked path for the rest of the run, warned."""
+    wanted = path.fused == "liger" or (path.fused == "auto" and liger_eligible(h, scale))
+    if not wanted or path.liger_failed:
+        return None
+    try:
+        out = liger_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, softcap)
+    except Exception as e:
+        if path.fused == "liger" or path.path == "liger":  # insisted on, or worked before: a real error
+            raise
+        path.liger_failed = True
+        path.note = f"Liger failed at its first call ({type(e).__name__}: {e}); the chunked loss is used"
+        warnings.warn(f"[finetune] {path.note}", RuntimeWarning, stacklevel=3)
+        return None
+    path.path = "liger"
+    return out
+
+
 def label_only_loss_sum(
-    hidden, labels, lm_head, config, chunk_size: int = 1024, fused: str = "auto"
+    hidden, labels, lm_head, config, chunk_size: int = 1024, fused: str = "auto", path: LossPath | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the shifted-label cross-entropy, number of label tokens) from the final hidden states.
 
     fused: "auto" = Liger's kernel on CUDA when installed (and the model has no logit scaling),
-    else the chunked PyTorch path; "liger" = insist on Liger; "never" = always chunked.
+    else the chunked PyTorch path; "liger" = insist on Liger; "never" = always chunked. `path`
+    (a LossPath, kept across calls) records what ran; its `fused` wins over the argument.
     """
+    path = path or LossPath(fused)
     h, targets = select_label_positions(hidden, labels)
     softcap, scale = logit_transform(config)
     n = torch.tensor(targets.numel(), device=h.device)
     if targets.numel() == 0:  # a batch of prompts only: 0 with a graph, so backward still works
         return hidden.sum() * 0.0, n
-    use_liger = fused == "liger" or (fused == "auto" and h.is_cuda and scale == 1.0 and is_liger_available())
-    if use_liger:
-        return liger_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, softcap), n
+    out = _fused_or_none(h, lm_head, targets, softcap, scale, path)
+    if out is not None:
+        return out, n
+    path.path = "chunked"
     return chunked_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, chunk_size, softcap, scale), n
 
 
@@ -153,11 +219,37 @@ def split_causal_lm(model):
     return decoder, head, lm.config
 
 
+def keeps_logits(model) -> bool:
+    """Does the CausalLM's forward take `logits_to_keep` (transformers >= 4.50 decoders do)?"""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def label_only_loss(model, unwrapped, inputs, chunk_size=1024, path: LossPath | None = None, drop_mask=True):
+    """(loss sum, label tokens) of a batch through `model` (maybe DDP-wrapped; `unwrapped` is the
+    peft/HF model inside it): the wrapper's forward runs, the decoder's output is taken by a hook."""
+    decoder, head, config = split_causal_lm(unwrapped)
+    batch = {k: v for k, v in inputs.items() if k != "labels"}
+    if drop_mask:
+        batch = causal_inputs(batch)
+    seen = {}
+
+    def grab(module, args, output):
+        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        model(**batch, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return label_only_loss_sum(seen["hidden"], inputs["labels"], head, config, chunk_size, path=path)
+
+
 class LabelOnlyLossTrainer(Trainer):
     """A Trainer whose training loss never builds full-vocabulary logits (see the module docstring).
 
     Extra arguments: loss_chunk_size (positions per fp32 log-softmax block), fused ("auto", "liger",
-    "never"), nonfinite_guard (a q2g.guards.NonFiniteGuard: also added as a callback, and told
+    "never"; what ran is `loss_info()`), nonfinite_guard (a q2g.guards.NonFiniteGuard: also added as a callback, and told
     every micro-batch's loss), drop_right_padding_mask (default True: a right-padded batch goes
     to the model without its attention mask, which changes no trained token and avoids the fully
     masked sliding-window rows that NaN Gemma 3 on GPU kernels; see q2g.batching). The mask stays
@@ -176,23 +268,23 @@ class LabelOnlyLossTrainer(Trainer):
         if nonfinite_guard is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:  # the decoder is called past the DDP/FSDP wrapper's forward
-            raise ValueError(
-                "LabelOnlyLossTrainer runs in one process (one GPU); use the plain Trainer "
-                "(with use_liger_kernel=True) for multi-GPU runs"
-            )
-        self.loss_chunk_size, self.fused, self.nonfinite_guard = loss_chunk_size, fused, nonfinite_guard
+        self.loss_chunk_size, self.nonfinite_guard = loss_chunk_size, nonfinite_guard
+        self.loss_path = LossPath(fused)
+        if not keeps_logits(self.model):
+            self.loss_path.path, self.loss_path.note = "plain", "the model's forward has no logits_to_keep"
         self.drop_right_padding_mask = drop_right_padding_mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or "labels" not in inputs:  # evaluation with predictions: the plain path
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        decoder, head, config = split_causal_lm(self.accelerator.unwrap_model(model))
-        batch = {k: v for k, v in inputs.items() if k != "labels"}
-        if self.drop_right_padding_mask:
-            batch = causal_inputs(batch)
-        hidden = decoder(**batch, use_cache=False).last_hidden_state
-        total, n = label_only_loss_sum(hidden, inputs["labels"], head, config, self.loss_chunk_size, self.fused)
+        if self.loss_path.path == "plain":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        first = self.loss_path.path is None
+        unwrapped = self.accelerator.unwrap_model(model)
+        args = (self.loss_chunk_size, self.loss_path, self.drop_right_padding_mask)
+        total, n = label_only_loss(model, unwrapped, inputs, *args)
+        if first and self.is_world_process_zero():
+            print(f"[finetune] loss: {self.loss_info_line()}", flush=True)
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
             return total / n.clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
@@ -201,6 +293,15 @@ class LabelOnlyLossTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
         return loss
+
+    def loss_info(self) -> dict:
+        """What the loss ran (LossPath.info) and with how many processes."""
+        return {**self.loss_path.info(), "loss_processes": self.args.world_size}
+
+    def loss_info_line(self) -> str:
+        i = self.loss_info()
+        note = f" ({i['loss_note']})" if i["loss_note"] else ""
+        return f"{i['loss_path']}, label tokens only, {i['loss_processes']} process(es){note}"
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

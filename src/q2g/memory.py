@@ -1,10 +1,12 @@
 """Peak training memory, estimated from the model config before anything is loaded, and what to do.
 
-    from q2g.memory import TrainShape, estimate, free_memory, plan
+    from q2g.memory import TrainShape, estimate, free_for_training, free_memory, plan
     shape = TrainShape(batch_size=8, seq_len=1024, dtype_bytes=2, lora_r=16)
     estimate(config, shape)            # {'weights': ..., 'lora': ..., 'activations': ..., 'logits': ..., 'total': ...}
     p = plan(config, shape, free_memory("cuda"), grad_accum=4)
     print(p.message)                   # p.shape.gradient_checkpointing, p.shape.batch_size, p.grad_accum to run with
+    free, note = free_for_training("cuda", config_dict)  # less the vLLM evaluation engine's share
+    free_accelerator_memory()          # between a sweep's trials: gc + torch.cuda.empty_cache
 
 The terms (bytes; b = batch, s = sequence, h = hidden, I = MLP width, V = vocabulary, L = layers):
     weights      n_params x bytes of the weights' dtype (2 for bf16, 4 for fp32)
@@ -176,12 +178,16 @@ def plan(config, s: TrainShape, free_bytes: int, grad_accum: int = 1, n_params: 
 
 
 def free_memory(device: str = "cpu") -> int:
-    """Free bytes on the device: CUDA's mem_get_info, else the host's available memory."""
+    """Free bytes on the device. CUDA: what the driver has free (mem_get_info) plus what torch's
+    caching allocator holds but does not use (reserved - allocated: after a baseline evaluation
+    or an earlier trial that is most of it, and torch hands it out again without the driver).
+    Elsewhere: the host's available memory."""
     if device.startswith("cuda"):
         import torch
 
         index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-        return int(torch.cuda.mem_get_info(index)[0])
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(torch.cuda.mem_get_info(index)[0]) + max(0, int(cached))
     try:
         import psutil
 
@@ -190,3 +196,39 @@ def free_memory(device: str = "cpu") -> int:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
         return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def total_memory(device: str) -> int:
+    """The device's total bytes (CUDA), 0 elsewhere."""
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return int(torch.cuda.mem_get_info(index)[1])
+
+
+def free_for_training(device: str, settings: dict) -> tuple[int, str]:
+    """(bytes the training may plan with, what was set aside). With --eval-backend vllm on CUDA,
+    the evaluation engine takes vllm_gpu_memory_utilization x the card at the baseline, after the
+    plan measured: that share is reserved now. `settings`: the stage's resolved config dict."""
+    free = free_memory(device)
+    if settings.get("eval_backend") != "vllm" or settings.get("no_eval") or not device.startswith("cuda"):
+        return free, ""
+    share = float(settings.get("vllm_gpu_memory_utilization") or 0.0)
+    reserved = int(share * total_memory(device))
+    return max(0, free - reserved), f"{reserved / GB:.1f} GB kept for the vLLM evaluation engine ({share:.0%})"
+
+
+def free_accelerator_memory() -> None:
+    """Give cached memory back between runs in one process (a sweep's trials): drop Python's
+    garbage (models held by reference cycles), then torch's unused cached CUDA blocks."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -48,7 +48,7 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
 def run_pipeline(config: Path, out: Path | None = None) -> int:
     """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
     the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
-    from q2g import finetune
+    from q2g import distributed, finetune
     from q2g.config import load_yaml
     from q2g.errors import ConfigError
     from q2g.generate import stage as generate
@@ -70,7 +70,8 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     preflight(generate.parse(gen_argv), finetune.parse(ft_argv)[0])
     timings, t0 = {}, time.time()
     print(f"[q2g run] stage 1/2 generate -> {out / 'dataset'}", flush=True)
-    generate.main(gen_argv)  # reads and checks all of its input before it writes out/dataset
+    distributed.init(distributed.timeout_s(finetune.parse(ft_argv)[0].trainer))
+    distributed.on_main(generate.main, gen_argv)  # under a launcher: one process generates, the others wait
     try:
         shutil.copy(config, out / "run_config.yaml")
     except OSError as e:
@@ -88,9 +89,11 @@ def preflight(gen, ft) -> None:
     """What can be checked before either stage runs, so a typo in finetune: fails at once, not after
     generation: both stages' settings (parsed by the caller), the models and the data folders."""
     from q2g.data.loaders import resolve_data_dir
+    from q2g.distributed import check_parallel_mode
     from q2g.generate.stage import check_teacher
     from q2g.models import check_model_name
 
+    check_parallel_mode(ft.trainer)  # FSDP / ZeRO-3: refused before the teacher loads
     check_model_name(ft.base_model)
     check_teacher(gen)
     resolve_data_dir(gen.data_dir)

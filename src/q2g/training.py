@@ -79,6 +79,7 @@ def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int
     An unknown field or a value TrainingArguments refuses is a ConfigError naming it."""
     from transformers import TrainingArguments
 
+    from q2g.distributed import DEFAULT_TIMEOUT_S
     from q2g.errors import ConfigError
 
     defaults = dict(
@@ -87,6 +88,7 @@ def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int
         logging_steps=max(1, steps_per_epoch // 10),
         logging_first_step=True,
         dataloader_pin_memory=device != "cpu",
+        ddp_timeout=DEFAULT_TIMEOUT_S,  # the process group is made with it (q2g.distributed.init)
     )
     # What q2g's own options decide, and what its machinery needs as it is (resume by epoch, masked
     # labels, token counts, NaN losses seen): these win over a `trainer:` entry of the same name.
@@ -360,7 +362,7 @@ def baseline(run: Run):
 
 def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
     """One LoRA training run at `rank` into `run_dir` (resumed from its checkpoint with --resume)."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from q2g import distributed
     from q2g.guards import NonFiniteGuard
@@ -398,13 +400,7 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
             data_collator=Collator(run.tokenizer.pad_token_id),
             processing_class=run.tokenizer,
         )
-        # The label-only chunked loss calls the decoder past the DDP wrapper, so several processes
-        # use the Trainer's own loss (and its full logits).
-        trainer = (
-            LabelOnlyLossTrainer(**kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard)
-            if distributed.num_processes() == 1
-            else Trainer(**kw)
-        )
+        trainer = LabelOnlyLossTrainer(**kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard)
         callback.trainer = trainer
         resume = latest_checkpoint(run_dir) if cfg.resume else None
         if resume:

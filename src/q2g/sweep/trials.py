@@ -9,7 +9,6 @@ released and the next run resumes it.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +17,7 @@ from q2g import finetune
 from q2g.config import result_keys
 from q2g.errors import ConfigError, RunFailed
 from q2g.finetune import FinetuneConfig
+from q2g.memory import free_accelerator_memory
 from q2g.sweep.pareto import write_outputs
 from q2g.sweep.settings import Sweep
 from q2g.sweep.space import shown_settings, trial_settings
@@ -26,17 +26,6 @@ from q2g.sweep.study import RETRIED
 from q2g.sweep.workers import Heartbeat, kill_point, locked
 
 EPOCH_KEYS = ("epoch", "lora_rank", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
-
-
-def free_accelerator_memory() -> None:
-    """Drop what a failed trial left (its model, optimizer state, cached CUDA blocks) before the next.
-    (Local stand-in for q2g.memory.free_accelerator_memory, which the memory module is to provide.)"""
-    gc.collect()
-    import sys
-
-    torch = sys.modules.get("torch")  # only if a trial imported it
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def baseline_path(sweep: Sweep, cfg) -> Path:
