@@ -14,6 +14,7 @@ from q2g.evaluation.model_state import (
     bytes_per_position,
     device_of,
     eval_mode,
+    guarded_attention,
     progress_bar,
 )
 from q2g.sft_data import IGNORE_INDEX, Collator, build_example
@@ -73,6 +74,7 @@ def heldout_loss(model, tokenizer, records: list[dict], cfg: EvalConfig, progres
     nll, n = 0.0, 0
     with (
         eval_mode(model),
+        guarded_attention(model),
         autocast(model, precision),
         torch.inference_mode(),
         progress_bar(progress, total=len(examples), desc="heldout loss", unit="solution") as bar,

@@ -18,7 +18,7 @@ from q2g import decoding, prompts
 from q2g.answers import extract_answer_with_rule, is_correct
 from q2g.data import source_key
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.model_state import autocast, eval_mode, progress_bar
+from q2g.evaluation.model_state import autocast, eval_mode, guarded_attention, progress_bar
 
 
 def _score(record: dict, gen) -> dict:
@@ -136,6 +136,7 @@ def math_pass_at_1(
     else:
         with (
             eval_mode(model),
+            guarded_attention(model),
             autocast(model, precision),
             progress_bar(progress, total=len(records), desc="pass@1", unit="problem") as bar,
         ):
