@@ -11,6 +11,7 @@ precision, device, wall_s). `finetune.py` writes it at the end of a run; `q2g ru
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def results_table(base: dict | None, after: dict | None, label: str) -> list[str
         diff = "n/a" if a is None or b is None else f"{b - a:+.3f}"
         lines.append(f"| held-out solution loss (nats/token) | {_num(a)} | {_num(b)} | {diff} |")
     a, b = base.get("token_perplexity"), after.get("token_perplexity")
-    change = forgetting.relative_change(a, b) if a and b is not None else None
+    measured = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, b)) and a > 0
+    change = forgetting.relative_change(a, b) if measured else None  # a NaN row reads n/a, never +nan%
     lines.append(
         f"| WikiText perplexity (token) | {_num(a)} | {_num(b)} | {'n/a' if change is None else f'{change:+.1%}'} |"
     )

@@ -9,10 +9,12 @@ writes eval.json (settings, precision, every number) and generations.jsonl (one 
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 from q2g import data, models
+from q2g.adapter_check import check_adapter_fits, check_adapter_weights, read_adapter_config
 from q2g.config import load_config
 from q2g.errors import BadInput
 from q2g.evaluation.config import EvalConfig, EvaluateConfig
@@ -20,19 +22,52 @@ from q2g.evaluation.core import evaluate_model
 from q2g.io import atomic_write_json, write_jsonl
 
 
-def check_paths(args: EvaluateConfig) -> None:
-    """The model, adapter and output folder, checked before anything loads or is written."""
+def _vllm_installed() -> bool:
+    """Whether vLLM can be imported, asked without importing it (seconds, and GPU probing)."""
+    if "vllm" in sys.modules:  # imported already (or set to None, as tests hide it)
+        return sys.modules["vllm"] is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_paths(args: EvaluateConfig, cfg: EvalConfig) -> None:
+    """The output folder, model, adapter and optional parts, checked before anything loads or is written."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise BadInput(f"--out {out}: {parent} is a file, not a folder")
+    if cfg.eval_backend == "vllm" and not args.no_math and not _vllm_installed():
+        raise BadInput("--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'")
     models.check_model_name(args.model)
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise BadInput(f"--adapter {args.adapter}: no adapter_config.json (not a LoRA adapter folder)")
+    if args.adapter:
+        read_adapter_config(args.adapter)
+        check_adapter_weights(args.adapter)
+        check_adapter_fits(args.adapter, args.model)
 
 
-def _load_inputs(args: EvaluateConfig) -> tuple[list[dict] | None, str | None]:
+def _load_inputs(args: EvaluateConfig, cfg: EvalConfig) -> tuple[list[dict] | None, str | None]:
+    """The holdout and the WikiText text; a part that selects nothing is bad input, not a 0-problem result."""
     holdout = None if args.no_math else data.load_holdout(args.split)
+    if holdout is not None and not holdout:
+        raise BadInput(
+            f"--split {args.split}: its holdout.jsonl holds no problems, so pass@1 selects none "
+            f"(--no-math to score perplexity only)"
+        )
+    if holdout and cfg.heldout_loss_limit and not any((r.get("reference_solution") or "").strip() for r in holdout):
+        raise BadInput(
+            f"--heldout-loss-limit {cfg.heldout_loss_limit}: no problem of {args.split}'s holdout has a "
+            f"reference_solution to score (--heldout-loss-limit 0 to skip the held-out loss)"
+        )
     text = None if args.no_ppl else data.load_wikitext(args.data_dir)
+    if text is not None and not text.strip():
+        raise BadInput(
+            f"--data-dir {args.data_dir}: its WikiText (wikitext/wiki.test.raw) holds no text to score "
+            f"(--no-ppl to skip perplexity)"
+        )
     return holdout, text
 
 
@@ -81,8 +116,8 @@ def main(argv=None) -> int:
         description="pass@1, answer format and solution loss on the holdout; WikiText perplexity.",
         section="evaluate",
     )
-    check_paths(args)
-    holdout, text = _load_inputs(args)  # all input is read and checked before the model loads
+    check_paths(args, cfg)
+    holdout, text = _load_inputs(args, cfg)  # all input is read and checked before the model loads
     precision = models.resolve_precision(args.precision, models.pick_device(args.device))
     model, tokenizer = _load_model(args, precision)
     result = evaluate_model(model, tokenizer, holdout, text, cfg, precision=precision, adapter_dir=args.adapter)

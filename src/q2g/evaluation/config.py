@@ -63,13 +63,19 @@ class EvalConfig(Config):
     ppl_max_length: int = option(
         1024, min=2, results="baseline", help="perplexity window length in tokens (incl. <bos>)"
     )
-    ppl_stride: int = option(512, min=1, results="baseline", help="perplexity window step in tokens (q2g protocol)")
+    ppl_stride: int = option(
+        512,
+        min=1,
+        results="baseline",
+        help="perplexity window step in tokens, < --ppl-max-length (q2g protocol only: lm-eval's windows "
+        "are disjoint and have no stride, so it does not apply there)",
+    )
     ppl_max_tokens: int | None = option(
         None, min=1, results="baseline", help="score only the first N WikiText tokens (fast runs)"
     )
 
     def check(self) -> list[str]:
-        if self.ppl_stride >= self.ppl_max_length:
+        if self.ppl_protocol == "q2g" and self.ppl_stride >= self.ppl_max_length:
             return [f"--ppl-stride ({self.ppl_stride}) must be smaller than --ppl-max-length ({self.ppl_max_length})"]
         return []
 

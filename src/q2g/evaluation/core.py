@@ -5,8 +5,10 @@ perplexity, and the flat metrics row. `q2g evaluate` and finetune's per-epoch ca
 
 from __future__ import annotations
 
+import math
 import time
 
+from q2g.errors import RunFailed
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import heldout_loss
 from q2g.evaluation.pass_at_1 import math_pass_at_1
@@ -31,9 +33,11 @@ def evaluate_model(
         limit = cfg.eval_limit if cfg.heldout_loss_limit is None else cfg.heldout_loss_limit
         records = select_eval_subset(holdout, limit, cfg.eval_seed)
         out["heldout"] = heldout_loss(model, tokenizer, records, cfg, progress, precision)
+    check_finite(out)  # before the perplexity's minutes
     t2 = time.time()
     if wikitext_text:
         out["ppl"] = perplexity(model, tokenizer, wikitext_text, cfg, progress, precision)
+    check_finite(out)
     out["row"] = metrics_row(out["math"], out["ppl"], t1 - t0, time.time() - t2, out["heldout"], t2 - t1)
     return out
 
@@ -75,3 +79,22 @@ def metrics_row(
             }
         )
     return {**row, "eval_s": math_s + heldout_s + ppl_s}
+
+
+def check_finite(result: dict) -> None:
+    """A NaN/inf held-out loss or perplexity stops the run (RunFailed, exit 1) as a non-finite
+    training loss does: it is no measurement, and must never be compared with a budget."""
+    bad = []
+    if result["heldout"] and not math.isfinite(result["heldout"]["heldout_loss"]):
+        bad.append(
+            f"held-out loss {result['heldout']['heldout_loss']} over {result['heldout']['heldout_tokens']} tokens"
+        )
+    if result["ppl"] and not math.isfinite(result["ppl"]["token_perplexity"]):
+        bad.append(
+            f"WikiText perplexity {result['ppl']['token_perplexity']} over {result['ppl']['n_tokens_scored']} tokens"
+        )
+    if bad:
+        raise RunFailed(
+            f"evaluation gave a non-finite {' and '.join(bad)}: the model's logits are not finite (a diverged "
+            f"training, fp16 overflow, or a broken checkpoint; try --precision bf16/fp32 or a lower --lr)"
+        )

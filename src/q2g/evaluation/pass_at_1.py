@@ -5,8 +5,9 @@ at its end token or at the start of a new problem, graded by `answers.is_correct
 `--eval-backend hf` decodes in-process (decoding.generate); `vllm` sends the same token ids to a
 vLLM engine, the base model's weights plus the epoch's adapter as a LoRARequest (no merge).
 answer_format_rate: the share of generations that state a final answer within the token cap:
-an answer `answers.extract_answer_with_rule` finds by a rule other than GSM8K's last-number
-fallback (which any text holding a number passes, so it would not show a format being learned).
+an answer `answers.extract_answer_with_rule` finds by a rule that reads a stated answer, not by
+a fallback (GSM8K's last number, math-verify's `mv_expr`/`mv_latex`), which any text holding a
+number passes, so it would not show a format being learned.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ def _score(record: dict, gen) -> dict:
     }
 
 
-# GSM8K's fallback rule takes the last number of any text: it finds an answer, it does not
-# show that one was stated.
-FALLBACK_RULES = ("last_number",)
+# The rules of answers.extract_answer_with_rule that find a *stated* final answer (`#### x`,
+# `\boxed{x}`, "the answer is x", "Answer: x"). The fallbacks are left out: GSM8K's last number
+# and math-verify's readings of a MATH text's end (`mv_expr`: its last number, `mv_latex`: its
+# last formula) find an answer in any text holding a number; they do not show one was stated.
+STATED_RULES = ("gsm8k_hash", "boxed", "boxed_multi", "final_answer_is", "answer_is", "A_colon")
 
 
 def states_answer(row: dict) -> bool:
-    """The generation states a final answer (extracted by a rule other than the fallback)."""
-    return row["rule"] is not None and row["rule"] not in FALLBACK_RULES
+    """The generation states a final answer (extracted by a rule in STATED_RULES)."""
+    return row["rule"] in STATED_RULES
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+from q2g.errors import BadInput
 from q2g.evaluation.model_state import (
     CE_CHUNK,
     LOGITS_BUDGET_BYTES,
@@ -114,11 +115,16 @@ def windows_nll(model, windows, batch_size: int, progress=True, precision=None) 
     return nll
 
 
+def _exp(x: float) -> float:
+    """exp, inf past float range (math.exp raises OverflowError there; inf is then refused as non-finite)."""
+    return math.inf if x > 709 else math.exp(x)  # NaN stays NaN
+
+
 def _ppl_numbers(nll: float, n_scored: int, n_words: int, n_bytes: int) -> dict:
     return {
-        "token_perplexity": math.exp(nll / n_scored),
-        "word_perplexity": math.exp(nll / n_words),
-        "byte_perplexity": math.exp(nll / n_bytes),
+        "token_perplexity": _exp(nll / n_scored),
+        "word_perplexity": _exp(nll / n_words),
+        "byte_perplexity": _exp(nll / n_bytes),
         "bits_per_byte": nll / n_bytes / math.log(2),
         "n_tokens_scored": n_scored,
         "n_words": n_words,
@@ -170,7 +176,10 @@ def q2g_perplexity(
     windows = q2g_windows(ids, max_length, stride, bos_id)
     n_scored = sum(len(t) for _, t, _ in windows)
     if n_scored == 0:
-        raise ValueError("text too short to score any token")
+        raise BadInput(
+            f"WikiText perplexity: {len(ids)} token(s) of text leave none to score (--ppl-max-tokens {max_tokens}; "
+            f"without <bos> a window's first token is context only): give more text or a larger --ppl-max-tokens"
+        )
     nll = windows_nll(model, windows, batch_size, progress, precision)
     return {
         **_ppl_numbers(nll, n_scored, count_words(text), len(text.encode("utf-8"))),
@@ -194,7 +203,9 @@ def lm_eval_perplexity(
     windows = [w for _, ids in docs for w in rolling_windows(ids, max_length, prefix)]
     n_scored = sum(len(ids) for _, ids in docs)
     if n_scored == 0:
-        raise ValueError("text too short to score any token")
+        raise BadInput(
+            f"WikiText perplexity: no token to score (empty text, or --ppl-max-tokens {max_tokens} too small)"
+        )
     nll = windows_nll(model, windows, batch_size, progress, precision)
     n_words, n_bytes = sum(count_words(d) for d, _ in docs), sum(len(d.encode("utf-8")) for d, _ in docs)
     return {
