@@ -156,6 +156,7 @@ CASES = [
         "--out $TMP/f.txt/eval: $TMP/f.txt is a file, not a folder",
         files={"f.txt": "keep me\n"},
     ),
+    C("ev-out-name-too-long", "evaluate", ["--out", "$TMP/" + "o" * 300], ("--out $TMP/ooo", "File name too long")),
     # ------------------------------------------------------------ merge: damaged or foreign adapters
     C(
         "mg-adapter-config-list",
@@ -224,6 +225,8 @@ CASES = [
         "--out $TMP/ck holds the --adapter $TMP/ck/final: merging would replace its own input",
         files={**adapter_files("ck/final"), "ck/config.json": "{}"},
     ),
+    C("mg-adapter-name-too-long", "merge", ["--adapter", "$TMP/" + "a" * 300], ("--adapter $TMP/aaa", "too long")),
+    C("mg-out-name-too-long", "merge", ["--out", "$TMP/" + "m" * 300], ("--out $TMP/mmm", "File name too long")),
     C(
         "mg-out-parent-is-file",
         "merge",

@@ -25,9 +25,13 @@ PEFT_PREFIX = "base_model.model."
 def read_adapter_config(folder, flag: str = "--adapter") -> dict:
     folder = Path(folder)
     path = folder / CONFIG_FILE
-    if not folder.is_dir():
+    try:
+        found = folder.is_dir(), path.is_file()
+    except OSError as e:  # a name longer than the file system allows
+        raise BadInput(f"{flag} {folder}: {e.strerror or e}") from None
+    if not found[0]:
         raise BadInput(f"{flag} {folder}: no such folder")
-    if not path.is_file():
+    if not found[1]:
         raise BadInput(
             f"{flag} {folder}: no {CONFIG_FILE} (not a LoRA adapter folder; "
             f"final/ has none when no epoch stayed within the forgetting budget)"

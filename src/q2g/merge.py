@@ -23,6 +23,7 @@ from q2g.config import Config, load_config, option
 from q2g.errors import BadInput, RunFailed
 from q2g.io import atomic_write_json, writes_to
 from q2g.models import check_model_name, load_model, load_tokenizer, pick_device, resolve_model_path, storage_dtype
+from q2g.out_folder import check_out_folder
 from q2g.prompts import student_prompt_ids
 
 DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
@@ -63,11 +64,7 @@ def adapter_base(adapter: Path, base_model: str | None) -> str:
 def check_out(out: Path, adapter: Path) -> None:
     """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge),
     never the adapter or a folder holding it, and its parent must be a folder."""
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"--out {out} is a file, not a folder")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise MergeError(f"--out {out}: {parent} is a file, not a folder")
+    check_out_folder(out)
     try:
         inside = adapter.resolve() == out.resolve() or out.resolve() in adapter.resolve().parents
     except OSError as e:  # a name longer than the file system allows, a loop of links

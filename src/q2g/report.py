@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from q2g import forgetting
+from q2g.io import atomic_write_text
 
 
 def _pct(x) -> str:
@@ -205,8 +206,6 @@ def _heldout_line(row: dict) -> str:
 
 def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
     """Write out_dir/report.md (and its plots) from the metrics rows; returns the report's path."""
-    from q2g.io import atomic_write_text
-
     out_dir = Path(out_dir)
     rows = sorted(metrics_rows, key=lambda r: (r.get("epoch", 0) > 0, -(r.get("lora_rank") or 0), r.get("epoch", 0)))
     base = next((r for r in rows if r.get("epoch") == 0), None)

@@ -20,6 +20,7 @@ from q2g.errors import BadInput
 from q2g.evaluation.config import EvalConfig, EvaluateConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.io import atomic_write_json, write_jsonl
+from q2g.out_folder import check_out_folder
 
 
 def _vllm_installed() -> bool:
@@ -34,12 +35,7 @@ def _vllm_installed() -> bool:
 
 def check_paths(args: EvaluateConfig, cfg: EvalConfig) -> None:
     """The output folder, model, adapter and optional parts, checked before anything loads or is written."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file, not a folder")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise BadInput(f"--out {out}: {parent} is a file, not a folder")
+    check_out_folder(args.out)
     if cfg.eval_backend == "vllm" and not args.no_math and not _vllm_installed():
         raise BadInput("--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'")
     models.check_model_name(args.model)
