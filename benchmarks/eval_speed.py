@@ -117,7 +117,8 @@ def pass1_rows(model, tok, problems, args, device) -> list[dict]:
 
 
 def bench_ppl(model, tok, text, max_length, n_tokens, batch_size, kind, device) -> dict:
-    from q2g.evaluate import EvalConfig, perplexity
+    from q2g.evaluation.config import EvalConfig
+    from q2g.evaluation.perplexity import perplexity
 
     cfg = EvalConfig(
         ppl_max_length=max_length, ppl_stride=max_length // 2, ppl_max_tokens=n_tokens, eval_batch_size=batch_size

@@ -535,7 +535,7 @@ CASES = [
         "ev-adapter-missing",
         "evaluate",
         ["--adapter", "$TMP/adapter"],
-        "--adapter $TMP/adapter: no adapter_config.json (not a LoRA adapter folder)",
+        "--adapter $TMP/adapter: no such folder",
     ),
     C(
         "ev-out-is-file",

@@ -1,4 +1,4 @@
-"""q2g.evaluate: sliding-window perplexity against direct computations, pass@1 bookkeeping
+"""q2g.evaluation: sliding-window perplexity against direct computations, pass@1 bookkeeping
 with scripted generations, the fixed eval subset, and the `q2g evaluate` command end to end."""
 
 import json
@@ -9,9 +9,14 @@ import re
 import pytest
 import torch
 
-from q2g import cli, decoding, evaluate, models, prompts
+from q2g import cli, decoding, models, prompts
 from q2g.data import loaders, splits
-from q2g.evaluate import EvalConfig
+from q2g.data.sources import source_key
+from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.core import metrics_row
+from q2g.evaluation.pass_at_1 import math_pass_at_1
+from q2g.evaluation.perplexity import perplexity, plan_windows
+from q2g.evaluation.subset import select_eval_subset
 
 TEXT = (
     " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
@@ -52,13 +57,13 @@ def model_tok(request):
 
 def test_plan_windows_numbers():
     # bos: 4 text tokens per window of 5; every token scored, each exactly once.
-    assert evaluate.plan_windows(10, 5, 2, bos=True) == [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    assert plan_windows(10, 5, 2, bos=True) == [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
     # no bos: 5 text tokens per window; token 0 is context only.
-    assert evaluate.plan_windows(10, 5, 2, bos=False) == [(0, 5, 1), (2, 7, 5), (4, 9, 7), (6, 10, 9)]
-    assert evaluate.plan_windows(3, 1024, 512, bos=True) == [(0, 3, 0)]
+    assert plan_windows(10, 5, 2, bos=False) == [(0, 5, 1), (2, 7, 5), (4, 9, 7), (6, 10, 9)]
+    assert plan_windows(3, 1024, 512, bos=True) == [(0, 3, 0)]
     for bad in [(10, 5, 5), (10, 5, 0), (10, 1, 1)]:
         with pytest.raises(ValueError):
-            evaluate.plan_windows(*bad, bos=True)
+            plan_windows(*bad, bos=True)
 
 
 def _plain_nll(model, tok, text):
@@ -74,7 +79,7 @@ def _plain_nll(model, tok, text):
 def test_full_window_equals_plain_forward(model_tok):
     model, tok = model_tok
     nll, n = _plain_nll(model, tok, TEXT)
-    r = evaluate.perplexity(model, tok, TEXT, EvalConfig(ppl_max_length=1024, ppl_stride=512), progress=False)
+    r = perplexity(model, tok, TEXT, EvalConfig(ppl_max_length=1024, ppl_stride=512), progress=False)
     assert r["n_windows"] == 1
     assert r["n_tokens_scored"] == n == r["n_tokens"] - (0 if tok.bos_token_id is not None else 1)
     assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
@@ -106,7 +111,7 @@ def test_sliding_window_equals_hand_loop(model_tok, batch_size):
     model, tok = model_tok
     nll, n = _hand_loop_nll(model, tok, TEXT, max_length=24, stride=7)
     cfg = EvalConfig(ppl_max_length=24, ppl_stride=7, eval_batch_size=batch_size)
-    r = evaluate.perplexity(model, tok, TEXT, cfg, progress=False)
+    r = perplexity(model, tok, TEXT, cfg, progress=False)
     assert r["n_tokens_scored"] == n
     assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
     assert r["n_windows"] > 5
@@ -114,7 +119,7 @@ def test_sliding_window_equals_hand_loop(model_tok, batch_size):
 
 def test_word_byte_bits_relations(gemma):
     model, tok = gemma
-    r = evaluate.perplexity(model, tok, TEXT, EvalConfig(), progress=False)
+    r = perplexity(model, tok, TEXT, EvalConfig(), progress=False)
     assert r["n_words"] == len(re.split(r"\s+", TEXT)) and r["n_bytes"] == len(TEXT.encode("utf-8"))
     assert r["word_perplexity"] == pytest.approx(math.exp(r["nll_sum"] / r["n_words"]))
     assert r["byte_perplexity"] == pytest.approx(math.exp(r["nll_sum"] / r["n_bytes"]))
@@ -126,7 +131,7 @@ def _window_inputs(model, tok, cfg):
     seen = []
     handle = model.register_forward_pre_hook(lambda m, a, kw: seen.extend(kw["input_ids"].tolist()), with_kwargs=True)
     try:
-        evaluate.perplexity(model, tok, TEXT, cfg, progress=False)
+        perplexity(model, tok, TEXT, cfg, progress=False)
     finally:
         handle.remove()
     return seen
@@ -147,7 +152,7 @@ def test_bos_rule_every_window(gemma, qwen):
 
 def test_ppl_max_tokens_caps_and_recounts(gemma):
     model, tok = gemma
-    r = evaluate.perplexity(model, tok, TEXT, EvalConfig(ppl_max_tokens=40), progress=False)
+    r = perplexity(model, tok, TEXT, EvalConfig(ppl_max_tokens=40), progress=False)
     cut = tok.decode(tok(TEXT, add_special_tokens=False)["input_ids"][:40])
     assert r["n_tokens_scored"] == 40 and r["truncated"] is True
     assert r["n_bytes"] == len(cut.encode("utf-8")) < len(TEXT.encode("utf-8"))
@@ -193,9 +198,7 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
     monkeypatch.setattr(decoding, "generate", fake_generate)
     model.train()
     model.model.embed_tokens.eval()  # a module the trainer left in eval mode stays so
-    res = evaluate.math_pass_at_1(
-        model, tok, records, EvalConfig(eval_max_new_tokens=33, eval_batch_size=2), progress=False
-    )
+    res = math_pass_at_1(model, tok, records, EvalConfig(eval_max_new_tokens=33, eval_batch_size=2), progress=False)
     assert model.training and model.model.layers[0].training and not model.model.embed_tokens.training
     model.eval()
     assert calls["prompts"] == [prompts.student_prompt_ids(tok, r["problem"]) for r in records]
@@ -216,7 +219,7 @@ def test_pass_at_1_scripted(gemma, monkeypatch):
     # stated: 4 of 6 (not "I cannot tell.", not the bare last number); extracted at all: 5 of 6
     assert res["answer_format_rate"] == pytest.approx(4 / 6) and res["answer_extracted_rate"] == pytest.approx(5 / 6)
     assert [g["rule"] for g in res["generations"]][:2] == ["boxed", "last_number"]
-    row = evaluate.metrics_row(res, None, 1.0, 0.0)
+    row = metrics_row(res, None, 1.0, 0.0)
     assert row["answer_format_rate"] == pytest.approx(4 / 6) and row["answer_format_rate_by_source"]["gsm8k"] == 0.5
     g = res["generations"][0]
     assert set(g) >= {
@@ -243,22 +246,21 @@ def _holdout(n_gsm, n_alg, n_cnt):
 
 def test_select_eval_subset_stratified_and_fixed():
     holdout = _holdout(20, 10, 10)
-    sub = evaluate.select_eval_subset(holdout, 8, seed=0)
+    sub = select_eval_subset(holdout, 8, seed=0)
     counts = {
-        k: sum(evaluate.source_key(r) == k for r in sub)
-        for k in ("gsm8k", "math/algebra", "math/counting_and_probability")
+        k: sum(source_key(r) == k for r in sub) for k in ("gsm8k", "math/algebra", "math/counting_and_probability")
     }
     assert counts == {"gsm8k": 4, "math/algebra": 2, "math/counting_and_probability": 2}
     shuffled = holdout[:]
     random.Random(1).shuffle(shuffled)
-    assert {r["id"] for r in evaluate.select_eval_subset(shuffled, 8, seed=0)} == {r["id"] for r in sub}
-    assert evaluate.select_eval_subset(holdout, 8, seed=0) == sub  # same problems every epoch
-    assert {r["id"] for r in evaluate.select_eval_subset(holdout, 8, seed=1)} != {r["id"] for r in sub}
+    assert {r["id"] for r in select_eval_subset(shuffled, 8, seed=0)} == {r["id"] for r in sub}
+    assert select_eval_subset(holdout, 8, seed=0) == sub  # same problems every epoch
+    assert {r["id"] for r in select_eval_subset(holdout, 8, seed=1)} != {r["id"] for r in sub}
     assert [r["id"] for r in sub] == [r["id"] for r in holdout if r in sub]  # holdout order
     # small limits still cover every stratum; tiny strata are never over-drawn
-    assert {evaluate.source_key(r) for r in evaluate.select_eval_subset(_holdout(50, 1, 1), 3)} == set(counts)
-    assert len(evaluate.select_eval_subset(_holdout(50, 1, 1), 10)) == 10
-    assert evaluate.select_eval_subset(holdout, None) == holdout == evaluate.select_eval_subset(holdout, 100)
+    assert {source_key(r) for r in select_eval_subset(_holdout(50, 1, 1), 3)} == set(counts)
+    assert len(select_eval_subset(_holdout(50, 1, 1), 10)) == 10
+    assert select_eval_subset(holdout, None) == holdout == select_eval_subset(holdout, 100)
 
 
 # ---------------------------------------------------------------- the command
@@ -321,7 +323,7 @@ def test_cli_adapter_and_config(tmp_path, tiny_gemma_dir, split_path, gemma):
     from peft import LoraConfig, get_peft_model
 
     model, tok = gemma
-    base = evaluate.perplexity(
+    base = perplexity(
         model, tok, loaders.load_wikitext("packaged"), EvalConfig(ppl_max_tokens=256, ppl_stride=128), progress=False
     )
     peft_model = get_peft_model(
@@ -348,7 +350,7 @@ def test_cli_adapter_and_config(tmp_path, tiny_gemma_dir, split_path, gemma):
     result = json.loads((out / "eval.json").read_text())
     assert result["math"] is None and (out / "generations.jsonl").read_text() == ""
     assert result["ppl"]["stride"] == 128 and result["eval_config"]["eval_limit"] == 4  # the flag wins
-    in_memory = evaluate.perplexity(
+    in_memory = perplexity(
         peft_model,
         tok,
         loaders.load_wikitext("packaged"),

@@ -1,4 +1,4 @@
-"""q2g.evaluate's newer metrics: the held-out solution loss against a hand-computed masked NLL,
+"""q2g.evaluation's newer metrics: the held-out solution loss against a hand-computed masked NLL,
 the lm-eval perplexity protocols against lm-evaluation-harness itself (HFLM on the tiny model),
 and `--eval-backend vllm` against a stand-in `vllm` module (vLLM needs a CUDA GPU; the stand-in
 checks the calls q2g makes: LLM(enable_lora=...), SamplingParams, LoRARequest per adapter)."""
@@ -13,9 +13,14 @@ import pytest
 import torch
 from helpers import finetune_argv, reference_dataset
 
-from q2g import decoding, evaluate, models, prompts, sft_data
+from q2g import decoding, models, prompts, sft_data
 from q2g.data import loaders, splits
-from q2g.evaluate import EvalConfig
+from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.core import evaluate_model
+from q2g.evaluation.heldout_loss import heldout_loss
+from q2g.evaluation.pass_at_1 import math_pass_at_1
+from q2g.evaluation.perplexity import perplexity
+from q2g.evaluation.wikitext import rolling_windows, wikitext_detokenize, wikitext_documents
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,7 +84,7 @@ def _hand_loss(model, tok, records, max_seq_len):
 def test_heldout_loss_equals_hand_masked_mean(model_tok, batch_size):
     model, tok = model_tok
     loss, n = _hand_loss(model, tok, RECORDS, 1024)
-    r = evaluate.heldout_loss(model, tok, RECORDS, EvalConfig(eval_batch_size=batch_size), progress=False)
+    r = heldout_loss(model, tok, RECORDS, EvalConfig(eval_batch_size=batch_size), progress=False)
     assert r["heldout_tokens"] == n and r["heldout_n"] == 2 and r["heldout_skipped"] == 0
     assert r["heldout_loss"] == pytest.approx(loss, abs=1e-5)
     # the labelled tokens are the solution + end token only: the prompt carries no loss
@@ -91,13 +96,13 @@ def test_heldout_loss_cut_skipped_and_in_the_row(gemma):
     model, tok = gemma
     prompt_len = len(prompts.student_prompt_ids(tok, RECORDS[1]["problem"]))
     cfg = EvalConfig(heldout_max_seq_len=prompt_len + 5)
-    r = evaluate.heldout_loss(model, tok, RECORDS + [_record(3, "gsm8k", "")], cfg, progress=False)
+    r = heldout_loss(model, tok, RECORDS + [_record(3, "gsm8k", "")], cfg, progress=False)
     assert r["heldout_tokens"] == 5 + 5 and r["heldout_skipped"] == 1  # both cut to 5 targets; no solution: skipped
     assert r["heldout_loss"] == pytest.approx(_hand_loss(model, tok, RECORDS, prompt_len + 5)[0], abs=1e-5)
-    out = evaluate.evaluate_model(model, tok, RECORDS, None, EvalConfig(eval_max_new_tokens=2), progress=False)
+    out = evaluate_model(model, tok, RECORDS, None, EvalConfig(eval_max_new_tokens=2), progress=False)
     assert out["row"]["heldout_loss"] == pytest.approx(_hand_loss(model, tok, RECORDS, 1024)[0], abs=1e-5)
     assert out["row"]["heldout_n"] == 2 and out["row"]["answer_format_rate"] is not None
-    off = evaluate.evaluate_model(
+    off = evaluate_model(
         model, tok, RECORDS, None, EvalConfig(eval_max_new_tokens=2, heldout_loss_limit=0), progress=False
     )
     assert off["heldout"] is None and off["row"]["heldout_loss"] is None
@@ -108,30 +113,30 @@ def test_heldout_loss_cut_skipped_and_in_the_row(gemma):
 
 def _excerpt() -> str:
     """Two short WikiText articles: the first rows of the packaged file's first two articles."""
-    docs = evaluate.wikitext_documents(loaders.load_wikitext("packaged"))
+    docs = wikitext_documents(loaders.load_wikitext("packaged"))
     return "".join("\n".join(d.split("\n")[:n]) + "\n" for d, n in zip(docs, (3, 2)))
 
 
 def test_documents_split_at_top_level_titles():
     text = " = A = \n a b \n = = Sub = = \n c \n = B = \n d \n"
-    assert evaluate.wikitext_documents(text) == [" = A = \n a b \n = = Sub = = \n c ", " = B = \n d \n"]
+    assert wikitext_documents(text) == [" = A = \n a b \n = = Sub = = \n c ", " = B = \n d \n"]
     full = loaders.load_wikitext("packaged")
-    docs = evaluate.wikitext_documents(full)
+    docs = wikitext_documents(full)
     assert len(docs) == 8 and "".join(d + "\n" for d in docs[:-1]) + docs[-1] == full
     assert all(d.startswith(" = ") and not d.startswith(" = = ") for d in docs)
 
 
 def test_detokenizer_is_lm_evals():
     lm_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
-    for doc in evaluate.wikitext_documents(loaders.load_wikitext("packaged")):
-        assert evaluate.wikitext_detokenize(doc) == lm_wikitext.wikitext_detokenizer({"page": doc})
+    for doc in wikitext_documents(loaders.load_wikitext("packaged")):
+        assert wikitext_detokenize(doc) == lm_wikitext.wikitext_detokenizer({"page": doc})
 
 
 def test_rolling_windows_are_lm_evals():
     lm_utils = pytest.importorskip("lm_eval.utils")
     ids = list(range(100, 123))
     for max_length in (1, 5, 7, 23, 30):
-        ours = evaluate.rolling_windows(ids, max_length, prefix_id=2)
+        ours = rolling_windows(ids, max_length, prefix_id=2)
         theirs = [
             lm_utils.make_disjoint_window(w)
             for w in lm_utils.get_rolling_token_windows(ids, prefix_token=2, max_seq_len=max_length, context_len=1)
@@ -149,7 +154,7 @@ def lm_eval_result(tiny_gemma_dir):
     from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
 
     lm = HFLM(pretrained=str(tiny_gemma_dir), device="cpu", batch_size=2, max_length=32, dtype="float32")
-    docs = evaluate.wikitext_documents(_excerpt())
+    docs = wikitext_documents(_excerpt())
     out = {}
     for protocol, target in (("lm-eval", lambda d: wikitext_detokenizer({"page": d})), ("lm-eval-raw", lambda d: d)):
         reqs = [
@@ -173,7 +178,7 @@ def lm_eval_result(tiny_gemma_dir):
 def test_lm_eval_protocols_match_lm_eval(gemma, lm_eval_result, protocol):
     model, tok = gemma
     cfg = EvalConfig(ppl_protocol=protocol, ppl_max_length=32, ppl_stride=16, eval_batch_size=3)
-    r = evaluate.perplexity(model, tok, _excerpt(), cfg, progress=False)
+    r = perplexity(model, tok, _excerpt(), cfg, progress=False)
     theirs = lm_eval_result[protocol]
     assert r["protocol"] == protocol and r["n_documents"] == 2 and r["n_windows"] > 4
     for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
@@ -184,10 +189,8 @@ def test_lm_eval_protocols_match_lm_eval(gemma, lm_eval_result, protocol):
 
 def test_lm_eval_protocol_truncates_at_whole_words(gemma):
     model, tok = gemma
-    full = evaluate.perplexity(model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval"), progress=False)
-    cut = evaluate.perplexity(
-        model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval", ppl_max_tokens=40), progress=False
-    )
+    full = perplexity(model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval"), progress=False)
+    cut = perplexity(model, tok, _excerpt(), EvalConfig(ppl_protocol="lm-eval", ppl_max_tokens=40), progress=False)
     assert full["truncated"] is False and cut["truncated"] is True
     assert 30 <= cut["n_tokens_scored"] <= 40 < full["n_tokens_scored"] and cut["n_words"] < full["n_words"]
 
@@ -259,7 +262,7 @@ def test_vllm_backend_needs_vllm(monkeypatch, gemma):
     model, tok = gemma
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"pip install 'q2g\[vllm\]'"):
-        evaluate.math_pass_at_1(model, tok, RECORDS, EvalConfig(eval_backend="vllm"), progress=False)
+        math_pass_at_1(model, tok, RECORDS, EvalConfig(eval_backend="vllm"), progress=False)
 
 
 def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_path):
@@ -267,7 +270,8 @@ def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_p
 
     model, tok = gemma
     cfg = EvalConfig(eval_backend="vllm", eval_max_new_tokens=33, heldout_loss_limit=0)
-    base = evaluate.evaluate_model(model, tok, RECORDS, None, cfg, progress=False)
+    fp32 = models.resolve_precision("fp32", "cpu")  # the run's decision, not the parameters' dtype
+    base = evaluate_model(model, tok, RECORDS, None, cfg, progress=False, precision=fp32)
     assert base["math"]["pass@1"] == 1.0 and base["row"]["eval_backend"] == "vllm"
     assert base["row"]["answer_format_rate"] == 1.0 and base["math"]["generations"][0]["n_tokens"] == 5
     (built,) = fake_vllm.built
@@ -286,13 +290,23 @@ def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_p
 
     peft_model = get_peft_model(models.load_model(str(tiny_gemma_dir)), LoraConfig(r=4, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path / "epoch-1")
-    evaluate.evaluate_model(peft_model, tok, RECORDS, None, cfg, progress=False, adapter_dir=tmp_path / "epoch-1")
-    evaluate.evaluate_model(peft_model, tok, RECORDS, None, cfg, progress=False)  # no folder: saved to a temp one
+    evaluate_model(peft_model, tok, RECORDS, None, cfg, False, fp32, tmp_path / "epoch-1")
+    evaluate_model(peft_model, tok, RECORDS, None, cfg, False, fp32)  # no folder: saved to a temp one
     assert len(fake_vllm.built) == 1  # one engine for the whole run
     first, second = fake_vllm.calls[1]["lora"], fake_vllm.calls[2]["lora"]
     assert first.lora_path == str(tmp_path / "epoch-1") and first.lora_int_id == 1
     assert second.lora_int_id == 2 and second.lora_path != first.lora_path  # a new id: never a stale cached adapter
     assert fake_vllm.calls[2]["adapter_config"]["r"] == 4
+
+
+def test_vllm_dtype_is_the_runs_precision():
+    """fp32 weights under bf16 autocast compute in bf16: vLLM gets bfloat16, not the weights' float32."""
+    from q2g.evaluation.pass_at_1 import vllm_dtype
+
+    assert vllm_dtype(models.Precision(torch.float32, "bf16", "cpu bf16")) == "bfloat16"
+    assert vllm_dtype(models.Precision(torch.bfloat16, "bf16", "bf16")) == "bfloat16"
+    assert vllm_dtype(models.Precision(torch.float16, "fp16", "fp16")) == "float16"
+    assert vllm_dtype(models.resolve_precision("fp32", "cpu")) == "float32"
 
 
 def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):

@@ -219,7 +219,8 @@ def load_adapter(base, folder: Path):
 FAULT = r"""
 import os, resource, signal, sys
 from transformers import Trainer, TrainerState
-from q2g import cli, evaluate, finetune, training
+from q2g import cli, finetune, training
+from q2g.evaluation import core
 from q2g.loss import LabelOnlyLossTrainer
 
 mode, where = sys.argv[1].split(":")
@@ -242,7 +243,7 @@ def at(owner, name, nth, before=True):
     setattr(owner, name, wrapper)
 
 {"step": lambda: at(LabelOnlyLossTrainer, "compute_loss", 4, before=False),  # step 4, after its forward
- "eval": lambda: at(evaluate, "perplexity", 2),                      # epoch 1's evaluation
+ "eval": lambda: at(core, "perplexity", 2)       ,                      # epoch 1's evaluation
  "checkpoint": lambda: at(Trainer, "_save_optimizer_and_scheduler", 2),  # checkpoint-4, weights already written
  "trainer_state": lambda: at(TrainerState, "save_to_json", 2),       # checkpoint-4's last file, written in place
  "adapter": lambda: at(training, "save_adapter", 2),                 # epoch-2/

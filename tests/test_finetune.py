@@ -197,14 +197,14 @@ def test_adapter_changed_and_base_unchanged(trained):
 
 def fake_perplexity(monkeypatch, values):
     """Perplexity that follows `values` call by call (the real one barely moves on a random model)."""
-    from q2g import evaluate
+    from q2g.evaluation import core
 
     values = iter(values)
 
     def perplexity(model, tokenizer, text, cfg, progress=True, precision=None):
         return {"token_perplexity": next(values), "word_perplexity": 1.0, "bits_per_byte": 1.0, "n_tokens_scored": 128}
 
-    monkeypatch.setattr(evaluate, "perplexity", perplexity)
+    monkeypatch.setattr(core, "perplexity", perplexity)
 
 
 def test_flag_policy_marks_rows_and_continues(tiny_gemma_dir, dataset, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from q2g import models
+from q2g import demo_model, models
 from q2g.errors import RunFailed
 
 
@@ -15,20 +15,18 @@ def test_conversion_check_refuses_a_model_far_from_the_known_perplexity(tiny_gem
         match=r"scores perplexity \d+\.\d on the shipped WikiText excerpt where a good "
         r"conversion scores 14.48: transformers 5\.\d+",
     ):
-        models.check_demo_model(model, tok)
+        demo_model.check_demo_model(model, tok)
 
 
 def test_conversion_check_passes_within_tolerance(tiny_gemma_dir, monkeypatch):
-    from q2g import evaluate
-
     model, tok = models.load_model(str(tiny_gemma_dir)), models.load_tokenizer(str(tiny_gemma_dir))
     for ppl, ok in ((14.48 * 1.49, True), (14.48 / 1.49, True), (14.48 * 1.51, False)):
-        monkeypatch.setattr(evaluate, "perplexity", lambda *a, _p=ppl, **k: {"token_perplexity": _p})
+        monkeypatch.setattr(demo_model, "q2g_perplexity", lambda *a, _p=ppl, **k: {"token_perplexity": _p})
         if ok:
-            assert models.check_demo_model(model, tok)["wikitext_excerpt_ppl"] == ppl
+            assert demo_model.check_demo_model(model, tok)["wikitext_excerpt_ppl"] == ppl
         else:
             with pytest.raises(RunFailed):
-                models.check_demo_model(model, tok)
+                demo_model.check_demo_model(model, tok)
 
 
 def test_precision_autocast_context():

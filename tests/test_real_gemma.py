@@ -19,7 +19,8 @@ pytest.importorskip(
 def gemma():
     import torch
 
-    from q2g.models import DEMO_MODEL, demo_gemma_dir, load_model, load_tokenizer
+    from q2g.demo_model import DEMO_MODEL, demo_gemma_dir
+    from q2g.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
     return demo_gemma_dir(), load_model(DEMO_MODEL), load_tokenizer(DEMO_MODEL)
@@ -36,7 +37,8 @@ def test_converted_folder_is_a_plain_safetensors_model(gemma):
 
 def test_wikitext_perplexity_is_sane_and_bos_matters(gemma):
     from q2g.data.loaders import load_wikitext
-    from q2g.evaluate import EvalConfig, perplexity
+    from q2g.evaluation.config import EvalConfig
+    from q2g.evaluation.perplexity import perplexity
 
     _, model, tok = gemma
     text = load_wikitext("packaged")

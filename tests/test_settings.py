@@ -3,7 +3,7 @@
 import pytest
 
 from q2g.config import option, result_keys
-from q2g.evaluate import EvalConfig
+from q2g.evaluation.config import EvalConfig
 from q2g.finetune import FinetuneConfig, run_keys
 from q2g.generate.config import GenerateConfig
 

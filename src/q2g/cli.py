@@ -18,7 +18,7 @@ import sys
 COMMANDS = {
     "generate": ("q2g.generate.stage", "stage 1: teacher traces -> dataset/"),
     "finetune": ("q2g.finetune", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
-    "evaluate": ("q2g.evaluate", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
+    "evaluate": ("q2g.evaluation.cli", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
     "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
     "export": ("q2g.export", "validated traces as TRL prompt/completion or chat-messages JSONL"),
     "run": ("q2g.run", "generate -> finetune -> report from one YAML config, resuming finished stages"),

@@ -36,7 +36,8 @@ from pathlib import Path
 from q2g import forgetting
 from q2g.config import Config, option, result_keys
 from q2g.errors import BadInput
-from q2g.evaluate import EvalConfig
+from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.subset import select_eval_subset
 from q2g.models import PRECISIONS
 
 # config.json keeps each requested option beside what it resolved to; the "same run?" checks compare
@@ -59,7 +60,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
 @dataclass
 class FinetuneConfig(Config):
-    """Stage 2's options (the evaluation settings are evaluate.EvalConfig's, with the same flags)."""
+    """Stage 2's options (the evaluation settings are evaluation.config.EvalConfig's, with the same flags)."""
 
     base_model: str = option(
         "google/gemma-7b", results="baseline", help="student: hub id, local folder, or pypi:gemma3-270m"
@@ -355,7 +356,6 @@ def versions() -> dict:
 
 
 def write_report(run, selection: dict, wall_s: float) -> Path:
-    from q2g import evaluate as q2g_eval
     from q2g.report import write_report as write
 
     c = run.config
@@ -375,7 +375,7 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
         "precision": c["precision_used"],
         "device": c["device"],
         "wall_s": wall_s,
-        "eval_problems": len(q2g_eval.select_eval_subset(run.records, run.eval_cfg.eval_limit))
+        "eval_problems": len(select_eval_subset(run.records, run.eval_cfg.eval_limit))
         if run.records is not None
         else None,
         "holdout": holdout_kind(c["split_file"]),

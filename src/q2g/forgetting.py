@@ -5,6 +5,9 @@ Pure functions, used by `finetune.py` after every epoch and by `report.py`:
 - `relative_change(baseline, current)`: (current - baseline) / baseline of token perplexity.
 - `over_budget(change, budget)`: True when the rise is larger than the budget (0.05 = +5 %).
   A fall in perplexity is never forgetting, whatever the budget.
+- A perplexity that is not a finite number (NaN/inf: the model's logits went non-finite) is no
+  measurement to compare: both functions raise RunFailed (exit 1), as a non-finite loss does,
+  instead of "within budget: +nan%".
 - `next_rank(r, min_rank)`: the LoRA rank to retrain with under `--on-forgetting reduce-rank`.
 - `choose_final(rows, policy)`: which evaluated epoch becomes `checkpoints/final/`.
 
@@ -16,20 +19,41 @@ would fall below `--min-rank`.
 
 from __future__ import annotations
 
+import math
+
+from q2g.errors import RunFailed
+
 POLICIES = ("flag", "stop", "reduce-rank")
 
 
 def relative_change(baseline: float, current: float) -> float:
     """Relative change of a perplexity: +0.05 means 5 % higher than the baseline."""
+    if not _finite(baseline):
+        raise RunFailed(
+            f"the baseline WikiText perplexity is {baseline}, not a number: the base model's logits are not "
+            f"finite (a broken checkpoint, or fp16 overflow: try --precision bf16 or fp32); nothing to compare against"
+        )
     if not baseline > 0:
         raise ValueError(f"baseline perplexity must be positive, got {baseline}")
+    if not _finite(current):
+        raise RunFailed(
+            f"WikiText perplexity is {current} after training (baseline {baseline:.4g}): the model's logits are "
+            f"not finite, so forgetting cannot be measured; the run stops (try a lower --lr or --precision fp32)"
+        )
     return (current - baseline) / baseline
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def over_budget(change: float | None, budget: float) -> bool:
-    """True when perplexity rose by more than `budget` (a fraction). None (not measured) is False."""
+    """True when perplexity rose by more than `budget` (a fraction). None (not measured) is False;
+    a NaN/inf change raises RunFailed (never False-and-continue)."""
     if budget < 0:
         raise ValueError(f"the forgetting budget is a fraction >= 0, got {budget}")
+    if change is not None and not _finite(change):
+        raise RunFailed(f"the WikiText perplexity change is {change}, not a number: the run stops")
     return change is not None and change > budget
 
 

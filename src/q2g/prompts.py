@@ -1,8 +1,8 @@
 """Every prompt q2g uses, in one place: the teacher's, and the student's format.
 
 The student format is the single source of truth for training *and* evaluation: finetune.py
-builds its examples with `student_prompt_ids` + `student_target_ids`, and evaluate.py generates
-from `student_prompt_ids`, so the model is scored on exactly the format it was trained on.
+builds its examples with `student_prompt_ids` + `student_target_ids`, and evaluation/pass_at_1.py
+generates from `student_prompt_ids`, so the model is scored on exactly the format it was trained on.
 
 Rules:
 - A tokenizer with a chat template gets it (instruct teachers; chat students). Otherwise the

@@ -11,10 +11,12 @@ precision, device, wall_s). `finetune.py` writes it at the end of a run; `q2g ru
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 from q2g import forgetting
+from q2g.io import atomic_write_text
 
 
 def _pct(x) -> str:
@@ -61,7 +63,8 @@ def results_table(base: dict | None, after: dict | None, label: str) -> list[str
         diff = "n/a" if a is None or b is None else f"{b - a:+.3f}"
         lines.append(f"| held-out solution loss (nats/token) | {_num(a)} | {_num(b)} | {diff} |")
     a, b = base.get("token_perplexity"), after.get("token_perplexity")
-    change = forgetting.relative_change(a, b) if a and b is not None else None
+    measured = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, b)) and a > 0
+    change = forgetting.relative_change(a, b) if measured else None  # a NaN row reads n/a, never +nan%
     lines.append(
         f"| WikiText perplexity (token) | {_num(a)} | {_num(b)} | {'n/a' if change is None else f'{change:+.1%}'} |"
     )
@@ -203,8 +206,6 @@ def _heldout_line(row: dict) -> str:
 
 def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
     """Write out_dir/report.md (and its plots) from the metrics rows; returns the report's path."""
-    from q2g.io import atomic_write_text
-
     out_dir = Path(out_dir)
     rows = sorted(metrics_rows, key=lambda r: (r.get("epoch", 0) > 0, -(r.get("lora_rank") or 0), r.get("epoch", 0)))
     base = next((r for r in rows if r.get("epoch") == 0), None)

@@ -2,7 +2,7 @@
 
 `finetune.py` prepares a `Run` (config, tokenizer, examples, eval inputs) and calls
 `baseline(run)` then `train_all(run, model)`; this module does the rest. After every epoch the
-callback saves `epoch-N/`, evaluates the in-memory model (evaluate.evaluate_model), writes the
+callback saves `epoch-N/`, evaluates the in-memory model (evaluation.core.evaluate_model), writes the
 metrics row and applies the forgetting policy (forgetting.py). Rows already in metrics.jsonl
 are kept on resume, so a killed run never evaluates an epoch twice.
 """
@@ -18,8 +18,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from q2g import evaluate as q2g_eval
 from q2g import forgetting
+from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.core import evaluate_model
+from q2g.evaluation.subset import select_eval_subset
 
 ADAPTER_CONFIG_NAME = "q2g_config.json"
 
@@ -29,7 +31,7 @@ class Run:
     """Everything the stage shares between the baseline, the callback and the retrains."""
 
     cfg: object  # finetune.FinetuneConfig
-    eval_cfg: q2g_eval.EvalConfig
+    eval_cfg: EvalConfig
     out: Path
     tokenizer: object
     examples: list
@@ -186,7 +188,7 @@ def evaluate(run: Run, model, gen_path: Path, adapter_dir: Path | None = None) -
 
     if run.records is None:
         return {"pass@1": None, "token_perplexity": None, "ppl_change": None, "flagged": False}
-    result = q2g_eval.evaluate_model(
+    result = evaluate_model(
         model, run.tokenizer, run.records, run.wikitext, run.eval_cfg, precision=run.precision, adapter_dir=adapter_dir
     )
     write_jsonl(gen_path, result["math"]["generations"])
@@ -352,7 +354,7 @@ def baseline(run: Run):
     model = row = None
     if distributed.is_main():
         model = load_base(run)
-        n = len(q2g_eval.select_eval_subset(run.records, run.eval_cfg.eval_limit))
+        n = len(select_eval_subset(run.records, run.eval_cfg.eval_limit))
         print(f"[finetune] baseline eval of {run.cfg.base_model}: {n} holdout problems + WikiText...", flush=True)
         row = baseline_row(run, model)
     record(run, distributed.share(row))

@@ -1,0 +1,168 @@
+"""pass@1 and the answer-format rate of an in-memory model on holdout problems.
+
+Greedy decoding from `prompts.student_prompt_ids` (the format the student is trained on), stopped
+at its end token or at the start of a new problem, graded by `answers.is_correct`.
+`--eval-backend hf` decodes in-process (decoding.generate); `vllm` sends the same token ids to a
+vLLM engine, the base model's weights plus the epoch's adapter as a LoRARequest (no merge).
+answer_format_rate: the share of generations that state a final answer within the token cap:
+an answer `answers.extract_answer_with_rule` finds by a rule that reads a stated answer, not by
+a fallback (GSM8K's last number, math-verify's `mv_expr`/`mv_latex`), which any text holding a
+number passes, so it would not show a format being learned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+from q2g import decoding, prompts
+from q2g.answers.check import is_correct
+from q2g.answers.extract import extract_answer_with_rule
+from q2g.data.sources import source_key
+from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.model_state import autocast, eval_mode, guarded_attention, progress_bar
+
+
+def _score(record: dict, gen) -> dict:
+    extracted, rule = extract_answer_with_rule(gen.text, record["source"])
+    return {
+        "id": record["id"],
+        "source": record["source"],
+        "subject": record.get("subject"),
+        "problem": record["problem"],
+        "answer": record["answer"],
+        "generation": gen.text,
+        "extracted": extracted,
+        "rule": rule,
+        "correct": is_correct(gen.text, record["answer"], record["source"]),
+        "n_tokens": gen.n_tokens,
+        "stopped": gen.stopped,
+    }
+
+
+# The rules of answers.extract_answer_with_rule that find a *stated* final answer (`#### x`,
+# `\boxed{x}`, "the answer is x", "Answer: x"). The fallbacks are left out: GSM8K's last number
+# and math-verify's readings of a MATH text's end (`mv_expr`: its last number, `mv_latex`: its
+# last formula) find an answer in any text holding a number; they do not show one was stated.
+STATED_RULES = ("gsm8k_hash", "boxed", "boxed_multi", "final_answer_is", "answer_is", "A_colon")
+
+
+def states_answer(row: dict) -> bool:
+    """The generation states a final answer (extracted by a rule in STATED_RULES)."""
+    return row["rule"] in STATED_RULES
+
+
+def summarize(rows: list[dict]) -> dict:
+    """pass@1 and answer_format_rate overall and per source key. `correct` None (gold
+    unparseable) counts as wrong."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[source_key(row)].append(row)
+
+    def stats(items):
+        correct, stated = sum(r["correct"] is True for r in items), sum(states_answer(r) for r in items)
+        return {
+            "pass@1": correct / len(items) if items else 0.0,
+            "n": len(items),
+            "correct": correct,
+            "answer_format_rate": stated / len(items) if items else 0.0,
+            "n_answer_stated": stated,
+        }
+
+    out = stats(rows)
+    out["by_source"] = {k: stats(groups[k]) for k in sorted(groups)}
+    out["answer_extracted_rate"] = sum(r["extracted"] is not None for r in rows) / len(rows) if rows else 0.0
+    out["n_stopped"] = sum(bool(r["stopped"]) for r in rows)
+    out["mean_new_tokens"] = sum(r["n_tokens"] for r in rows) / len(rows) if rows else 0.0
+    return out
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def _saved_adapter(model, adapter_dir):
+    """`adapter_dir`, else (a peft model) its adapter saved to a temporary folder, else None."""
+    import tempfile
+
+    if adapter_dir is not None or not hasattr(model, "peft_config"):
+        yield adapter_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="q2g-adapter-") as tmp:
+        model.save_pretrained(tmp)
+        yield tmp
+
+
+# vLLM's dtype names for the run's compute precision (Precision.autocast; None: fp32).
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", None: "float32"}
+
+
+def vllm_dtype(precision) -> str:
+    """The dtype vLLM computes in: the run's precision (models.resolve_precision), never the
+    parameters' dtype (fp32 weights under bf16 autocast compute in bf16)."""
+    if precision is None:
+        return "auto"  # no decision passed in: vLLM's own (the checkpoint's dtype)
+    return VLLM_DTYPES[precision.autocast]
+
+
+def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir, precision):
+    base = _base_model(model)
+    with _saved_adapter(model, adapter_dir) as folder:
+        engine = decoding.vllm_engine(
+            base.config.name_or_path,
+            dtype=vllm_dtype(precision),
+            lora_rank=decoding.adapter_rank(folder) if folder else 0,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            seed=cfg.eval_seed,
+        )
+        return decoding.generate_vllm(
+            engine,
+            prompt_ids,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            end_ids=end_ids,
+            stop_strings=prompts.STUDENT_STOP_STRINGS,
+            adapter_dir=folder,
+            seed=cfg.eval_seed,
+        )
+
+
+def math_pass_at_1(
+    model, tokenizer, records: list[dict], cfg: EvalConfig, progress=True, precision=None, adapter_dir=None
+) -> dict:
+    """Greedy pass@1 of `model` on `records` -> summary + one generation row per problem.
+    `adapter_dir`: the saved adapter of a peft `model`, for `--eval-backend vllm` (None: saved
+    to a temporary folder when needed)."""
+    prompt_ids = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records]
+    end_ids = prompts.end_token_ids(tokenizer)
+    if cfg.eval_backend == "vllm":
+        gens = _vllm_generate(model, prompt_ids, cfg, end_ids, adapter_dir, precision)
+    else:
+        with (
+            eval_mode(model),
+            guarded_attention(model),
+            autocast(model, precision),
+            progress_bar(progress, total=len(records), desc="pass@1", unit="problem") as bar,
+        ):
+            n_tokens = [0]
+
+            def tick(n_done, n_new):
+                n_tokens[0] += n_new
+                bar.update(n_done)
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix(tok_s=f"{n_tokens[0] / elapsed:.1f}")
+
+            gens = decoding.generate(
+                model,
+                tokenizer,
+                prompt_ids,
+                max_new_tokens=cfg.eval_max_new_tokens,
+                temperature=0.0,
+                end_ids=end_ids,
+                stop_strings=prompts.STUDENT_STOP_STRINGS,
+                batch_size=cfg.eval_batch_size,
+                seed=cfg.eval_seed,
+                progress=tick,
+            )
+    rows = [_score(r, g) for r, g in zip(records, gens)]
+    return {**summarize(rows), "backend": cfg.eval_backend, "generations": rows}
