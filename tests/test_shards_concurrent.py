@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 from test_backends import ChatServer
 
-import q2g.generate as gen
 from q2g import cli
+from q2g.backends import stable_int
+from q2g.data.splits import select_split
+from q2g.generate.shards import in_shard
 
 REPO = Path(__file__).resolve().parents[1]
 N = 3
@@ -32,8 +34,8 @@ TIMING = {"seconds", "tokens_per_s"}  # differ from run to run
 SHARD_FIELDS = {"shard", "merged_shards"}
 
 
-PROBLEMS = gen.select_split(data_dir="packaged", limit=8, seed=0)[0]
-SHARD_OF = {p["problem"]: i for p in PROBLEMS for i in range(N) if gen.in_shard(p["id"], (i, N))}
+PROBLEMS = select_split(data_dir="packaged", limit=8, seed=0)[0]
+SHARD_OF = {p["problem"]: i for p in PROBLEMS for i in range(N) if in_shard(p["id"], (i, N))}
 
 
 class SlowTeacher:
@@ -74,7 +76,7 @@ class SlowTeacher:
         if hold:
             self.held.set()
             self.release.wait(60)
-        right = gen.stable_int("right", question) % 3 != 0
+        right = stable_int("right", question) % 3 != 0
         return "Work.\nThe final answer is $\\boxed{" + (self.gold[question] if right else "-987654321") + "}$."
 
     def argv(self) -> list[str]:
@@ -180,7 +182,7 @@ def test_a_shard_killed_mid_run_is_rerun_alone_and_the_merge_is_still_one_run(tm
     problems it had not written, and its end merges into exactly one run's records."""
     argv = slow_teacher.argv()
     one = unsharded(tmp_path, argv)
-    mine = [p for p in PROBLEMS if gen.in_shard(p["id"], (1, N))]
+    mine = [p for p in PROBLEMS if in_shard(p["id"], (1, N))]
     assert len(mine) > 2  # more than one batch of 2
     slow_teacher.asked.clear()
     slow_teacher.hold(shard=1, after=2)  # the first batch (2 problems) is answered, the second waits
