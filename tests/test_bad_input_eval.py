@@ -53,14 +53,14 @@ CASES = [
         "ev-holdout-empty",
         "evaluate",
         ["--split", "$TMP/ds/split.json"],
-        "--split $TMP/ds/split.json: its holdout.jsonl holds no problems, so pass@1 selects none",
+        "$TMP/ds/split.json: the holdout has no problems (nothing to evaluate on",
         files={"ds/split.json": SPLIT_EMPTY, "ds/holdout.jsonl": ""},
     ),
     C(
         "ev-holdout-empty-with-limit",
         "evaluate",
         ["--split", "$TMP/ds/split.json", "--eval-limit", "50"],
-        "its holdout.jsonl holds no problems",
+        "the holdout has no problems (nothing to evaluate on",
         files={"ds/split.json": SPLIT_EMPTY, "ds/holdout.jsonl": "\n"},
     ),
     C(
