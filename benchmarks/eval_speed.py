@@ -27,7 +27,8 @@ def autocast(kind: str, device: str):
 
 
 def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device) -> dict:
-    from q2g import decoding, prompts
+    from q2g import prompts
+    from q2g.evaluation import decoding
 
     ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
     start = time.perf_counter()
@@ -41,7 +42,8 @@ def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device)
 
 def bench_pass1(model, tok, problems, new_tokens, batch_size, path, device, extra_stop=()) -> tuple[dict, list]:
     """pass@1 decoding as evaluation runs it, by the `static` (old) or `refill` (new) path."""
-    from q2g import decoding, prompts
+    from q2g import prompts
+    from q2g.evaluation import decoding
 
     ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
     run = decoding.generate_static if path == "static" else decoding.generate_refill

@@ -9,8 +9,9 @@ import re
 import pytest
 import torch
 
-from q2g import cli, data, decoding, evaluate, models, prompts
+from q2g import cli, data, evaluate, models, prompts
 from q2g.evaluate import EvalConfig
+from q2g.evaluation import decoding
 
 TEXT = (
     " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "

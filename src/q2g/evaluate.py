@@ -50,9 +50,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g import decoding, prompts
+from q2g import prompts
 from q2g.config import Config, option
 from q2g.data import source_key  # noqa: F401  (re-exported: callers group results by it)
+from q2g.evaluation import decoding, decoding_vllm
 from q2g.models import PRECISIONS
 
 # The model's logits for one forward are [windows, positions, vocab]; Gemma's vocab is 262k, so
@@ -263,14 +264,14 @@ def _saved_adapter(model, adapter_dir):
 def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir):
     base = _base_model(model)
     with _saved_adapter(model, adapter_dir) as folder:
-        engine = decoding.vllm_engine(
+        engine = decoding_vllm.vllm_engine(
             base.config.name_or_path,
             dtype=str(next(base.parameters()).dtype).removeprefix("torch."),
-            lora_rank=decoding.adapter_rank(folder) if folder else 0,
+            lora_rank=decoding_vllm.adapter_rank(folder) if folder else 0,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.eval_seed,
         )
-        return decoding.generate_vllm(
+        return decoding_vllm.generate_vllm(
             engine,
             prompt_ids,
             max_new_tokens=cfg.eval_max_new_tokens,

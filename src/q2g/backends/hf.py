@@ -3,7 +3,7 @@
     q2g generate --backend hf --teacher Qwen/Qwen2.5-7B-Instruct --batch-size 32
 
 Prompts come from prompts.teacher_prompt (the chat template of an instruct teacher, the plain
-format for a base model). Generation is q2g.decoding.generate: length-grouped batches, left
+format for a base model). Generation is q2g.evaluation.decoding.generate: length-grouped batches, left
 padding, KV cache, stop at end-of-turn / EOS; bf16 on a GPU (models.resolve_precision). k samples of a
 problem are k copies of its prompt. `n_tokens` counts generated tokens including the stop token.
 Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reasoning (backends).
@@ -55,7 +55,7 @@ class HFBackend:
         return teacher_prompt_ids(self.tokenizer, problem)
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
-        from q2g.decoding import generate
+        from q2g.evaluation.decoding import generate
 
         prompts = [self.prompt_ids(p["problem"]) for p in problems for _ in range(k)]
         # The torch seed of a batch depends only on the run seed and the batch's problems.
