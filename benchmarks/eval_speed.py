@@ -1,139 +1,119 @@
-"""Speed of q2g.evaluate on the real Gemma 3 270M: pass@1 decoding old vs new (one
-`model.generate` per length-sorted batch vs the refill loop, which drops finished rows and
-refills their slots; same tokens, checked here), greedy generation tokens/s at batch 1 vs 8 (fp32,
-and bf16 autocast on the CPU), and sliding-window perplexity tokens/s at window 512 vs 1024.
+"""Speed of evaluation on the real Gemma 3 270M, old vs new side by side in one process:
 
-    python benchmarks/eval_speed.py                      # ~10 min on 2 idle CPU cores
-    python benchmarks/eval_speed.py --problems 4 --new-tokens 16 --ppl-tokens 1024   # quick look
-    python benchmarks/eval_speed.py --model <tiny model folder> --only pass1 --extra-stop e   # a smoke run
+- pass@1 decoding: HF `model.generate` per length-sorted batch (decoding.generate_static) vs q2g's
+  decoding.generate (the refill loop), at the same batch, on GSM8K problems, with evaluation's end
+  tokens and stop strings; generated tok/s, the ratio, and whether the tokens are the same.
+- held-out loss: logits of every position (evaluate._examples_nll) vs forward_nll.labels_nll (LM
+  head only on the solution's positions, chunked); solution tokens/s and both losses.
+- perplexity: evaluate._batch_nll vs forward_nll.windows_nll on the same q2g windows; scored tok/s.
 
-The pass@1 table decodes as evaluation does (end tokens and "\nProblem:" stop): its gain is the
-share of slots a static batch wastes on rows that already ended, so it depends on how unevenly the
-model stops. `--extra-stop` adds stop strings, to make a random tiny model stop unevenly.
-Run on purpose, never as a timed test. The first run converts the model (~1 min, once).
+Each pair runs alternately `--reps` times (best time kept), so a machine's load hits both alike.
+
+    python benchmarks/eval_speed.py --threads 2                                   # the lead's numbers, alone
+    python benchmarks/eval_speed.py --threads 2 --problems 8 --new-tokens 32 --heldout 4 --ppl-tokens 512
+    python benchmarks/eval_speed.py --model <tiny model folder> --problems 4 --new-tokens 8   # a smoke run
+
+Defaults: 15 problems x up to 96 new tokens at batch 8, 15 held-out solutions, 2048 WikiText
+tokens (window 512, stride 256). Run on purpose, never as a timed test. The first run converts
+the model (~1 min, once).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from contextlib import nullcontext
+
+from q2g.evaluate import EvalConfig
+
+from q2g import evaluate, models, prompts
+from q2g.data import loaders
+from q2g.evaluation import decoding, forward_nll
 
 
-def autocast(kind: str, device: str):
+def best_of(reps: int, pair: dict) -> dict:
+    """{name: (seconds, result)} of each function in `pair`, alternating, best of `reps`."""
+    out: dict = {}
+    for _ in range(reps):
+        for name, fn in pair.items():
+            start = time.perf_counter()
+            result = fn()
+            seconds = time.perf_counter() - start
+            if name not in out or seconds < out[name][0]:
+                out[name] = (seconds, result)
+    return out
+
+
+def pass1_rows(model, tok, problems, args) -> list[dict]:
+    ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
+    kw = dict(
+        max_new_tokens=args.new_tokens,
+        end_ids=prompts.end_token_ids(tok),
+        stop_strings=prompts.STUDENT_STOP_STRINGS,
+        batch_size=args.batch_size,
+    )
+    runs = best_of(
+        args.reps,
+        {
+            "HF generate (static batches)": lambda: decoding.generate_static(model, tok, ids, **kw),
+            "q2g decoding.generate": lambda: decoding.generate(model, tok, ids, **kw),
+        },
+    )
+    (old_s, old), (new_s, new) = runs.values()
+    same = "yes" if [g.token_ids for g in old] == [g.token_ids for g in new] else "NO"
+    n = sum(g.n_tokens for g in new)
+    return [
+        {"what": name, "tokens": n, "seconds": s, "value": "", "same": same if i else ""}
+        for i, (name, (s, _)) in enumerate(runs.items())
+    ]
+
+
+def heldout_rows(model, tok, records, args) -> list[dict]:
     import torch
 
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if kind == "bf16-autocast" else nullcontext()
+    from q2g.sft_data import Collator
+
+    examples, _ = evaluate.heldout_examples(tok, records, 1024)
+    batches = list(evaluate._example_batches(examples, args.batch_size, 4 * model.config.get_text_config().vocab_size))
+
+    def old():
+        sums = [evaluate._examples_nll(model, b, tok.pad_token_id) for b in batches]
+        return sum(s for s, _ in sums), sum(n for _, n in sums)
+
+    def new():
+        sums = []
+        for b in batches:
+            cols = Collator(tok.pad_token_id)(b)
+            sums.append(forward_nll.labels_nll(model, cols["input_ids"], cols["attention_mask"], cols["labels"]))
+        return sum(s for s, _ in sums), sum(n for _, n in sums)
+
+    with torch.inference_mode():
+        runs = best_of(args.reps, {"held-out loss, all logits": old, "held-out loss, forward_nll": new})
+    return [
+        {"what": name, "tokens": n, "seconds": s, "value": f"{nll / n:.5f}", "same": ""}
+        for name, (s, (nll, n)) in runs.items()
+    ]
 
 
-def bench_generation(model, tok, problems, new_tokens, batch_size, kind, device) -> dict:
-    from q2g import decoding, prompts
+def ppl_rows(model, tok, text, args) -> list[dict]:
+    import torch
 
-    ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
-    start = time.perf_counter()
-    with autocast(kind, device):
-        # No stop strings / end ids: every row runs the full budget, so rows/s compare fairly.
-        gens = decoding.generate(model, tok, ids, max_new_tokens=new_tokens, batch_size=batch_size)
-    seconds = time.perf_counter() - start
-    n = sum(g.n_tokens for g in gens)
-    return {"what": f"generate {kind} batch {batch_size}", "tokens": n, "seconds": seconds, "tok_s": n / seconds}
-
-
-def bench_pass1(model, tok, problems, new_tokens, batch_size, path, device, extra_stop=()) -> tuple[dict, list]:
-    """pass@1 decoding as evaluation runs it, by the `static` (old) or `refill` (new) path."""
-    from q2g import decoding, prompts
-
-    ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
-    run = decoding.generate_static if path == "static" else decoding.generate_refill
-    forwards = [0]  # model forwards (decode steps + prefills): the machine-independent cost
-    hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    start = time.perf_counter()
-    try:
-        gens = run(
-            model,
-            tok,
-            ids,
-            max_new_tokens=new_tokens,
-            end_ids=prompts.end_token_ids(tok),
-            stop_strings=(*prompts.STUDENT_STOP_STRINGS, *extra_stop),
-            batch_size=batch_size,
+    ids = tok(text, add_special_tokens=False)["input_ids"][: args.ppl_tokens]
+    cfg = EvalConfig(ppl_max_length=512, ppl_stride=256, eval_batch_size=args.batch_size)
+    windows = evaluate.q2g_windows(ids, cfg, tok.bos_token_id)
+    batches = list(evaluate._window_batches(windows, args.batch_size, 4 * model.config.get_text_config().vocab_size))
+    n = sum(len(t) for _, t, _ in windows)
+    with torch.inference_mode():
+        runs = best_of(
+            args.reps,
+            {
+                "perplexity, kept logits": lambda: sum(evaluate._batch_nll(model, b) for b in batches),
+                "perplexity, forward_nll": lambda: sum(forward_nll.windows_nll(model, b) for b in batches),
+            },
         )
-    finally:
-        hook.remove()
-    seconds = time.perf_counter() - start
-    n = sum(g.n_tokens for g in gens)
-    return {
-        "what": f"pass@1 decode {path} batch {batch_size}",
-        "tokens": n,
-        "seconds": seconds,
-        "tok_s": n / seconds,
-        "problems_s": len(ids) / seconds,
-        "stopped": sum(g.stopped for g in gens),
-        "forwards": forwards[0],
-    }, gens
-
-
-def print_pass1_table(rows: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in (
-        "measurement",
-        "new tokens",
-        "rows stopped",
-        "forwards",
-        "seconds",
-        "problems/s",
-        "x static",
-        "same tokens",
-    ):
-        table.add_column(col, justify="left" if col == "measurement" else "right")
-    for row in rows:
-        table.add_row(
-            row["what"],
-            str(row["tokens"]),
-            str(row["stopped"]),
-            str(row["forwards"]),
-            f"{row['seconds']:.2f}",
-            f"{row['problems_s']:.2f}",
-            f"{row['speedup']:.2f}",
-            row["same"],
-        )
-    Console(width=130).print(table)
-
-
-def pass1_rows(model, tok, problems, args, device) -> list[dict]:
-    rows = []
-    for bs in args.pass1_batch_sizes:
-        old, old_gens = bench_pass1(model, tok, problems, args.new_tokens, bs, "static", device, args.extra_stop)
-        new, new_gens = bench_pass1(model, tok, problems, args.new_tokens, bs, "refill", device, args.extra_stop)
-        same = "yes" if [g.token_ids for g in old_gens] == [g.token_ids for g in new_gens] else "NO"
-        rows += [
-            {**old, "speedup": 1.0, "same": ""},
-            {**new, "speedup": old["seconds"] / new["seconds"], "same": same},
-        ]
-    return rows
-
-
-def bench_ppl(model, tok, text, max_length, n_tokens, batch_size, kind, device) -> dict:
-    from q2g.evaluation.config import EvalConfig
-    from q2g.evaluation.perplexity import perplexity
-
-    cfg = EvalConfig(
-        ppl_max_length=max_length, ppl_stride=max_length // 2, ppl_max_tokens=n_tokens, eval_batch_size=batch_size
-    )
-    start = time.perf_counter()
-    with autocast(kind, device):
-        r = perplexity(model, tok, text, cfg, progress=False)
-    seconds = time.perf_counter() - start
-    return {
-        "what": f"perplexity {kind} len {max_length} stride {max_length // 2} batch {batch_size}",
-        "tokens": r["n_tokens_scored"],
-        "seconds": seconds,
-        "tok_s": r["n_tokens_scored"] / seconds,
-        "ppl": r["token_perplexity"],
-    }
+    return [
+        {"what": name, "tokens": n, "seconds": s, "value": f"{nll / n:.5f}", "same": ""}
+        for name, (s, nll) in runs.items()
+    ]
 
 
 def print_table(rows: list[dict], title: str) -> None:
@@ -141,17 +121,18 @@ def print_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("measurement", "tokens", "seconds", "tok/s", "x first row", "token ppl"):
+    for col in ("measurement", "tokens", "seconds", "tok/s", "x old", "mean NLL", "same tokens"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
-    for row in rows:
-        ppl = f"{row['ppl']:.3f}" if "ppl" in row else ""
+    for i, row in enumerate(rows):
+        old = rows[i - i % 2]  # rows come in (old, new) pairs
         table.add_row(
             row["what"],
             str(row["tokens"]),
-            f"{row['seconds']:.1f}",
-            f"{row['tok_s']:.1f}",
-            f"{row['tok_s'] / rows[0]['tok_s']:.2f}",
-            ppl,
+            f"{row['seconds']:.2f}",
+            f"{row['tokens'] / row['seconds']:.1f}",
+            f"{old['seconds'] / row['seconds']:.2f}",
+            row["value"],
+            row["same"],
         )
     Console(width=130).print(table)
 
@@ -159,54 +140,40 @@ def print_table(rows: list[dict], title: str) -> None:
 def main() -> None:
     import torch
 
-    from q2g import models
-    from q2g.data import loaders
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=models.DEMO_MODEL)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--problems", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--problems", type=int, default=15)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heldout", type=int, default=15, help="held-out solutions (0: skip)")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText tokens (0: skip)")
+    p.add_argument("--reps", type=int, default=2, help="alternating runs of each pair; the best time is kept")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--pass1-problems", type=int, default=32, help="GSM8K + MATH problems for the pass@1 table")
-    p.add_argument("--pass1-batch-sizes", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--extra-stop", nargs="*", default=[], help="stop strings added in the pass@1 table")
-    p.add_argument("--only", choices=("all", "pass1"), default="all")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = models.pick_device(args.device)
     model = models.load_model(args.model, torch.float32, device).eval()
     tok = models.load_tokenizer(args.model, padding_side="left")
-    problems = loaders.load_gsm8k("test", "packaged")[: args.problems]
-    text = loaders.load_wikitext("packaged")
+    problems = loaders.load_gsm8k("test", "packaged")
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    bench_generation(model, tok, problems[:1], 4, 1, "fp32", device)  # warm-up
-    mixed = loaders.load_gsm8k("test", "packaged")[: args.pass1_problems // 2]
-    mixed += loaders.load_math("test", data_dir="packaged")[: args.pass1_problems - len(mixed)]
-    print_pass1_table(
-        pass1_rows(model, tok, mixed, args, device),
-        f"pass@1 decoding: {len(mixed)} GSM8K + MATH problems, cap {args.new_tokens} new tokens, "
-        f"old (static batches) vs new (refill)",
+    warm = [prompts.student_prompt_ids(tok, "1 + 1?")]
+    decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.loss (~5 s)
+    with torch.inference_mode():
+        forward_nll.windows_nll(model, [(warm[0], warm[0][1:], 1)])
+    rows = pass1_rows(model, tok, problems[: args.problems], args)
+    print_table(
+        rows,
+        f"pass@1 decoding: {args.problems} GSM8K problems, <= {args.new_tokens} new tokens, batch {args.batch_size}",
     )
-    if args.only == "pass1":
-        return
-
-    gen_rows = [
-        bench_generation(model, tok, problems, args.new_tokens, bs, kind, device)
-        for kind in ("fp32", "bf16-autocast")
-        for bs in (1, 8)
-    ]
-    print_table(gen_rows, f"greedy generation: {len(problems)} GSM8K problems x {args.new_tokens} new tokens")
-    ppl_rows = [
-        bench_ppl(model, tok, text, length, args.ppl_tokens, bs, "fp32", device)
-        for length in (512, 1024)
-        for bs in (1, 8)
-    ]
-    # bf16 autocast is ~5x slower on CPUs without native bf16 matmuls: a quarter of the text shows it.
-    ppl_rows.append(bench_ppl(model, tok, text, 1024, args.ppl_tokens // 4, 8, "bf16-autocast", device))
-    print_table(ppl_rows, f"sliding-window perplexity over the first {args.ppl_tokens} WikiText tokens")
+    if args.heldout:
+        print_table(
+            heldout_rows(model, tok, problems[: args.heldout], args), f"held-out loss: {args.heldout} solutions"
+        )
+    if args.ppl_tokens:
+        text = loaders.load_wikitext("packaged")
+        print_table(ppl_rows(model, tok, text, args), f"perplexity: {args.ppl_tokens} WikiText tokens, window 512/256")
 
 
 if __name__ == "__main__":

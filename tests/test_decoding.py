@@ -5,7 +5,8 @@ layers, <bos>) and Qwen2 (chat template), with rows ending at end tokens, stop s
 import pytest
 import torch
 
-from q2g import decoding, models, prompts
+from q2g import models, prompts
+from q2g.evaluation import decoding
 
 
 @pytest.fixture(scope="module", autouse=True)

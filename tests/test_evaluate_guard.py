@@ -13,7 +13,8 @@ import torch
 from test_batching import strict_attention  # noqa: F401  (registers the "strict" attention)
 from transformers import AutoModelForCausalLM
 
-from q2g import decoding, models
+from q2g import models
+from q2g.evaluation import decoding
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import heldout_loss
 from q2g.evaluation.pass_at_1 import math_pass_at_1

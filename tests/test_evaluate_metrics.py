@@ -13,8 +13,9 @@ import pytest
 import torch
 from helpers import finetune_argv, reference_dataset
 
-from q2g import decoding, models, prompts, sft_data
+from q2g import models, prompts, sft_data
 from q2g.data import loaders, splits
+from q2g.evaluation import decoding_vllm
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.evaluation.heldout_loss import heldout_loss
@@ -254,7 +255,7 @@ def fake_vllm(monkeypatch, gemma):
     fake = FakeVLLM(gemma[1])
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(decoding, "_ENGINES", {})
+    monkeypatch.setattr(decoding_vllm, "_ENGINES", {})
     return fake
 
 
@@ -311,7 +312,7 @@ def test_vllm_dtype_is_the_runs_precision():
 
 def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):
     for rank in (0, 16, 64, 100, 8):  # the base model first, then adapters
-        decoding.vllm_engine("m", dtype="bfloat16", lora_rank=rank, gpu_memory_utilization=0.3)
+        decoding_vllm.vllm_engine("m", dtype="bfloat16", lora_rank=rank, gpu_memory_utilization=0.3)
     assert [b["max_lora_rank"] for b in fake_vllm.built] == [64, 128]
 
 

@@ -10,7 +10,7 @@ counter, so a batch regenerated after a crash gives the same samples as the firs
 
 | name      | what                                              | needs                          |
 | --------- | ------------------------------------------------- | ------------------------------ |
-| hf        | transformers on this machine (q2g.decoding)     | torch (a GPU for a 7B teacher) |
+| hf        | transformers on this machine (evaluation/decoding) | torch (a GPU for a 7B teacher) |
 | vllm      | vLLM's offline engine                             | pip install 'q2g[vllm]', a GPU |
 | openai    | any OpenAI-compatible /chat/completions server    | pip install 'q2g[openai]'      |
 | reference | the datasets' own worked solutions, no model      | nothing                        |

@@ -7,8 +7,8 @@ problems moves in steps of 1/n.
 from __future__ import annotations
 
 from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.forward_nll import labels_nll
 from q2g.evaluation.model_state import (
-    CE_CHUNK,
     LOGITS_BUDGET_BYTES,
     autocast,
     bytes_per_position,
@@ -17,7 +17,7 @@ from q2g.evaluation.model_state import (
     guarded_attention,
     progress_bar,
 )
-from q2g.sft_data import IGNORE_INDEX, Collator, build_example
+from q2g.sft_data import Collator, build_example
 
 
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:
@@ -46,20 +46,10 @@ def _example_batches(examples: list[dict], max_rows: int, per_position: int):
 
 
 def _examples_nll(model, batch, pad_id) -> tuple[float, int]:
-    """Summed NLL and count of the labelled tokens of a batch (teacher-forced, shifted by one)."""
-    import torch.nn.functional as F
-
+    """Summed NLL and count of the labelled tokens of a batch (teacher-forced, shifted by one);
+    only the labelled positions go through the LM head (forward_nll: no [B, T, V] logits)."""
     cols = {k: v.to(device_of(model)) for k, v in Collator(pad_id)(batch).items()}
-    logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"], use_cache=False).logits
-    total, count = 0.0, 0
-    for row, labels in zip(logits, cols["labels"]):
-        preds, target = row[:-1], labels[1:]
-        keep = target != IGNORE_INDEX
-        preds, target = preds[keep], target[keep]
-        for a in range(0, len(target), CE_CHUNK):
-            total += F.cross_entropy(preds[a : a + CE_CHUNK].float(), target[a : a + CE_CHUNK], reduction="sum").item()
-        count += len(target)
-    return total, count
+    return labels_nll(model, cols["input_ids"], cols["attention_mask"], cols["labels"])
 
 
 def heldout_loss(model, tokenizer, records: list[dict], cfg: EvalConfig, progress=True, precision=None) -> dict | None:

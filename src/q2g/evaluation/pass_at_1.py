@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 
-from q2g import decoding, prompts
+from q2g import prompts
 from q2g.answers.check import is_correct
 from q2g.answers.extract import extract_answer_with_rule
 from q2g.data.sources import source_key
+from q2g.evaluation import decoding, decoding_vllm
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.model_state import autocast, eval_mode, guarded_attention, progress_bar
 
@@ -109,14 +110,14 @@ def vllm_dtype(precision) -> str:
 def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir, precision):
     base = _base_model(model)
     with _saved_adapter(model, adapter_dir) as folder:
-        engine = decoding.vllm_engine(
+        engine = decoding_vllm.vllm_engine(
             base.config.name_or_path,
             dtype=vllm_dtype(precision),
-            lora_rank=decoding.adapter_rank(folder) if folder else 0,
+            lora_rank=decoding_vllm.adapter_rank(folder) if folder else 0,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.eval_seed,
         )
-        return decoding.generate_vllm(
+        return decoding_vllm.generate_vllm(
             engine,
             prompt_ids,
             max_new_tokens=cfg.eval_max_new_tokens,

@@ -24,12 +24,11 @@ from __future__ import annotations
 import math
 
 from q2g.errors import BadInput
+from q2g.evaluation import forward_nll
 from q2g.evaluation.model_state import (
-    CE_CHUNK,
     LOGITS_BUDGET_BYTES,
     autocast,
     bytes_per_position,
-    device_of,
     eval_mode,
     progress_bar,
 )
@@ -78,22 +77,9 @@ def _window_batches(windows, max_windows: int, per_position: int):
 
 
 def _batch_nll(model, batch) -> float:
-    """Summed NLL of the targets of a batch of equal-length windows."""
-    import torch
-    import torch.nn.functional as F
-
-    device = device_of(model)
-    inputs = torch.tensor([inp for inp, _, _ in batch], device=device)
-    keep = max(len(t) + tail for _, t, tail in batch)
-    logits = model(input_ids=inputs, logits_to_keep=keep, use_cache=False).logits
-    total = 0.0
-    for row, (_, targets, tail) in zip(logits, batch):
-        s = len(targets)
-        preds = row[keep - tail - s : keep - tail]
-        target = torch.tensor(targets, device=preds.device)
-        for a in range(0, s, CE_CHUNK):  # fp32 log-softmax a slice at a time
-            total += F.cross_entropy(preds[a : a + CE_CHUNK].float(), target[a : a + CE_CHUNK], reduction="sum").item()
-    return total
+    """Summed NLL of the targets of a batch of equal-length windows (forward_nll: the decoder's
+    hidden states through the LM head a chunk at a time, no [B, T, V] logits)."""
+    return forward_nll.windows_nll(model, batch)
 
 
 def windows_nll(model, windows, batch_size: int, progress=True, precision=None) -> float:

@@ -17,13 +17,18 @@ for benchmarks/eval_speed.py.
 
 Either way a row ends at any end token or pad token (counted), or at the token that completes a
 stop string (counted; the text is cut before the stop string). Results come back in input order.
+
+Speed (Gemma 3 270M, fp32 CPU, batch 8; profiled for issue 21): a decode step is weight-bandwidth
+bound: ~80% of the time is the 127 matmuls of a step, which read all 1.07 GB of weights for 8
+tokens (the tied 262k x 640 LM head alone is 671 MB); KV-cache growth by `torch.cat` is ~7%,
+attention ~4%, norms/rotary/Python the rest. Prefill keeps only the last position's logits.
+`model.generate` adds, per call, a StopStringCriteria built over the whole vocabulary (2-6.5 s
+for Gemma's tokenizer); the refill loop checks the decoded tail of each row instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from q2g.backends.vllm import import_vllm
 
 # Refill once this share of the slots is free (or all are): each refill is one prefill forward,
 # so refilling every single freed slot would add nearly a forward per prompt.
@@ -378,87 +383,3 @@ def generate(
         batch_size=batch_size,
         progress=progress,
     )
-
-
-# ---------------------------------------------------------------- vLLM (`--eval-backend vllm`)
-# vLLM is imported only here, when chosen. Tested against a stand-in module
-# (tests/test_evaluate_metrics.py), which checks the calls, not vLLM itself.
-
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-# The engine is built for adapters up to this rank at least: the base model (epoch 0) comes first,
-# before any adapter says its rank, and a rebuild costs a model load.
-VLLM_MIN_LORA_RANK = 64
-_ENGINES: dict = {}  # one engine per (base model, dtype) for the whole process
-
-
-def adapter_rank(adapter_dir) -> int:
-    """The LoRA rank in a peft adapter folder's adapter_config.json."""
-    import json
-    from pathlib import Path
-
-    return int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
-
-
-def vllm_engine(base: str, *, dtype: str, lora_rank: int, gpu_memory_utilization: float, seed: int = 0) -> dict:
-    """The process's vLLM engine for `base`, with LoRA on (adapters come per request, never
-    merged). Built once and kept across epochs; rebuilt only for an adapter of a higher rank."""
-    vllm = import_vllm("--eval-backend vllm")
-    need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_rank, VLLM_MIN_LORA_RANK)), lora_rank)
-    held = _ENGINES.get((base, dtype))
-    if held is None or held["max_lora_rank"] < need:
-        _ENGINES.pop((base, dtype), None)
-        llm = vllm.LLM(
-            model=base,
-            tokenizer=base,
-            dtype=dtype,
-            seed=seed,
-            enable_lora=True,
-            max_lora_rank=need,
-            max_loras=1,
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=False,
-        )
-        held = _ENGINES[(base, dtype)] = {"llm": llm, "max_lora_rank": need, "next_lora_id": 1}
-    return held
-
-
-def generate_vllm(
-    engine: dict,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    end_ids=(),
-    stop_strings=(),
-    adapter_dir=None,
-    seed: int = 0,
-) -> list[Generation]:
-    """Greedy continuations from a `vllm_engine`, with the LoRA adapter saved in `adapter_dir`
-    (None: the base model). Every call gets a new LoRA id: vLLM caches an adapter by its id, and
-    the same folder may hold new weights next time."""
-    vllm = import_vllm("--eval-backend vllm")
-    from vllm.lora.request import LoRARequest
-
-    params = vllm.SamplingParams(
-        temperature=0.0,
-        max_tokens=max_new_tokens,
-        stop=list(stop_strings) or None,
-        stop_token_ids=sorted(end_ids) or None,
-        seed=seed,
-    )
-    lora = None
-    if adapter_dir is not None:
-        lora_id, engine["next_lora_id"] = engine["next_lora_id"], engine["next_lora_id"] + 1
-        lora = LoRARequest(f"q2g-{lora_id}", lora_id, str(adapter_dir))
-    outputs = engine["llm"].generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora
-    )
-    results = []
-    for out in outputs:
-        c = out.outputs[0]
-        text, _ = cut_at_stop(c.text, stop_strings)  # vLLM leaves the stop string out already
-        results.append(
-            Generation(
-                text=text, n_tokens=len(c.token_ids), stopped=c.finish_reason == "stop", token_ids=list(c.token_ids)
-            )
-        )
-    return results
