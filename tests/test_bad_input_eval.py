@@ -357,17 +357,19 @@ def test_report_reads_a_nan_row_as_not_available(tmp_path):
 
 
 def nan_logits(monkeypatch, value=float("nan")):
-    """Every Gemma 3 forward returns non-finite logits (a diverged or broken model)."""
-    from transformers import Gemma3ForCausalLM
+    """Every Gemma 3 decoder forward returns non-finite hidden states, so every logit (the full
+    logits of decoding and the head-on-hidden-states path of the loss and perplexity) is non-finite:
+    a diverged or broken model."""
+    from transformers import Gemma3TextModel
 
-    forward = Gemma3ForCausalLM.forward
+    forward = Gemma3TextModel.forward
 
     def broken(self, *a, **k):
         out = forward(self, *a, **k)
-        out.logits = torch.full_like(out.logits, value)
+        out.last_hidden_state = torch.full_like(out.last_hidden_state, value)
         return out
 
-    monkeypatch.setattr(Gemma3ForCausalLM, "forward", broken)
+    monkeypatch.setattr(Gemma3TextModel, "forward", broken)
 
 
 RECORDS = [

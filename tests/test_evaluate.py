@@ -130,7 +130,10 @@ def test_word_byte_bits_relations(gemma):
 
 def _window_inputs(model, tok, cfg):
     seen = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.extend(kw["input_ids"].tolist()), with_kwargs=True)
+    decoder = model.get_decoder()  # perplexity runs the decoder and projects the scored positions itself
+    handle = decoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.extend(kw["input_ids"].tolist()), with_kwargs=True
+    )
     try:
         perplexity(model, tok, TEXT, cfg, progress=False)
     finally:
