@@ -17,7 +17,7 @@ import sys
 
 COMMANDS = {
     "generate": ("q2g.generate", "stage 1: teacher traces -> dataset/"),
-    "finetune": ("q2g.finetune", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
+    "finetune": ("q2g.finetune.stage", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
     "evaluate": ("q2g.evaluate", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
     "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
     "export": ("q2g.export", "validated traces as TRL prompt/completion or chat-messages JSONL"),

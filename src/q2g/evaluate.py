@@ -327,7 +327,7 @@ def math_pass_at_1(
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:
     """(training-format examples of the records' reference solutions, records skipped: no
     solution, or a prompt that leaves no room for one)."""
-    from q2g.sft_data import build_example
+    from q2g.finetune.sft_data import build_example
 
     examples = []
     for r in records:
@@ -355,7 +355,7 @@ def _examples_nll(model, batch, pad_id) -> tuple[float, int]:
     """Summed NLL and count of the labelled tokens of a batch (teacher-forced, shifted by one)."""
     import torch.nn.functional as F
 
-    from q2g.sft_data import IGNORE_INDEX, Collator
+    from q2g.finetune.sft_data import IGNORE_INDEX, Collator
 
     cols = {k: v.to(next(model.parameters()).device) for k, v in Collator(pad_id)(batch).items()}
     logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"], use_cache=False).logits

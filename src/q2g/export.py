@@ -53,7 +53,7 @@ class ExportConfig(Config):
 def validated_traces(traces: str) -> list[dict]:
     """The validated rows of traces.jsonl, checked field by field (DataError naming file:line)."""
     from q2g.errors import DataError
-    from q2g.sft_data import read_traces
+    from q2g.finetune.sft_data import read_traces
 
     path = Path(traces)
     path = path / "traces.jsonl" if path.is_dir() else path

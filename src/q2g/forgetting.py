@@ -17,6 +17,7 @@ would fall below `--min-rank`.
 from __future__ import annotations
 
 POLICIES = ("flag", "stop", "reduce-rank")
+DEFAULT_BUDGET = 0.05  # +5 % WikiText perplexity: the one default (finetune, report, sweep)
 
 
 def relative_change(baseline: float, current: float) -> float:

@@ -47,7 +47,7 @@ from q2g.config import (
     value_problem,
 )
 from q2g.errors import BadInput, ConfigError, RunFailed
-from q2g.finetune import FinetuneConfig
+from q2g.finetune.config import FinetuneConfig
 
 OBJECTIVES = {"pass@1": "maximize", "heldout_loss": "minimize", "ppl_change": "minimize"}
 RATIO = "lora_alpha_ratio"  # searched in place of lora_alpha: alpha = ratio * r
@@ -55,7 +55,7 @@ NOT_SEARCHABLE = ("out", "traces", "split", "resume", "baseline_from", "no_eval"
 MAX_DUPLICATES = 50  # proposals in a row that repeat a trial before the sampler is taken to be done
 UNCLAIMED_S = 60  # a RUNNING trial no worker has claimed for this long was left by a dead process
 ENUMERATE_AFTER = 3  # ... or, in a finite space, before its untried points are enumerated instead
-EPOCH_KEYS = ("epoch", "lora_rank", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
+EPOCH_KEYS = ("epoch", "lora_r", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
 
 
 @dataclass
@@ -202,7 +202,7 @@ def numeric_range(spec: dict, hint, meta, kind, is_list) -> Dimension:
 
 def parse_space(space: dict, where: str, sampler: str) -> dict[str, Dimension]:
     """Every searched option checked against FinetuneConfig; one ConfigError naming each bad key."""
-    from q2g.finetune import FinetuneConfig
+    from q2g.finetune.config import FinetuneConfig
 
     if not space:
         raise ConfigError(f"{where}: sweep.space is empty: name at least one finetune option to search")
@@ -249,7 +249,8 @@ def check_points(dims: dict, base, where: str, limit: int = 4096) -> None:
 
 def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     """Read and check the whole file (stages and sweep) before anything runs or is written."""
-    from q2g import finetune, generate, run
+    from q2g import generate, run
+    from q2g.finetune import stage as finetune
 
     data = load_yaml(config)
     unknown = set(data) - {"out", *run.STAGES, "sweep"}
@@ -483,7 +484,8 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     """Generate once, then run trials until the study has its n_trials; returns write_outputs(...).
     `train(cfg, eval_cfg)` (default finetune.run_finetune) and `baseline(cfg, eval_cfg, path)`
     (default evaluate_baseline) are replaceable for tests."""
-    from q2g import finetune, generate
+    from q2g import generate
+    from q2g.finetune import stage as finetune
     from q2g.io import atomic_write_json
 
     optuna = load_optuna()
@@ -533,10 +535,10 @@ def baseline_path(sweep: Sweep, cfg) -> Path:
 
 def evaluate_baseline(cfg, eval_cfg, path: Path) -> dict:
     """Score the base model once and save its row at `path` (its generations in the folder beside)."""
-    from q2g import finetune
+    from q2g.finetune import baseline, prepare
 
-    run = finetune.prepare(cfg.replace(out=str(path.with_suffix("")), resume=False, baseline_from=None), eval_cfg)
-    return finetune.save_baseline(run, path)
+    run = prepare.prepare(cfg.replace(out=str(path.with_suffix("")), resume=False, baseline_from=None), eval_cfg)
+    return baseline.save_baseline(run, path)
 
 
 def ensure_baseline(sweep: Sweep, cfg, baseline) -> Path:

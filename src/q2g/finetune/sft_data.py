@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from q2g.data import SOURCES, DataError, find_leaks, read_jsonl
+from q2g.prompts import student_prompt_ids, student_target_ids
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (prompt, padding)
 TRACE_FIELDS = {"problem": str, "qwen_trace": str, "answer": (str, int, float), "source": str}
@@ -75,8 +76,6 @@ def build_example(tokenizer, problem: str, trace: str, max_seq_len: int) -> dict
     Too long: the trace is cut from the right (the prompt is kept whole). A prompt that leaves
     no room for a single target token returns None (the caller counts it as skipped).
     """
-    from q2g.prompts import student_prompt_ids, student_target_ids
-
     prompt = student_prompt_ids(tokenizer, problem)
     if len(prompt) >= max_seq_len:
         return None
