@@ -269,7 +269,7 @@ def run_with_fault(fault, model, ds, out, tmp_path):
 @pytest.mark.parametrize(
     "where,rows_left",
     [
-        ("trainer_state", ROWS),  # checkpoint-4 whole but its trainer_state.json empty: checkpoint-2 is resumed
+        ("trainer_state", ROWS[:2]),  # checkpoint-4's trainer_state.json empty (saved before epoch 2 is scored)
         ("adapter", ROWS[:2]),  # epoch-2/ half written (beside, under a .tmp name)
         ("metrics", ROWS[:2]),  # epoch 2's row: the append is cut back to epoch 1's
         ("report", ROWS),  # after training: final/ is whole, the report is missing
@@ -283,7 +283,8 @@ def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, datase
     assert "rerun the same command with --resume" in proc.stderr
     assert key(strict_rows(out / "metrics.jsonl")) == rows_left
     json.loads((out / "config.json").read_text())
-    kept = "checkpoint-4" if where == "report" else "checkpoint-2"  # the last whole checkpoint is kept
+    # the last whole checkpoint is kept; checkpoint-4 is written before epoch 2's row (save first, then evaluate)
+    kept = "checkpoint-4" if where in ("report", "metrics") else "checkpoint-2"
     assert trainer.latest_checkpoint(out) == str(out / kept)
     if where == "trainer_state":
         assert (out / "checkpoint-4" / "trainer_state.json").read_text() == ""
@@ -300,7 +301,7 @@ def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, datase
     [
         ("step", ROWS[:2], "checkpoint-2"),  # killed in the middle of step 4
         ("eval", ROWS[:1], "checkpoint-2"),  # killed while epoch 1 was scored: checkpoint-2 was saved first
-        ("checkpoint", ROWS, "checkpoint-2"),  # killed while checkpoint-4 was being written
+        ("checkpoint", ROWS[:2], "checkpoint-2"),  # killed while checkpoint-4 was written (before epoch 2's row)
     ],
 )
 def test_finetune_sigkill_then_resume(

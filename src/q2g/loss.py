@@ -173,7 +173,7 @@ class LabelOnlyLossTrainer(Trainer):
         drop_right_padding_mask: bool = True,
         **kwargs,
     ):
-        if nonfinite_guard is not None:
+        if nonfinite_guard is not None and nonfinite_guard not in (kwargs.get("callbacks") or []):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
         super().__init__(*args, **kwargs)
         if self.args.world_size > 1:  # the decoder is called past the DDP/FSDP wrapper's forward

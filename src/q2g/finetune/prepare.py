@@ -11,6 +11,7 @@ and (fit_memory) gradient checkpointing from q2g.memory's plan.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from q2g import data, distributed, memory, models
@@ -36,8 +37,31 @@ def check_trackers(report_to: list[str]) -> None:
         raise ConfigError(f"--report-to {' '.join(missing)}: not installed here: pip install {pkgs}")
 
 
+def check_path(name: str | None, flag: str, folder_to_make: bool = False) -> None:
+    """Refuse a path the file system cannot hold: a name longer than it allows, or (for a folder
+    q2g will create) a parent that is a file; said as bad input, not as an OSError later."""
+    if not name:
+        return
+    path = Path(name).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if long is not None:
+        raise BadInput(
+            f"{flag} {name}: the name {long[:40]}... is longer than this file system allows ({limit} bytes)"
+        )
+    if folder_to_make and existing != path and not existing.is_dir():
+        raise BadInput(f"{flag} {name}: {existing} is a file, so no folder can be made inside it")
+
+
 def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> None:
     """What can be refused from the settings alone (no traces read, nothing written)."""
+    check_path(cfg.out, "--out", folder_to_make=True)
+    for name, flag in ((cfg.traces, "--traces"), (cfg.split, "--split"), (cfg.baseline_from, "--baseline-from")):
+        check_path(name, flag)
     models.check_model_name(cfg.base_model)
     check_trackers(cfg.report_to)
     device = models.pick_device(cfg.device)
