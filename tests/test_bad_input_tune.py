@@ -4,6 +4,11 @@ callback registered once, a second run with the same settings reuses the cached 
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +21,7 @@ from transformers import TrainerCallback, TrainingArguments
 from q2g import cli
 from q2g import evaluate as q2g_eval
 from q2g.finetune import baseline_cache
+from q2g.finetune.epochs import EVAL_DELAY_ENV
 from q2g.finetune.trainer import make_trainer
 from q2g.guards import NonFiniteError, NonFiniteGuard
 
@@ -259,3 +265,44 @@ def test_a_damaged_or_foreign_entry_is_ignored(damage, why, cache, tiny_gemma_di
     assert f"baseline cache entry {entry} ignored ({why}" in printed, printed
     assert len(cache.calls) == 4 and "reused_from" not in rows(tmp_path / "b")[0]  # evaluated afresh
     assert baseline_cache.row_ok(json.loads(entry.read_text())["row"])  # and the entry rewritten whole
+
+
+# ---------------------------------------------------------------- killed during an evaluation
+
+
+def test_sigkill_during_evaluation_keeps_the_trained_epoch(tiny_gemma_dir, dataset, tmp_path, capsys):
+    """Saved first: the epoch's checkpoint exists before its evaluation, so a kill there costs the
+    evaluation only; the resumed run evaluates that epoch without training it again."""
+    out, log = tmp_path / "ck", tmp_path / "log.txt"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", EVAL_DELAY_ENV: "60"}
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "q2g.cli", "finetune", *argv(tiny_gemma_dir, dataset, out, epochs=2)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            deadline = time.time() + 240
+            while "epoch 1 (rank 16): evaluating" not in log.read_text() and time.time() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+            time.sleep(1)  # inside the evaluation (it sleeps 60 s)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["global_step"]
+    assert steps == 5 and [r["epoch"] for r in rows(out)] == [0]  # epoch 1 checkpointed, not scored
+
+    assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out, "--resume", epochs=2)) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming rank 16 from {out / 'checkpoint-5'}" in printed
+    assert "epoch 1 (rank 16): trained, not evaluated: evaluating" in printed
+    assert [(r["epoch"], r["step"]) for r in rows(out)] == [(0, 0), (1, 5), (2, 10)]  # each row once
+    first_steps = [
+        h["step"]
+        for h in json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in h
+    ]
+    assert first_steps == sorted(set(first_steps))  # no step trained twice

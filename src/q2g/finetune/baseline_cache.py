@@ -76,7 +76,7 @@ def load(key: dict) -> tuple[dict, list, Path] | None:
         warn(path, "made for other settings")
         return None
     if not row_ok(row) or not isinstance(gens, list):
-        warn(path, "its row is not a finite baseline row")
+        warn(path, "not a finite baseline row")
         return None
     return row, gens, path
 
