@@ -156,6 +156,18 @@ def test_resume_accepts_a_speed_setting(finished, tiny_gemma_dir, dataset, capsy
     assert (finished / "metrics.jsonl").read_text() == rows  # nothing trained or evaluated again
 
 
+def test_config_json_and_report_say_what_ran(finished):
+    """Issue 17.4: the loss path, attention, precision and gradient checkpointing (and why) are recorded."""
+    config = json.loads((finished / "config.json").read_text())
+    assert (config["loss_path"], config["attention"], config["precision_used"]) == ("chunked", "sdpa", "fp32")
+    assert config["precision"] == "auto" and config["gradient_checkpointing"] is False  # asked, beside decided
+    assert config["gradient_checkpointing_used"] is False and config["gradient_checkpointing_why"].startswith("off")
+    assert config["memory_plan"]["action"] == "fits" and config["lora_r"] == 16 and "lora_rank" not in config
+    report = (finished / "report.md").read_text()
+    assert "- Ran: loss chunked, attention sdpa; gradient checkpointing off: not needed (fits:" in report
+    assert [r["lora_r"] for r in rows(finished)] == [None, 16]
+
+
 # ---------------------------------------------------------------- each q2g callback once
 
 

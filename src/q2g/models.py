@@ -109,6 +109,11 @@ def resolve_precision(precision: str, device: str) -> Precision:
     return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
 
 
+def vllm_dtype(precision: str) -> str:
+    """vLLM's `dtype` for a q2g precision: the weights' dtype resolve_precision decides on a GPU."""
+    return str(resolve_precision(precision, "cuda").dtype).removeprefix("torch.")
+
+
 def storage_dtype(name: str):
     """The dtype a merged model is written in ('bf16' or 'fp32'): a file format, not a compute choice."""
     import torch

@@ -15,9 +15,8 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 from __future__ import annotations
 
 from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
+from q2g.models import PRECISIONS, vllm_dtype
 from q2g.prompts import teacher_prompt_ids
-
-DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def import_vllm():
@@ -46,13 +45,13 @@ class VLLMBackend:
         from q2g.models import resolve_model_path
 
         vllm = import_vllm()
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.vllm = vllm
         self.llm = vllm.LLM(
             model=resolve_model_path(teacher),
             tensor_parallel_size=tensor_parallel_size,
-            dtype=DTYPES[precision],
+            dtype=vllm_dtype(precision),
             seed=seed,
             trust_remote_code=False,
         )
