@@ -13,8 +13,9 @@ import pytest
 import torch
 from helpers import finetune_argv, reference_dataset
 
-from q2g import data, decoding, evaluate, models, prompts, sft_data
+from q2g import data, decoding, evaluate, models, prompts
 from q2g.evaluate import EvalConfig
+from q2g.finetune import sft_data
 
 
 @pytest.fixture(scope="module", autouse=True)
