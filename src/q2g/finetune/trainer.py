@@ -17,6 +17,7 @@ from pathlib import Path
 
 from q2g.errors import ConfigError
 from q2g.finetune.sft_data import Collator
+from q2g.loss import LabelOnlyLossTrainer
 
 
 def lora_targets(target_modules: list[str]):
@@ -139,8 +140,6 @@ def check_trainer_types(user: dict) -> None:
 def make_trainer(run, peft_model, targs, callback, guard):
     """The Trainer of `run.settings.loss_path`, holding each q2g callback once."""
     from transformers import Trainer
-
-    from q2g.loss import LabelOnlyLossTrainer
 
     kw = dict(
         model=peft_model,
