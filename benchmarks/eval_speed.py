@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from q2g.evaluate import EvalConfig
-
 from q2g import evaluate, models, prompts
 from q2g.data import loaders
 from q2g.evaluation import decoding, forward_nll
+from q2g.evaluation.config import EvalConfig
 
 
 def best_of(reps: int, pair: dict) -> dict:
@@ -70,7 +69,7 @@ def pass1_rows(model, tok, problems, args) -> list[dict]:
 def heldout_rows(model, tok, records, args) -> list[dict]:
     import torch
 
-    from q2g.sft_data import Collator
+    from q2g.finetune.sft_data import Collator
 
     examples, _ = evaluate.heldout_examples(tok, records, 1024)
     batches = list(evaluate._example_batches(examples, args.batch_size, 4 * model.config.get_text_config().vocab_size))

@@ -126,13 +126,13 @@ def common_args(args, bf16: bool) -> dict:
 
 
 def q2g_trainer(args, model, tok, bf16, out):
-    """q2g's own path: finetune's config -> training.training_arguments / build_lora_model, the
+    """q2g's own path: finetune's config -> finetune.trainer.training_arguments / build_lora_model, the
     label-only loss trainer, length-grouped batches (its default)."""
     from q2g.batching import PackedCollator
-    from q2g.finetune import FinetuneConfig
+    from q2g.finetune.config import FinetuneConfig
+    from q2g.finetune.sft_data import Collator, build_dataset
+    from q2g.finetune.trainer import build_lora_model, training_arguments
     from q2g.loss import LabelOnlyLossTrainer
-    from q2g.sft_data import Collator, build_dataset
-    from q2g.training import build_lora_model, training_arguments
 
     ckpt = args.gradient_checkpointing == "on"
     cfg = FinetuneConfig(
@@ -150,7 +150,7 @@ def q2g_trainer(args, model, tok, bf16, out):
         trainer={"logging_steps": 10**6},
     )
     examples, _ = build_dataset(tok, rows(args.n_examples), args.seq_len)
-    peft_model = build_lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg)
+    peft_model = build_lora_model(model, cfg, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing)
     targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
     targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g's own setting, per epoch, is for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)

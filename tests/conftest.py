@@ -1,11 +1,25 @@
 """Shared fixtures: tiny random Qwen2 / Gemma3 models built from configs (no downloads), the
 shared data folder, a folder copier. The builders behind them are in helpers.py."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from helpers import build_tiny, shared_data_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_baseline_cache():
+    """Tests evaluate every baseline (a cached one would skip evaluations they count); the cache's own
+    tests point Q2G_BASELINE_CACHE at a folder of theirs."""
+    old = os.environ.get("Q2G_BASELINE_CACHE")
+    os.environ["Q2G_BASELINE_CACHE"] = "off"
+    yield
+    if old is None:
+        os.environ.pop("Q2G_BASELINE_CACHE", None)
+    else:
+        os.environ["Q2G_BASELINE_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

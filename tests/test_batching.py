@@ -21,7 +21,7 @@ from q2g.batching import (
     sliding_windows,
     trainer_order,
 )
-from q2g.sft_data import IGNORE_INDEX, Collator
+from q2g.finetune.sft_data import IGNORE_INDEX, Collator
 
 
 def test_padding_share_by_hand():

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from helpers import finetune_argv, reference_dataset
 
-from q2g import cli, io, training
+from q2g import cli, io
+from q2g.finetune import trainer
 
 ROWS = [(0, 0, None), (1, 2, 16), (2, 4, 16)]  # (epoch, step, rank): 6 examples / batch 4 = 2 steps an epoch
 
@@ -181,7 +182,7 @@ def ft_argv(model, ds, out, *extra):
 
 
 def key(rows):
-    return [(r["epoch"], r["step"], r["lora_rank"]) for r in rows]
+    return [(r["epoch"], r["step"], r["lora_r"]) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +220,9 @@ def load_adapter(base, folder: Path):
 FAULT = r"""
 import os, resource, signal, sys
 from transformers import Trainer, TrainerState
-from q2g import cli, finetune, training
+from q2g import cli
 from q2g.evaluation import core
+from q2g.finetune import epochs, stage
 from q2g.loss import LabelOnlyLossTrainer
 
 mode, where = sys.argv[1].split(":")
@@ -246,9 +248,9 @@ def at(owner, name, nth, before=True):
  "eval": lambda: at(core, "perplexity", 2)       ,                      # epoch 1's evaluation
  "checkpoint": lambda: at(Trainer, "_save_optimizer_and_scheduler", 2),  # checkpoint-4, weights already written
  "trainer_state": lambda: at(TrainerState, "save_to_json", 2),       # checkpoint-4's last file, written in place
- "adapter": lambda: at(training, "save_adapter", 2),                 # epoch-2/
- "metrics": lambda: at(training, "record", 3),                       # epoch 2's row
- "report": lambda: at(finetune, "write_report", 1)}[where]()
+ "adapter": lambda: at(epochs, "save_adapter", 2),                   # epoch-2/
+ "metrics": lambda: at(epochs, "record", 2),                         # epoch 2's row
+ "report": lambda: at(stage, "write_report", 1)}[where]()
 sys.exit(cli.call("finetune", sys.argv[2:]))
 """
 
@@ -268,7 +270,7 @@ def run_with_fault(fault, model, ds, out, tmp_path):
 @pytest.mark.parametrize(
     "where,rows_left",
     [
-        ("trainer_state", ROWS),  # checkpoint-4 whole but its trainer_state.json empty: checkpoint-2 is resumed
+        ("trainer_state", ROWS[:2]),  # checkpoint-4's trainer_state.json empty (saved before epoch 2 is scored)
         ("adapter", ROWS[:2]),  # epoch-2/ half written (beside, under a .tmp name)
         ("metrics", ROWS[:2]),  # epoch 2's row: the append is cut back to epoch 1's
         ("report", ROWS),  # after training: final/ is whole, the report is missing
@@ -282,8 +284,9 @@ def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, datase
     assert "rerun the same command with --resume" in proc.stderr
     assert key(strict_rows(out / "metrics.jsonl")) == rows_left
     json.loads((out / "config.json").read_text())
-    kept = "checkpoint-4" if where == "report" else "checkpoint-2"  # the last whole checkpoint is kept
-    assert training.latest_checkpoint(out) == str(out / kept)
+    # the last whole checkpoint is kept; checkpoint-4 is written before epoch 2's row (save first, then evaluate)
+    kept = "checkpoint-4" if where in ("report", "metrics") else "checkpoint-2"
+    assert trainer.latest_checkpoint(out) == str(out / kept)
     if where == "trainer_state":
         assert (out / "checkpoint-4" / "trainer_state.json").read_text() == ""
     load_adapter(tiny_gemma_dir, out / "epoch-1")
@@ -298,8 +301,8 @@ def test_finetune_disk_full_then_resume(where, rows_left, tiny_gemma_dir, datase
     "where,rows_left,resumed_from",
     [
         ("step", ROWS[:2], "checkpoint-2"),  # killed in the middle of step 4
-        ("eval", ROWS[:1], None),  # killed while epoch 1 was being scored: trained again from scratch
-        ("checkpoint", ROWS, "checkpoint-2"),  # killed while checkpoint-4 was being written
+        ("eval", ROWS[:1], "checkpoint-2"),  # killed while epoch 1 was scored: checkpoint-2 was saved first
+        ("checkpoint", ROWS[:2], "checkpoint-2"),  # killed while checkpoint-4 was written (before epoch 2's row)
     ],
 )
 def test_finetune_sigkill_then_resume(

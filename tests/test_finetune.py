@@ -13,8 +13,10 @@ import pytest
 from helpers import finetune_argv, reference_dataset
 from transformers import AutoTokenizer
 
-from q2g import cli, finetune, training
-from q2g.sft_data import IGNORE_INDEX, Collator, build_example
+from q2g import cli
+from q2g.finetune import stage as finetune
+from q2g.finetune import training
+from q2g.finetune.sft_data import IGNORE_INDEX, Collator, build_example
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PROBLEM, TRACE = "What is 2+3?", "2+3=5. The final answer is $\\boxed{5}$."
@@ -103,7 +105,7 @@ def test_precision_on_the_cpu_keeps_fp32_weights():
 def test_traces_without_split_manifest_are_refused(tmp_path):
     (tmp_path / "traces.jsonl").write_text("{}\n")
     from q2g.errors import DataError
-    from q2g.sft_data import locate_traces
+    from q2g.finetune.sft_data import locate_traces
 
     with pytest.raises(DataError, match="split.json: split manifest not found"):
         locate_traces(str(tmp_path), None)
@@ -137,8 +139,8 @@ def trained(tiny_gemma_dir, dataset, tmp_path_factory):
     captured = {}
     real = training.build_lora_model
 
-    def capture(model, rank, alpha, args):
-        peft_model = real(model, rank, alpha, args)
+    def capture(*a, **k):
+        peft_model = real(*a, **k)
         captured["model"] = peft_model
         captured["before"] = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
         return peft_model
@@ -152,7 +154,7 @@ def trained(tiny_gemma_dir, dataset, tmp_path_factory):
 def test_two_epochs_write_a_row_per_evaluation(trained):
     out, _ = trained
     rows = metrics(out)
-    assert [(r["epoch"], r["lora_rank"]) for r in rows] == [(0, None), (1, 16), (2, 16)]
+    assert [(r["epoch"], r["lora_r"]) for r in rows] == [(0, None), (1, 16), (2, 16)]
     assert [r["step"] for r in rows] == [0, 2, 4]  # 7 examples / batch 4 = 2 steps an epoch
     for r in rows:
         assert r["n_eval"] == 2 and r["ppl_tokens_scored"] == 128  # --ppl-max-tokens 128, all scored after <bos>
@@ -233,7 +235,7 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
     out = tmp_path / "ck"
     args = argv(tiny_gemma_dir, dataset, out, "--forgetting-budget", "0", "--on-forgetting", "reduce-rank")
     assert cli.call("finetune", args) == 0
-    assert [(r["lora_rank"], r["epoch"], r["flagged"]) for r in metrics(out)] == [
+    assert [(r["lora_r"], r["epoch"], r["flagged"]) for r in metrics(out)] == [
         (None, 0, False),
         (16, 1, True),
         (8, 1, False),
@@ -248,11 +250,12 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
 
 KILL_AFTER_FIRST_SAVE = """
 import os, signal, sys
-from q2g import cli, training
+from q2g import cli
+from q2g.finetune import training
 real = training.make_callback
 def make_callback(*a, **k):
     cb = real(*a, **k)
-    cb.on_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # right after checkpoint-2 is written
+    cb.on_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # after checkpoint-2, before epoch 1's evaluation
     return cb
 training.make_callback = make_callback
 sys.exit(cli.call("finetune", sys.argv[1:]))
@@ -272,12 +275,14 @@ def test_resume_after_kill(tiny_gemma_dir, dataset, tmp_path, capsys):
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoint-2" / "trainer_state.json").exists() and not (out / "final").exists()
-    assert [r["epoch"] for r in metrics(out)] == [0, 1]
+    assert [r["epoch"] for r in metrics(out)] == [0]  # saved first: killed before epoch 1 was evaluated
 
     assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out)) == 2  # an existing run needs --resume
     assert "pass --resume" in capsys.readouterr().err
     assert cli.call("finetune", argv(tiny_gemma_dir, dataset, out, "--resume")) == 0
-    assert f"resuming rank 16 from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"resuming rank 16 from {out / 'checkpoint-2'}" in printed
+    assert "epoch 1 (rank 16): trained, not evaluated: evaluating" in printed  # not trained again
     rows = metrics(out)
     assert [(r["epoch"], r["step"]) for r in rows] == [(0, 0), (1, 2), (2, 4)]  # kept, not duplicated
     assert (out / "final" / "adapter_model.safetensors").exists()

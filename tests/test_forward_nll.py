@@ -17,7 +17,7 @@ def model(request, tiny_gemma_dir, tiny_qwen_dir):
 
 def _logits_examples_nll(model, batch) -> tuple[float, int]:
     """The reference: full logits, shifted by one, cross-entropy over the labelled positions."""
-    from q2g.sft_data import Collator
+    from q2g.finetune.sft_data import Collator
 
     cols = Collator(0)(batch)
     logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"]).logits.float()
@@ -49,7 +49,7 @@ def _examples(vocab: int) -> list[dict]:
 
 @pytest.mark.parametrize("chunk", [7, 256])
 def test_heldout_sum_equals_the_logits_path(model, chunk):
-    from q2g.sft_data import Collator
+    from q2g.finetune.sft_data import Collator
 
     batch = _examples(model.config.vocab_size)
     cols = Collator(0)(batch)

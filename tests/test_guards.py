@@ -7,9 +7,9 @@ import torch
 from test_loss import examples, lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from q2g.finetune.sft_data import Collator
 from q2g.guards import NonFiniteError, NonFiniteGuard
 from q2g.loss import LabelOnlyLossTrainer
-from q2g.sft_data import Collator
 
 
 class Inject(TrainerCallback):

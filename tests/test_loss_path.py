@@ -86,8 +86,8 @@ def test_liger_insisted_on_raises_instead_of_falling_back(monkeypatch):
 def test_trainer_reports_the_path_it_ran(tiny_qwen_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
+    from q2g.finetune.sft_data import Collator
     from q2g.loss import LabelOnlyLossTrainer
-    from q2g.sft_data import Collator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
     rows = [{"input_ids": list(range(3, 12)), "labels": [-100] * 3 + list(range(6, 12))}] * 2

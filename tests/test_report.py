@@ -7,7 +7,7 @@ def row(epoch, rank, gsm, alg, overall, ppl, change, flagged, adapter=None, fmt=
     return {
         "epoch": epoch,
         "step": epoch * 10,
-        "lora_rank": rank,
+        "lora_r": rank,
         "adapter": adapter,
         "train_loss": 1.0 if epoch else None,
         "train_tokens_per_s": 100.0 if epoch else None,
@@ -91,7 +91,7 @@ def test_model_teacher_and_no_eval(tmp_path):
         {
             "epoch": 1,
             "step": 5,
-            "lora_rank": 16,
+            "lora_r": 16,
             "adapter": "epoch-1",
             "pass@1": None,
             "token_perplexity": None,

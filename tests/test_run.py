@@ -77,7 +77,7 @@ def test_unknown_top_level_key_and_missing_config(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in run.CONFIG_DIR.glob("*.yaml")))
 def test_every_shipped_config_is_valid(name, tmp_path):
     """Each stage section of every shipped config passes its typed config (no training)."""
-    from q2g import finetune
+    from q2g.finetune import stage as finetune
     from q2g.generate import stage as generate
 
     path = run.resolve_config(name)

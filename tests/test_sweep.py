@@ -90,7 +90,7 @@ def fake_train(cfg, eval_cfg):
     pass1, change = fake_metrics(cfg)
     row = {
         "epoch": 1,
-        "lora_rank": cfg.lora_r,
+        "lora_r": cfg.lora_r,
         "adapter": "epoch-1",
         "pass@1": pass1,
         "pass@1_by_source": {"gsm8k": pass1},
@@ -232,7 +232,7 @@ def test_bad_sweep_section_and_override(tmp_path, capsys):
 
 
 def test_a_point_finetune_refuses_stops_the_sweep_before_it_starts(tmp_path, monkeypatch):
-    from q2g.finetune import FinetuneConfig
+    from q2g.finetune.config import FinetuneConfig
 
     def check(self):  # a cross-field rule, as a future FinetuneConfig.check might have
         return (

@@ -15,9 +15,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+from q2g import __version__
+from q2g.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Q2GError
+
 COMMANDS = {
     "generate": ("q2g.generate.stage", "stage 1: teacher traces -> dataset/"),
-    "finetune": ("q2g.finetune", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
+    "finetune": ("q2g.finetune.stage", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
     "evaluate": ("q2g.evaluation.cli", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
     "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
     "export": ("q2g.export", "validated traces as TRL prompt/completion or chat-messages JSONL"),
@@ -39,8 +42,6 @@ def main(argv=None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from q2g import __version__
-
         print(f"q2g {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
@@ -63,8 +64,6 @@ def call(command: str, argv=()) -> int:
 
 def run_entry(entry, argv) -> int:
     """Call a stage's main; its q2g errors become (message on stderr, exit code)."""
-    from q2g.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Q2GError
-
     try:
         return int(entry(argv) or 0)
     except Q2GError as e:

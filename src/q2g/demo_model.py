@@ -20,6 +20,7 @@ from pathlib import Path
 from q2g.data import loaders
 from q2g.errors import RunFailed
 from q2g.evaluation.perplexity import q2g_perplexity
+from q2g.io import cache_dir
 
 DEMO_MODEL = "pypi:gemma3-270m"
 # Token perplexity of the converted Gemma 3 270M on the first 512 tokens of the shipped WikiText
@@ -29,11 +30,6 @@ DEMO_KNOWN_PPL = 14.48
 DEMO_PPL_TOLERANCE = 1.5
 # The check's window: 512 tokens, stride 256, the first 512 tokens of the excerpt.
 CHECK_WINDOW = {"max_length": 512, "stride": 256, "max_tokens": 512}
-CACHE_ENV = "Q2G_CACHE"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "q2g")).expanduser()
 
 
 def check_demo_model(model, tokenizer) -> dict:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from q2g.config import Config, load_config, option
 from q2g.errors import BadInput, DataError
+from q2g.finetune.sft_data import read_traces
 from q2g.io import check_output_path, write_jsonl
 from q2g.models import load_tokenizer
 from q2g.prompts import has_chat_template, student_prompt, student_target, target_trace
-from q2g.sft_data import read_traces
 
 FORMATS = ("trl", "messages")
 DEFAULT_STUDENT = "google/gemma-7b"  # finetune's default --base-model

@@ -24,6 +24,7 @@ import math
 from q2g.errors import RunFailed
 
 POLICIES = ("flag", "stop", "reduce-rank")
+DEFAULT_BUDGET = 0.05  # +5 % WikiText perplexity: the one default (finetune, report, sweep)
 
 
 def relative_change(baseline: float, current: float) -> float:

@@ -269,3 +269,11 @@ def settings_diff(path, config: dict, keys) -> list[str]:
         for k in keys
         if norm(old.get(k)) != norm(config.get(k))
     ]
+
+
+CACHE_ENV = "Q2G_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where q2g keeps what it can rebuild (the converted demo model, baseline rows): $Q2G_CACHE or ~/.cache/q2g."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "q2g")).expanduser()

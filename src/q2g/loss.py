@@ -265,7 +265,7 @@ class LabelOnlyLossTrainer(Trainer):
         drop_right_padding_mask: bool = True,
         **kwargs,
     ):
-        if nonfinite_guard is not None:
+        if nonfinite_guard is not None and nonfinite_guard not in (kwargs.get("callbacks") or []):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), nonfinite_guard]
         super().__init__(*args, **kwargs)
         self.loss_chunk_size, self.nonfinite_guard = loss_chunk_size, nonfinite_guard

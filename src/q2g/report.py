@@ -100,7 +100,7 @@ def epochs_table(rows: list[dict]) -> list[str]:
             r.get("ppl_change"),
         )
         lines.append(
-            f"| {r['epoch']} | {r.get('lora_rank') or 'base'} | {r.get('step', 0)} | "
+            f"| {r['epoch']} | {r.get('lora_r') or 'base'} | {r.get('step', 0)} | "
             f"{'' if loss is None else f'{loss:.4f}'} | {'' if tps is None else f'{tps:.0f}'} | "
             f"{_pct(r.get('pass@1'))} | {_pct(r.get('answer_format_rate'))} | "
             f"{_num(r.get('heldout_loss'), 4)} | {_num(ppl)} | "
@@ -110,7 +110,7 @@ def epochs_table(rows: list[dict]) -> list[str]:
 
 
 def verdict_lines(rows: list[dict], after: dict | None, info: dict) -> list[str]:
-    budget, policy = info.get("budget", 0.05), info.get("policy", "flag")
+    budget, policy = info.get("budget", forgetting.DEFAULT_BUDGET), info.get("policy", "flag")
     flagged = [r for r in rows if r.get("epoch", 0) >= 1 and r.get("flagged")]
     trained = [r for r in rows if r.get("epoch", 0) >= 1]
     lines = [
@@ -148,7 +148,7 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     base = next((r for r in rows if r.get("epoch") == 0), None)
-    ranks = sorted({r["lora_rank"] for r in rows if r.get("lora_rank")}, reverse=True)
+    ranks = sorted({r["lora_r"] for r in rows if r.get("lora_r")}, reverse=True)
     paths = []
     for key, name, title in PLOTS:
         if all(r.get(key) is None for r in rows):
@@ -156,7 +156,7 @@ def plot(out_dir: Path, rows: list[dict], budget: float) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for rank in ranks:
             pts = ([(0, base.get(key))] if base else []) + [
-                (r["epoch"], r.get(key)) for r in rows if r.get("lora_rank") == rank
+                (r["epoch"], r.get(key)) for r in rows if r.get("lora_r") == rank
             ]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
@@ -207,7 +207,7 @@ def _heldout_line(row: dict) -> str:
 def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
     """Write out_dir/report.md (and its plots) from the metrics rows; returns the report's path."""
     out_dir = Path(out_dir)
-    rows = sorted(metrics_rows, key=lambda r: (r.get("epoch", 0) > 0, -(r.get("lora_rank") or 0), r.get("epoch", 0)))
+    rows = sorted(metrics_rows, key=lambda r: (r.get("epoch", 0) > 0, -(r.get("lora_r") or 0), r.get("epoch", 0)))
     base = next((r for r in rows if r.get("epoch") == 0), None)
     after, label = after_row(rows, info.get("final"))
     evaluated = any(r.get("pass@1") is not None for r in rows)
@@ -228,6 +228,13 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
         f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
         f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
     ]
+    if info.get("loss_path"):  # what ran (q2g.finetune.settings): loss, attention, checkpointing and why
+        lines.append(
+            f"- Ran: loss {info['loss_path']}, attention {info.get('attention')}; gradient checkpointing "
+            f"{info.get('gradient_checkpointing')}."
+        )
+    if info.get("baseline_reused_from"):
+        lines.append(f"- Baseline: reused from {info['baseline_reused_from']} (not evaluated again).")
     if info.get("holdout"):
         lines.append(f"- Holdout: {info['holdout']}.")
     if info.get("padding_share") is not None:
@@ -244,7 +251,7 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
     lines += ["", "## Every evaluation", ""] + epochs_table(rows)
     if evaluated:
         titles = {name: title for _, name, title in PLOTS}
-        for path in plot(out_dir, rows, info.get("budget", 0.05)):
+        for path in plot(out_dir, rows, info.get("budget", forgetting.DEFAULT_BUDGET)):
             lines += ["", f"![{titles[path.name]} per epoch]({path.name})"]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -17,7 +17,14 @@ import shutil
 import time
 from pathlib import Path
 
+from q2g import distributed
+from q2g.config import load_yaml
+from q2g.data.loaders import resolve_data_dir
 from q2g.errors import ConfigError
+from q2g.finetune import stage as finetune
+from q2g.finetune.prepare import check_request
+from q2g.generate import stage as generate
+from q2g.io import write_failed
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = "demo_gemma3-270m_reference.yaml"
@@ -48,12 +55,6 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
 def run_pipeline(config: Path, out: Path | None = None) -> int:
     """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
     the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
-    from q2g import distributed, finetune
-    from q2g.config import load_yaml
-    from q2g.errors import ConfigError
-    from q2g.generate import stage as generate
-    from q2g.io import write_failed
-
     data = load_yaml(config)
     unknown = set(data) - {"out", *STAGES, *OTHER_SECTIONS}
     if unknown:
@@ -67,7 +68,7 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
         raise ConfigError(f"--out {out} is a file, not a folder")
     ckpt = out / "checkpoints"
     gen_argv, ft_argv = stage_argv("generate", config, out), stage_argv("finetune", config, out)
-    preflight(generate.parse(gen_argv), finetune.parse(ft_argv)[0])
+    preflight(generate.parse(gen_argv), *finetune.parse(ft_argv))
     timings, t0 = {}, time.time()
     print(f"[q2g run] stage 1/2 generate -> {out / 'dataset'}", flush=True)
     distributed.init(distributed.timeout_s(finetune.parse(ft_argv)[0].trainer))
@@ -85,17 +86,13 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
     return 0
 
 
-def preflight(gen, ft) -> None:
+def preflight(gen, ft, ft_eval) -> None:
     """What can be checked before either stage runs, so a typo in finetune: fails at once, not after
-    generation: both stages' settings (parsed by the caller), the models and the data folders."""
-    from q2g.data.loaders import resolve_data_dir
-    from q2g.distributed import check_parallel_mode
-    from q2g.generate.stage import check_teacher
-    from q2g.models import check_model_name
-
-    check_parallel_mode(ft.trainer)  # FSDP / ZeRO-3: refused before the teacher loads
-    check_model_name(ft.base_model)
-    check_teacher(gen)
+    generation wrote its folder: both stages' settings (parsed by the caller), every model name
+    (the student, the teacher), the trainer: fields, trackers, the parallel mode and data folders."""
+    distributed.check_parallel_mode(ft.trainer)  # FSDP / ZeRO-3: refused before the teacher loads
+    generate.check_teacher(gen)
+    check_request(ft, ft_eval)
     resolve_data_dir(gen.data_dir)
     resolve_data_dir(ft.data_dir)
 

@@ -15,11 +15,8 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 from __future__ import annotations
 
 from q2g.backends import DEFAULT_REASONING, EXTRAS, Sample, stable_seed, thinking_sample
-from q2g.models import PRECISIONS, resolve_model_path
+from q2g.models import PRECISIONS, resolve_model_path, vllm_dtype
 from q2g.prompts import teacher_prompt_ids
-
-# vLLM's dtype names for q2g's precisions; "auto" is vLLM's own choice (the checkpoint's dtype).
-DTYPES = dict(zip(PRECISIONS, ("auto", "bfloat16", "float16", "float32")))
 
 
 def import_vllm(needed_by: str = "the vllm backend"):
@@ -48,13 +45,13 @@ class VLLMBackend:
         reasoning: str = DEFAULT_REASONING,
     ):
         vllm = import_vllm()
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.vllm = vllm
         self.llm = vllm.LLM(
             model=resolve_model_path(teacher),
             tensor_parallel_size=tensor_parallel_size,
-            dtype=DTYPES[precision],
+            dtype=vllm_dtype(precision),
             seed=seed,
             trust_remote_code=False,
         )

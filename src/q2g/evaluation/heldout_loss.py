@@ -17,7 +17,7 @@ from q2g.evaluation.model_state import (
     guarded_attention,
     progress_bar,
 )
-from q2g.sft_data import Collator, build_example
+from q2g.finetune.sft_data import Collator, build_example
 
 
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:

@@ -35,10 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-from q2g import finetune, run
+from q2g import run
 from q2g.config import result_keys
 from q2g.errors import EXIT_FAILED, ConfigError
-from q2g.finetune import FinetuneConfig
+from q2g.finetune import stage as finetune
+from q2g.finetune.config import FinetuneConfig
 from q2g.generate import stage as generate
 from q2g.io import atomic_write_json, write_failed
 from q2g.sweep.pareto import write_outputs

@@ -10,9 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g import finetune, run
+from q2g import run
 from q2g.config import Config, field_problems, fields_of, load_yaml, normalise_keys, option
 from q2g.errors import ConfigError
+from q2g.finetune import stage as finetune
 from q2g.generate import stage as generate
 from q2g.sweep.space import check_points, parse_space, space_size
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from q2g.config import field_kind, fields_of, value_problem
 from q2g.errors import ConfigError
-from q2g.finetune import FinetuneConfig
+from q2g.finetune.config import FinetuneConfig
 
 RATIO = "lora_alpha_ratio"  # searched in place of lora_alpha: alpha = ratio * r
 NOT_SEARCHABLE = ("out", "traces", "split", "resume", "baseline_from", "no_eval")  # set by the sweep itself

@@ -13,10 +13,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from q2g import finetune
 from q2g.config import result_keys
 from q2g.errors import ConfigError, RunFailed
-from q2g.finetune import FinetuneConfig
+from q2g.finetune import baseline, prepare
+from q2g.finetune.config import FinetuneConfig
 from q2g.memory import free_accelerator_memory
 from q2g.sweep.pareto import write_outputs
 from q2g.sweep.settings import Sweep
@@ -25,7 +25,7 @@ from q2g.sweep.storage import is_url
 from q2g.sweep.study import RETRIED
 from q2g.sweep.workers import Heartbeat, kill_point, locked
 
-EPOCH_KEYS = ("epoch", "lora_rank", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
+EPOCH_KEYS = ("epoch", "lora_r", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
 
 
 def baseline_path(sweep: Sweep, cfg) -> Path:
@@ -42,8 +42,8 @@ def baseline_path(sweep: Sweep, cfg) -> Path:
 
 def evaluate_baseline(cfg, eval_cfg, path: Path) -> dict:
     """Score the base model once and save its row at `path` (its generations in the folder beside)."""
-    run = finetune.prepare(cfg.replace(out=str(path.with_suffix("")), resume=False, baseline_from=None), eval_cfg)
-    return finetune.save_baseline(run, path)
+    run = prepare.prepare(cfg.replace(out=str(path.with_suffix("")), resume=False, baseline_from=None), eval_cfg)
+    return baseline.save_baseline(run, path)
 
 
 def ensure_baseline(sweep: Sweep, cfg, baseline) -> Path:

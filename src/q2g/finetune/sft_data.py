@@ -19,6 +19,7 @@ from q2g.data.jsonl import read_jsonl
 from q2g.data.sources import SOURCES
 from q2g.data.splits import find_leaks
 from q2g.errors import DataError
+from q2g.prompts import student_prompt_ids, student_target_ids
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (prompt, padding)
 TRACE_FIELDS = {"problem": str, "qwen_trace": str, "answer": (str, int, float), "source": str}
@@ -78,8 +79,6 @@ def build_example(tokenizer, problem: str, trace: str, max_seq_len: int) -> dict
     Too long: the trace is cut from the right (the prompt is kept whole). A prompt that leaves
     no room for a single target token returns None (the caller counts it as skipped).
     """
-    from q2g.prompts import student_prompt_ids, student_target_ids
-
     prompt = student_prompt_ids(tokenizer, problem)
     if len(prompt) >= max_seq_len:
         return None

@@ -1,0 +1,213 @@
+"""One epoch's outputs: epoch-N/ (the adapter), its evaluation, and its metrics row.
+
+    callback = make_callback(run, lora_r, lora_alpha, run_dir, guard)   # a TrainerCallback
+
+Save first, then evaluate: at the end of an epoch the callback saves epoch-N/ with the training
+half of the row (train_row.json); the Trainer then writes checkpoint-<step>; only after that
+(`on_save`) is the epoch evaluated and its row appended to metrics.jsonl. A run killed during
+the evaluation resumes from that checkpoint and evaluates the finished epoch without training
+it again (`on_train_begin`); a row already in metrics.jsonl is never written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from q2g import distributed, forgetting
+from q2g.evaluation.core import evaluate_model
+from q2g.io import append_jsonl, atomic_write_json, write_jsonl
+
+ADAPTER_CONFIG_NAME = "q2g_config.json"
+TRAIN_ROW_NAME = "train_row.json"  # the training half of an epoch's row, saved before its evaluation
+EVAL_DELAY_ENV = "Q2G_FINETUNE_EVAL_DELAY"  # tests: seconds to sleep inside a trained epoch's evaluation
+TRACKED = ("pass@1", "token_perplexity", "word_perplexity", "bits_per_byte", "ppl_change", "heldout_loss")
+
+
+def tracker_scalars(row: dict) -> dict:
+    """The evaluation fields of a metrics row, as scalars for TensorBoard / W&B / MLflow / Trackio
+    (the `eval_` prefix is what the Trainer integrations file under eval/)."""
+    keys = (*TRACKED, "answer_format_rate")
+    out = {f"eval_{k}": float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}
+    out.update({f"eval_pass@1/{k}": float(v) for k, v in (row.get("pass@1_by_source") or {}).items()})
+    if row.get("pass@1") is not None:
+        out["eval_over_budget"] = float(bool(row.get("flagged")))
+    return out
+
+
+def save_adapter(model, tokenizer, folder: Path, config: dict, train_row: dict | None = None) -> None:
+    """Adapter + tokenizer + q2g_config.json (+ train_row.json), written beside and renamed."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / ADAPTER_CONFIG_NAME, config)
+    if train_row is not None:
+        atomic_write_json(tmp / TRAIN_ROW_NAME, train_row)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def evaluate(run, model, gen_path: Path, adapter_dir: Path | None = None) -> dict:
+    """pass@1 + perplexity of the in-memory model -> the evaluation fields of a metrics row."""
+    if run.records is None:
+        return {"pass@1": None, "token_perplexity": None, "ppl_change": None, "flagged": False}
+    if adapter_dir is not None and os.environ.get(EVAL_DELAY_ENV):  # a kill test's window
+        time.sleep(float(os.environ[EVAL_DELAY_ENV]))
+    s = run.settings
+    result = evaluate_model(
+        model, run.tokenizer, run.records, run.wikitext, s.eval, precision=run.precision, adapter_dir=adapter_dir
+    )
+    write_jsonl(gen_path, result["math"]["generations"])
+    row = result["row"]
+    change = forgetting.relative_change(run.baseline_ppl() or row["token_perplexity"], row["token_perplexity"])
+    return {
+        **row,
+        "ppl_change": change,
+        "flagged": forgetting.over_budget(change, s.asked.forgetting_budget),
+        "generations": str(gen_path.relative_to(run.out)),
+    }
+
+
+def describe(row: dict, budget: float) -> str:
+    if row.get("pass@1") is None:
+        return "not evaluated (--no-eval)"
+    by = ", ".join(f"{k} {v:.1%}" for k, v in row["pass@1_by_source"].items())
+    extra = "".join(
+        f" | {label} {row[k]:{fmt}}"
+        for k, label, fmt in (("heldout_loss", "held-out loss", ".4f"), ("answer_format_rate", "answer format", ".0%"))
+        if row.get(k) is not None
+    )
+    return (
+        f"pass@1 {row['pass@1']:.1%} ({by}){extra} | WikiText ppl {row['token_perplexity']:.3f}: "
+        f"{forgetting.verdict(row['ppl_change'], budget)} | eval {row['eval_s']:.0f} s "
+        f"({row['eval_problems_per_s']:.2f} problems/s, {row['eval_ppl_tokens_per_s']:.0f} ppl tok/s)"
+    )
+
+
+def record(run, row: dict) -> None:
+    """Append a metrics row (the file is written by the main process only)."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}
+    if distributed.is_main():
+        append_jsonl(run.out / "metrics.jsonl", [row])
+    run.rows.append(row)
+
+
+def train_half(run, state, model, lora_r: int, alpha: float, run_dir: Path, since: tuple) -> dict:
+    """Save epoch-N/ and return the training fields of its row (`since`: (t0, tokens0, step0))."""
+    t0, tokens0, step0 = since
+    train_s, epoch = time.time() - t0, math.ceil(state.epoch - 1e-6)
+    name = f"epoch-{epoch}"
+    losses = [h["loss"] for h in state.log_history if "loss" in h and h["step"] > step0]
+    tokens = state.num_input_tokens_seen - tokens0
+    row = {
+        "epoch": epoch,
+        "step": state.global_step,
+        "lora_r": lora_r,
+        "lora_alpha": alpha,
+        "adapter": str((run_dir / name).relative_to(run.out)),
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / max(train_s, 1e-9),
+        "train_s": train_s,
+    }
+    adapter_config = {**run.settings.to_dict(), "lora_r": lora_r, "lora_alpha": alpha, "epoch": epoch}
+    save_adapter(model, run.tokenizer, run_dir / name, {**adapter_config, "step": state.global_step}, row)
+    return row
+
+
+def saved_train_half(run_dir: Path, epoch: int, step: int) -> dict | None:
+    """The train_row.json of epoch-N/ if it belongs to the checkpoint at `step` (else None)."""
+    try:
+        row = json.loads((run_dir / f"epoch-{epoch}" / TRAIN_ROW_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) and row.get("step") == step else None
+
+
+def last_adapter(run, lora_r: int) -> str | None:
+    """The newest saved epoch-N/ of this rank (what a NaN stop points the user to)."""
+    rows = [r for r in run.rows if r.get("lora_r") == lora_r and r.get("adapter")]
+    return str(run.out / rows[-1]["adapter"]) if rows else None
+
+
+def make_callback(run, lora_r: int, alpha: float, run_dir: Path, guard=None):
+    from transformers import TrainerCallback
+
+    cfg = run.settings.asked
+
+    class EpochEval(TrainerCallback):
+        """epoch end: save epoch-N/; after the Trainer's checkpoint: evaluate, write the row, apply
+        the policy. With several processes the main one evaluates and broadcasts the row."""
+
+        trainer = None  # set by train_run: rows are logged to the trackers through it
+        pending: dict | None = None  # the training half of an epoch saved but not yet evaluated
+
+        def log(self, row: dict) -> None:
+            if self.trainer is not None and (scalars := tracker_scalars(row)):
+                self.trainer.log(scalars)
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            base = run.find(None, 0)
+            if base is not None and state.global_step == 0 and lora_r == cfg.lora_r:
+                self.log(base)  # the baseline, at step 0
+            epoch = math.ceil(state.epoch - 1e-6) if state.epoch else 0
+            if epoch >= 1 and run.find(lora_r, epoch) is None:  # resumed from a checkpoint not yet evaluated
+                self.pending = saved_train_half(run_dir, epoch, state.global_step)
+                if self.pending is not None:
+                    print(f"[finetune] epoch {epoch} (rank {lora_r}): trained, not evaluated: evaluating", flush=True)
+                    return self.finish_epoch(state, control, model)
+            return control
+
+        def on_epoch_begin(self, args, state, control, **kw):
+            self.since = (time.time(), state.num_input_tokens_seen, state.global_step)
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            epoch = math.ceil(state.epoch - 1e-6)
+            if run.find(lora_r, epoch) is not None:  # evaluated before a kill that came before its checkpoint
+                print(f"[finetune] epoch {epoch} (rank {lora_r}): kept the row already in metrics.jsonl", flush=True)
+                return control
+            half = train_half(run, state, model, lora_r, alpha, run_dir, self.since) if distributed.is_main() else None
+            self.pending = distributed.share(half)
+            return control
+
+        def on_save(self, args, state, control, model=None, **kw):
+            return self.finish_epoch(state, control, model) if self.pending is not None else control
+
+        def finish_epoch(self, state, control, model):
+            half, self.pending = self.pending, None
+            name = Path(half["adapter"]).name
+            if run.records is not None:
+                print(f"[finetune] epoch {half['epoch']} (rank {lora_r}): evaluating...", flush=True)
+            scores = None
+            if distributed.is_main():
+                gen_path = run_dir / "evals" / f"{name}.generations.jsonl"
+                scores = evaluate(run, model, gen_path, run.out / half["adapter"])
+            row = {**half, **distributed.share(scores)}
+            if guard is not None:
+                row = {**row, **guard.metrics()}
+                guard.last_good_adapter = str(run.out / row["adapter"])
+            record(run, row)
+            self.log(row)
+            report_epoch(run, row, lora_r, control)
+            return control
+
+    return EpochEval()
+
+
+def report_epoch(run, row: dict, lora_r: int, control) -> None:
+    """Print the epoch's line; an epoch over budget ends the run unless the policy is `flag`."""
+    cfg = run.settings.asked
+    loss = f"loss {row['train_loss']:.4f}, " if row.get("train_loss") is not None else ""
+    print(
+        f"[finetune] epoch {row['epoch']} (rank {lora_r}): {loss}{row['train_tokens_per_s']:.0f} train tok/s | "
+        f"{describe(row, cfg.forgetting_budget)}",
+        flush=True,
+    )
+    if row["flagged"] and cfg.on_forgetting != "flag":
+        print(f"[finetune] forgetting budget exceeded: --on-forgetting {cfg.on_forgetting} ends this run", flush=True)
+        control.should_training_stop = True
