@@ -55,6 +55,9 @@ def run_keys(scopes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+# Until this module moves into the q2g/finetune/ package (issue 16), its submodules (rehearsal,
+# kl_anchor, probe, lora_variants) import as q2g.finetune.<name> through this path.
+__path__ = [str(Path(__file__).with_suffix(""))]
 
 
 @dataclass
@@ -78,6 +81,13 @@ class FinetuneConfig(Config):
     lora_dropout: float = option(0.05, min=0, max=0.9, results="training", help="dropout on the adapter's input")
     target_modules: list[str] = option(
         ["q_proj", "v_proj"], results="training", help="linear layers that get an adapter ('all-linear': all)"
+    )
+    use_rslora: bool = option(False, results="training", help="rank-stabilised LoRA: scale alpha / sqrt(r), not / r")
+    use_dora: bool = option(False, results="training", help="DoRA: LoRA on the direction plus a trained magnitude")
+    init_lora_weights: str = option(
+        "default",
+        results="training",
+        help="adapter init: default, gaussian, pissa, pissa_niter_<n>, olora, orthogonal, mica (peft's)",
     )
     lr: float = option(2e-4, gt=0, max=1.0, results="training", help="peak learning rate (cosine decay after warm-up)")
     batch_size: int = option(8, min=1, results="training", help="examples per device step")
@@ -136,6 +146,21 @@ class FinetuneConfig(Config):
     max_nonfinite_skips: int = option(
         3, min=0, results="training", help="--skip-nonfinite: this many skipped steps in a row still stop"
     )
+    kl_to_base: float = option(
+        0.0, min=0, results="training", help="add BETA x KL(student || base) on the trace tokens (0: off)"
+    )
+    rehearsal_fraction: float = option(
+        0.0, min=0, max=0.9, results="training", help="share of training examples that are the base model's own text"
+    )
+    rehearsal_max_tokens: int = option(
+        128, min=8, results="training", help="--rehearsal-fraction: tokens the base model writes per example"
+    )
+    forgetting_check_steps: int = option(
+        0, min=0, results="training", help="probe WikiText perplexity every N optimizer steps (0: epoch ends only)"
+    )
+    forgetting_check_tokens: int = option(
+        1024, min=16, results="training", help="--forgetting-check-steps: WikiText tokens the probe scores"
+    )
     loss_chunk_size: int = option(
         256,
         min=16,
@@ -156,10 +181,16 @@ class FinetuneConfig(Config):
         "KEY=VALUE (repeatable) or a `trainer:` mapping in YAML; q2g's own options win",
     )
 
+    def check(self) -> list[str]:
+        from q2g.finetune.lora_variants import option_errors  # (issue 18)
+
+        return option_errors(self)
+
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     """Read and check every input, then build the Run (nothing is written here)."""
     from q2g import data, models
+    from q2g.finetune.rehearsal import add_rehearsal
     from q2g.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
     from q2g.training import Run, training_arguments
 
@@ -174,6 +205,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig):
     examples, stats = build_dataset(tokenizer, rows, cfg.max_seq_len)
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
+    examples, stats = add_rehearsal(cfg, tokenizer, examples, stats, traces_path, device, precision)
     print(
         f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
         f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "
@@ -388,6 +420,7 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     Returns {"out", "rows" (metrics.jsonl), "selection", "report", "wall_s"}; raises Q2GError.
     Under `accelerate launch` every process trains; files are written by the main one."""
     from q2g import distributed
+    from q2g.finetune.probe import without_probes
     from q2g.io import atomic_write_json, read_jsonl_tolerant, writes_to
     from q2g.training import baseline, train_all
 
@@ -397,7 +430,8 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
         if main:
             run.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run.out / "config.json", run.config)
-        run.rows = distributed.share(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True) if main else None)
+        rows = without_probes(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True)) if main else None
+        run.rows = distributed.share(rows)  # (probe rows: see q2g.finetune.probe)
         if cfg.baseline_from and run.records is not None and run.find(None, 0) is None:
             reuse_baseline(run, Path(cfg.baseline_from))
         train_all(run, baseline(run))

@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer
 
 from q2g.batching import causal_inputs
+from q2g.finetune.kl_anchor import kl_to_base_sum
 
 IGNORE_INDEX = -100
 
@@ -171,6 +172,7 @@ class LabelOnlyLossTrainer(Trainer):
         fused: str = "auto",
         nonfinite_guard=None,
         drop_right_padding_mask: bool = True,
+        kl_to_base: float = 0.0,
         **kwargs,
     ):
         if nonfinite_guard is not None:
@@ -183,16 +185,23 @@ class LabelOnlyLossTrainer(Trainer):
             )
         self.loss_chunk_size, self.fused, self.nonfinite_guard = loss_chunk_size, fused, nonfinite_guard
         self.drop_right_padding_mask = drop_right_padding_mask
+        self.kl_to_base = kl_to_base  # BETA of q2g.finetune.kl_anchor (0: the plain label-only loss)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or "labels" not in inputs:  # evaluation with predictions: the plain path
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        decoder, head, config = split_causal_lm(self.accelerator.unwrap_model(model))
+        unwrapped = self.accelerator.unwrap_model(model)
+        decoder, head, config = split_causal_lm(unwrapped)
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         if self.drop_right_padding_mask:
             batch = causal_inputs(batch)
         hidden = decoder(**batch, use_cache=False).last_hidden_state
         total, n = label_only_loss_sum(hidden, inputs["labels"], head, config, self.loss_chunk_size, self.fused)
+        if self.kl_to_base:  # + BETA x KL(student || base) on the same label tokens
+            kl = kl_to_base_sum(
+                unwrapped, decoder, batch, hidden, inputs["labels"], head, logit_transform(config), self.loss_chunk_size
+            )
+            total = total + self.kl_to_base * kl
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
             return total / n.clamp(min=1)
         if torch.is_tensor(num_items_in_batch):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from q2g import evaluate as q2g_eval
 from q2g import forgetting
+from q2g.finetune import lora_variants, probe
 
 ADAPTER_CONFIG_NAME = "q2g_config.json"
 
@@ -68,10 +69,11 @@ def build_lora_model(model, rank: int, alpha: float, cfg):
         lora_alpha=alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_targets(cfg.target_modules),
+        **lora_variants.lora_kwargs(cfg),
     )
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        return lora_variants.keep_initial(get_peft_model(model, config))
 
 
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
@@ -168,7 +170,7 @@ def save_adapter(model, tokenizer, folder: Path, config: dict) -> None:
 
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **lora_variants.save_kwargs(model))
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / ADAPTER_CONFIG_NAME, config)
     shutil.rmtree(folder, ignore_errors=True)
@@ -394,14 +396,16 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
             model=peft_model,
             args=targs,
             train_dataset=run.examples,
-            callbacks=[callback, guard],
+            callbacks=[callback, guard, *probe.callbacks(run, rank)],
             data_collator=Collator(run.tokenizer.pad_token_id),
             processing_class=run.tokenizer,
         )
         # The label-only chunked loss calls the decoder past the DDP wrapper, so several processes
         # use the Trainer's own loss (and its full logits).
         trainer = (
-            LabelOnlyLossTrainer(**kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard)
+            LabelOnlyLossTrainer(
+                **kw, loss_chunk_size=cfg.loss_chunk_size, nonfinite_guard=guard, kl_to_base=cfg.kl_to_base
+            )
             if distributed.num_processes() == 1
             else Trainer(**kw)
         )
