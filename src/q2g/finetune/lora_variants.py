@@ -62,7 +62,10 @@ def option_errors(cfg) -> list[str]:
             f"choose one of {', '.join(supported)}"
         )
     if cfg.use_dora and str(cfg.init_lora_weights).startswith(CONVERTED_INITS):
-        problems.append(f"--use-dora with --init-lora-weights {cfg.init_lora_weights}: peft cannot save that pair")
+        problems.append(
+            f"--use-dora with --init-lora-weights {cfg.init_lora_weights}: the saved adapter is converted to a LoRA "
+            "on the original base, which DoRA's magnitude (a norm of the residual weight) does not survive"
+        )
     kl = check_init(cfg.kl_to_base, cfg.init_lora_weights)
     if kl:
         problems.append(kl)
