@@ -93,3 +93,30 @@ def test_trainer_loss_is_ce_plus_beta_kl_by_hand(tiny_gemma_dir, tmp_path):
 def test_kl_with_a_residual_init_is_refused():
     assert check_init(0.0, "pissa") is None and check_init(0.1, "gaussian") is None
     assert "replaces them by a residual" in check_init(0.1, "pissa_niter_4")
+
+
+def test_kl_with_several_processes_is_refused():
+    from q2g.errors import ConfigError
+    from q2g.finetune.kl_anchor import check_processes
+
+    check_processes(0.0, 4)
+    check_processes(0.1, 1)
+    with pytest.raises(ConfigError, match="--kl-to-base runs in one process"):
+        check_processes(0.1, 2)
+
+
+def test_kl_path_never_builds_full_logits(tiny_gemma_dir):
+    """Every [*, vocab] block the anchor builds (forward and backward) has at most `chunk` rows."""
+    from test_loss import VocabShapes
+
+    model = lora_model(tiny_gemma_dir)
+    batch = Collator(0)(examples())
+    decoder, head, config = split_causal_lm(model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    hidden = decoder(**inputs).last_hidden_state
+    vocab = head.weight.shape[0]
+    with VocabShapes(vocab) as mode:
+        kl_to_base_sum(model, decoder, inputs, hidden, batch["labels"], head, chunk_size=4).backward()
+    weight = {tuple(head.weight.shape), tuple(head.weight.t().shape)}
+    shapes = [s for s in mode.shapes if s not in weight]
+    assert shapes and all(len(s) == 2 and s[0] <= 4 for s in shapes), set(shapes)

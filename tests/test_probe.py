@@ -76,3 +76,29 @@ def test_probe_stops_a_forgetting_run_mid_epoch(wikitext_model, dataset, tmp_pat
 def test_without_probes_keeps_the_evaluation_rows():
     rows_ = [{"epoch": 0}, {"probe": True, "epoch": 0.5}, {"epoch": 1, "probe": False}]
     assert without_probes(rows_) == [{"epoch": 0}, {"epoch": 1, "probe": False}]
+
+
+def test_probe_under_reduce_rank_retrains_at_half_rank(wikitext_model, dataset, tmp_path):
+    out = tmp_path / "ck"
+    argv = finetune_argv(
+        wikitext_model,
+        dataset,
+        out,
+        "--forgetting-check-steps",
+        "1",
+        "--on-forgetting",
+        "reduce-rank",
+        "--min-rank",
+        "8",
+        lr="1.0",
+        batch_size=1,
+        optim="adamw",
+    )
+    assert cli.call("finetune", argv) == 0
+    all_rows = rows(out)
+    probes = [r for r in all_rows if r.get("probe")]
+    assert {r["lora_rank"] for r in probes} == {16, 8}
+    assert [r["step"] for r in probes if r["lora_rank"] == 8][0] == 0  # its own reference, at its own step 0
+    evals = without_probes(all_rows)
+    assert [(r["lora_rank"], r["epoch"]) for r in evals][:2] == [(None, 0), (16, 1)] and evals[1]["flagged"]
+    assert (out / "rank-8" / "train_done.json").exists()

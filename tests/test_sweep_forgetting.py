@@ -28,8 +28,3 @@ def test_the_two_grids_cover_the_six_methods():
 
     assert has() and has(use_rslora=True) and has(use_dora=True) and has(init_lora_weights="pissa")
     assert has(rehearsal_fraction=0.1) and has(kl_to_base=0.1)
-
-
-def test_packaged_copies_equal_the_repo_configs():
-    for name in NAMES:
-        assert (CONFIGS / f"{name}.yaml").read_text() == (CONFIGS.parents[2] / "configs" / f"{name}.yaml").read_text()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from q2g import evaluate as q2g_eval
 from q2g import forgetting
-from q2g.finetune import lora_variants, probe
+from q2g.finetune import kl_anchor, lora_variants, probe
 
 ADAPTER_CONFIG_NAME = "q2g_config.json"
 
@@ -377,6 +377,7 @@ def train_run(run: Run, model, rank: int, alpha: float, run_dir: Path) -> dict:
         return json.loads(done_file.read_text())
     stopped = cfg.on_forgetting != "flag" and any(r["flagged"] for r in run.rows if r["lora_rank"] == rank)
     if not stopped:  # (a stopped run killed before writing train_done.json must not train on)
+        kl_anchor.check_processes(cfg.kl_to_base, distributed.num_processes())
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         peft_model = build_lora_model(model if model is not None else load_base(run), rank, alpha, cfg)
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)

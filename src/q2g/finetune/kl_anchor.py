@@ -16,6 +16,7 @@ different model, so `check_init` refuses that combination.
 
 from __future__ import annotations
 
+from q2g.errors import ConfigError
 from q2g.sft_data import IGNORE_INDEX
 
 # LoRA inits that replace the base weight by a residual: with the adapter disabled that is not the base.
@@ -31,6 +32,15 @@ def check_init(kl_to_base: float, init_lora_weights: str) -> str | None:
             "use another init or --kl-to-base 0"
         )
     return None
+
+
+def check_processes(kl_to_base: float, n_processes: int) -> None:
+    """The anchor lives in the one-process label-only loss; several processes use the Trainer's own."""
+    if kl_to_base and n_processes > 1:
+        raise ConfigError(
+            f"--kl-to-base runs in one process (the label-only loss); this run has {n_processes}: "
+            "launch it without accelerate/torchrun or use --kl-to-base 0"
+        )
 
 
 def _chunk_kl(hs, hb, weight, bias, softcap, scale):
