@@ -17,6 +17,7 @@ q2g's load, evaluation (vLLM too) and merge paths need no other change. Trainer 
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ def peft_inits() -> tuple[str, ...]:
     return tuple(v.replace("[number of iters]", "<n>") for v in values)
 
 
+@functools.cache  # FinetuneConfig.check runs for every sweep point
 def supported_inits() -> tuple[str, ...]:
     offered = {DEFAULT_INIT, *peft_inits()}
     return tuple(i for i in SUPPORTED_INITS if i in offered)
