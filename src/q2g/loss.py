@@ -198,10 +198,8 @@ class LabelOnlyLossTrainer(Trainer):
         hidden = decoder(**batch, use_cache=False).last_hidden_state
         total, n = label_only_loss_sum(hidden, inputs["labels"], head, config, self.loss_chunk_size, self.fused)
         if self.kl_to_base:  # + BETA x KL(student || base) on the same label tokens
-            kl = kl_to_base_sum(
-                unwrapped, decoder, batch, hidden, inputs["labels"], head, logit_transform(config), self.loss_chunk_size
-            )
-            total = total + self.kl_to_base * kl
+            args = (unwrapped, decoder, batch, hidden, inputs["labels"], head, logit_transform(config))
+            total = total + self.kl_to_base * kl_to_base_sum(*args, self.loss_chunk_size)
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
             return total / n.clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
