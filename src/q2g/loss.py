@@ -26,6 +26,7 @@ import torch
 from transformers import Trainer
 
 from q2g.batching import causal_inputs
+from q2g.finetune.kl_anchor import kl_to_base_sum
 
 IGNORE_INDEX = -100
 
@@ -225,10 +226,11 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
-def label_only_loss(model, unwrapped, inputs, chunk_size=1024, path: LossPath | None = None, drop_mask=True):
-    """(loss sum, label tokens) of a batch through `model` (maybe DDP-wrapped; `unwrapped` is the
-    peft/HF model inside it): the wrapper's forward runs, the decoder's output is taken by a hook."""
-    decoder, head, config = split_causal_lm(unwrapped)
+def decoder_hidden(model, unwrapped, inputs, drop_mask=True):
+    """(the decoder's last hidden states, the batch it saw) of `inputs` through `model` (maybe
+    DDP-wrapped; `unwrapped` is the peft/HF model inside it): the wrapper's forward runs with one
+    kept logit, and the decoder's output is taken by a hook."""
+    decoder, _, _ = split_causal_lm(unwrapped)
     batch = {k: v for k, v in inputs.items() if k != "labels"}
     if drop_mask:
         batch = causal_inputs(batch)
@@ -242,7 +244,14 @@ def label_only_loss(model, unwrapped, inputs, chunk_size=1024, path: LossPath | 
         model(**batch, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
-    return label_only_loss_sum(seen["hidden"], inputs["labels"], head, config, chunk_size, path=path)
+    return seen["hidden"], batch
+
+
+def label_only_loss(model, unwrapped, inputs, chunk_size=1024, path: LossPath | None = None, drop_mask=True):
+    """(loss sum, label tokens) of a batch through `model` (maybe DDP-wrapped; see decoder_hidden)."""
+    _, head, config = split_causal_lm(unwrapped)
+    hidden, _ = decoder_hidden(model, unwrapped, inputs, drop_mask)
+    return label_only_loss_sum(hidden, inputs["labels"], head, config, chunk_size, path=path)
 
 
 class LabelOnlyLossTrainer(Trainer):
@@ -263,6 +272,7 @@ class LabelOnlyLossTrainer(Trainer):
         fused: str = "auto",
         nonfinite_guard=None,
         drop_right_padding_mask: bool = True,
+        kl_to_base: float = 0.0,
         **kwargs,
     ):
         if nonfinite_guard is not None and nonfinite_guard not in (kwargs.get("callbacks") or []):
@@ -273,6 +283,7 @@ class LabelOnlyLossTrainer(Trainer):
         if not keeps_logits(self.model):
             self.loss_path.path, self.loss_path.note = "plain", "the model's forward has no logits_to_keep"
         self.drop_right_padding_mask = drop_right_padding_mask
+        self.kl_to_base = kl_to_base  # BETA of q2g.finetune.kl_anchor (0: the plain label-only loss)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or "labels" not in inputs:  # evaluation with predictions: the plain path
@@ -281,8 +292,13 @@ class LabelOnlyLossTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         first = self.loss_path.path is None
         unwrapped = self.accelerator.unwrap_model(model)
-        args = (self.loss_chunk_size, self.loss_path, self.drop_right_padding_mask)
-        total, n = label_only_loss(model, unwrapped, inputs, *args)
+        decoder, head, config = split_causal_lm(unwrapped)
+        hidden, batch = decoder_hidden(model, unwrapped, inputs, self.drop_right_padding_mask)
+        labels = inputs["labels"]
+        total, n = label_only_loss_sum(hidden, labels, head, config, self.loss_chunk_size, path=self.loss_path)
+        if self.kl_to_base:  # + BETA x KL(student || base) on the same label tokens
+            args = (unwrapped, decoder, batch, hidden, labels, head, logit_transform(config))
+            total = total + self.kl_to_base * kl_to_base_sum(*args, self.loss_chunk_size)
         if first and self.is_world_process_zero():
             print(f"[finetune] loss: {self.loss_info_line()}", flush=True)
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself

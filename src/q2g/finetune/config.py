@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from q2g import forgetting
 from q2g.config import Config, option
+from q2g.finetune.lora_variants import option_errors
 from q2g.models import PRECISIONS
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
@@ -38,6 +39,13 @@ class FinetuneConfig(Config):
     lora_dropout: float = option(0.05, min=0, max=0.9, results="training", help="dropout on the adapter's input")
     target_modules: list[str] = option(
         ["q_proj", "v_proj"], results="training", help="linear layers that get an adapter ('all-linear': all)"
+    )
+    use_rslora: bool = option(False, results="training", help="rank-stabilised LoRA: scale alpha / sqrt(r), not / r")
+    use_dora: bool = option(False, results="training", help="DoRA: LoRA on the direction plus a trained magnitude")
+    init_lora_weights: str = option(
+        "default",
+        results="training",
+        help="adapter init: default, gaussian, pissa, pissa_niter_<n>, olora, orthogonal, mica (peft's)",
     )
     lr: float = option(2e-4, gt=0, max=1.0, results="training", help="peak learning rate (cosine decay after warm-up)")
     batch_size: int = option(8, min=1, results="training", help="examples per device step")
@@ -101,6 +109,21 @@ class FinetuneConfig(Config):
     max_nonfinite_skips: int = option(
         3, min=0, results="training", help="--skip-nonfinite: this many skipped steps in a row still stop"
     )
+    kl_to_base: float = option(
+        0.0, min=0, results="training", help="add BETA x KL(student || base) on the trace tokens (0: off)"
+    )
+    rehearsal_fraction: float = option(
+        0.0, min=0, max=0.9, results="training", help="share of training examples that are the base model's own text"
+    )
+    rehearsal_max_tokens: int = option(
+        128, min=8, results="training", help="--rehearsal-fraction: tokens the base model writes per example"
+    )
+    forgetting_check_steps: int = option(
+        0, min=0, results="training", help="probe WikiText perplexity every N optimizer steps (0: epoch ends only)"
+    )
+    forgetting_check_tokens: int = option(
+        1024, min=16, results="training", help="--forgetting-check-steps: WikiText tokens the probe scores"
+    )
     loss_chunk_size: int = option(
         256,
         min=16,
@@ -122,3 +145,6 @@ class FinetuneConfig(Config):
         "ddp_timeout (the process group's timeout, s) defaults to 10800 (3 h); q2g's non-main processes "
         "wait up to a day for the main one's evaluation without a collective",
     )
+
+    def check(self) -> list[str]:
+        return option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)

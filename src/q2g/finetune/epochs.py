@@ -20,6 +20,7 @@ from pathlib import Path
 
 from q2g import distributed, forgetting
 from q2g.evaluation.core import evaluate_model
+from q2g.finetune import lora_variants
 from q2g.io import append_jsonl, atomic_write_json, write_jsonl
 
 ADAPTER_CONFIG_NAME = "q2g_config.json"
@@ -43,7 +44,7 @@ def save_adapter(model, tokenizer, folder: Path, config: dict, train_row: dict |
     """Adapter + tokenizer + q2g_config.json (+ train_row.json), written beside and renamed."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **lora_variants.save_kwargs(model))  # PiSSA/OLoRA: saved as a plain LoRA
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / ADAPTER_CONFIG_NAME, config)
     if train_row is not None:

@@ -21,6 +21,7 @@ from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig
+from q2g.finetune.rehearsal import add_rehearsal
 from q2g.finetune.settings import Run, Settings, run_keys
 from q2g.finetune.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
 from q2g.finetune.trainer import training_arguments
@@ -83,6 +84,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     examples, stats = build_dataset(tokenizer, rows, cfg.max_seq_len)
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
+    examples, stats = add_rehearsal(cfg, tokenizer, examples, stats, traces_path, device, precision)
     print(
         f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
         f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "

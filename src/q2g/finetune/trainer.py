@@ -17,6 +17,7 @@ from pathlib import Path
 
 from q2g.distributed import DEFAULT_TIMEOUT_S
 from q2g.errors import ConfigError
+from q2g.finetune import lora_variants
 from q2g.finetune.sft_data import Collator
 from q2g.loss import LabelOnlyLossTrainer
 
@@ -36,6 +37,7 @@ def lora_config(cfg, lora_r: int, lora_alpha: float):
         lora_alpha=lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_targets(cfg.target_modules),
+        **lora_variants.lora_kwargs(cfg),  # rsLoRA, DoRA, the init (PiSSA, OLoRA, ...)
     )
 
 
@@ -49,7 +51,7 @@ def build_lora_model(model, cfg, lora_r: int, lora_alpha: float, gradient_checkp
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora_config(cfg, lora_r, lora_alpha))
+        return lora_variants.keep_initial(get_peft_model(model, lora_config(cfg, lora_r, lora_alpha)))
 
 
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
@@ -139,15 +141,16 @@ def check_trainer_types(user: dict) -> None:
             raise ConfigError(f"trainer: {key}: must be {want}, got {value!r} (--trainer-arg / trainer:)")
 
 
-def make_trainer(run, peft_model, targs, callback, guard):
-    """The Trainer of `run.settings.loss_path`, holding each q2g callback once."""
+def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
+    """The Trainer of `run.settings.loss_path`, holding each q2g callback once (`extra_callbacks`:
+    the mid-epoch forgetting probe, q2g.finetune.probe)."""
     from transformers import Trainer
 
     kw = dict(
         model=peft_model,
         args=targs,
         train_dataset=run.examples,
-        callbacks=[callback, guard],
+        callbacks=[callback, guard, *extra_callbacks],
         data_collator=Collator(run.tokenizer.pad_token_id),
         processing_class=run.tokenizer,
     )
@@ -156,7 +159,11 @@ def make_trainer(run, peft_model, targs, callback, guard):
         return Trainer(**kw)
     fused = "liger" if path == "liger" else "never"
     return LabelOnlyLossTrainer(
-        **kw, loss_chunk_size=run.settings.asked.loss_chunk_size, fused=fused, nonfinite_guard=guard
+        **kw,
+        loss_chunk_size=run.settings.asked.loss_chunk_size,
+        fused=fused,
+        nonfinite_guard=guard,
+        kl_to_base=run.settings.asked.kl_to_base,
     )
 
 

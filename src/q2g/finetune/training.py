@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from q2g import distributed, forgetting
+from q2g.finetune import kl_anchor, probe
 from q2g.finetune.baseline import load_base
 from q2g.finetune.epochs import last_adapter, make_callback
 from q2g.finetune.trainer import build_lora_model, latest_checkpoint, make_trainer, training_arguments
@@ -33,6 +34,7 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
         return json.loads(done_file.read_text())
     stopped = cfg.on_forgetting != "flag" and any(r["flagged"] for r in run.rows if r.get("lora_r") == lora_r)
     if not stopped:  # (a stopped run killed before writing train_done.json must not train on)
+        kl_anchor.check_processes(cfg.kl_to_base, distributed.num_processes())
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         base = model if model is not None else load_base(run)
         peft_model = build_lora_model(base, cfg, lora_r, lora_alpha, s.gradient_checkpointing_used)
@@ -45,7 +47,7 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
             last_good_adapter=last_adapter(run, lora_r),
         )
         callback = make_callback(run, lora_r, lora_alpha, run_dir, guard)
-        trainer = make_trainer(run, peft_model, targs, callback, guard)
+        trainer = make_trainer(run, peft_model, targs, callback, guard, probe.callbacks(run, lora_r))
         callback.trainer = trainer
         resume = latest_checkpoint(run_dir) if cfg.resume else None
         if resume:
