@@ -3,9 +3,9 @@
 - pass@1 decoding: HF `model.generate` per length-sorted batch (decoding.generate_static) vs q2g's
   decoding.generate (the refill loop), at the same batch, on GSM8K problems, with evaluation's end
   tokens and stop strings; generated tok/s, the ratio, and whether the tokens are the same.
-- held-out loss: logits of every position (evaluate._examples_nll) vs forward_nll.labels_nll (LM
+- held-out loss: logits of every position (the path evaluation used before, kept here as `logits_examples_nll`) vs forward_nll.labels_nll (LM
   head only on the solution's positions, chunked); solution tokens/s and both losses.
-- perplexity: evaluate._batch_nll vs forward_nll.windows_nll on the same q2g windows; scored tok/s.
+- perplexity: the kept-logits path evaluation used before (`logits_windows_nll`) vs forward_nll.windows_nll on the same q2g windows; scored tok/s.
 
 Each pair runs alternately `--reps` times (best time kept), so a machine's load hits both alike.
 
@@ -23,10 +23,47 @@ from __future__ import annotations
 import argparse
 import time
 
-from q2g import evaluate, models, prompts
+from q2g import models, prompts
 from q2g.data import loaders
 from q2g.evaluation import decoding, forward_nll
 from q2g.evaluation.config import EvalConfig
+from q2g.evaluation.heldout_loss import _example_batches, heldout_examples
+from q2g.evaluation.perplexity import _window_batches, q2g_windows
+
+CE_CHUNK = 1024  # the old path's fp32 log-softmax slice
+
+
+def logits_examples_nll(model, batch, pad_id) -> tuple[float, int]:
+    """The old held-out path: full [B, T, V] logits, then the labelled positions' cross-entropy."""
+    import torch.nn.functional as F
+
+    from q2g.finetune.sft_data import IGNORE_INDEX, Collator
+
+    cols = Collator(pad_id)(batch)
+    logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"], use_cache=False).logits
+    total, count = 0.0, 0
+    for row, labels in zip(logits, cols["labels"]):
+        keep = labels[1:] != IGNORE_INDEX
+        preds, target = row[:-1][keep], labels[1:][keep]
+        for a in range(0, len(target), CE_CHUNK):
+            total += F.cross_entropy(preds[a : a + CE_CHUNK].float(), target[a : a + CE_CHUNK], reduction="sum").item()
+        count += len(target)
+    return total, count
+
+
+def logits_windows_nll(model, batch) -> float:
+    """The old perplexity path: the kept logits of a batch of equal-length windows."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs = torch.tensor([inp for inp, _, _ in batch])
+    keep = max(len(t) + tail for _, t, tail in batch)
+    logits = model(input_ids=inputs, logits_to_keep=keep, use_cache=False).logits
+    total = 0.0
+    for row, (_, targets, tail) in zip(logits, batch):
+        preds = row[keep - tail - len(targets) : keep - tail]
+        total += F.cross_entropy(preds.float(), torch.tensor(targets), reduction="sum").item()
+    return total
 
 
 def best_of(reps: int, pair: dict) -> dict:
@@ -71,11 +108,11 @@ def heldout_rows(model, tok, records, args) -> list[dict]:
 
     from q2g.finetune.sft_data import Collator
 
-    examples, _ = evaluate.heldout_examples(tok, records, 1024)
-    batches = list(evaluate._example_batches(examples, args.batch_size, 4 * model.config.get_text_config().vocab_size))
+    examples, _ = heldout_examples(tok, records, 1024)
+    batches = list(_example_batches(examples, args.batch_size, 4 * model.config.get_text_config().vocab_size))
 
     def old():
-        sums = [evaluate._examples_nll(model, b, tok.pad_token_id) for b in batches]
+        sums = [logits_examples_nll(model, b, tok.pad_token_id) for b in batches]
         return sum(s for s, _ in sums), sum(n for _, n in sums)
 
     def new():
@@ -98,14 +135,14 @@ def ppl_rows(model, tok, text, args) -> list[dict]:
 
     ids = tok(text, add_special_tokens=False)["input_ids"][: args.ppl_tokens]
     cfg = EvalConfig(ppl_max_length=512, ppl_stride=256, eval_batch_size=args.batch_size)
-    windows = evaluate.q2g_windows(ids, cfg, tok.bos_token_id)
-    batches = list(evaluate._window_batches(windows, args.batch_size, 4 * model.config.get_text_config().vocab_size))
+    windows = q2g_windows(ids, cfg.ppl_max_length, cfg.ppl_stride, tok.bos_token_id)
+    batches = list(_window_batches(windows, args.batch_size, 4 * model.config.get_text_config().vocab_size))
     n = sum(len(t) for _, t, _ in windows)
     with torch.inference_mode():
         runs = best_of(
             args.reps,
             {
-                "perplexity, kept logits": lambda: sum(evaluate._batch_nll(model, b) for b in batches),
+                "perplexity, kept logits": lambda: sum(logits_windows_nll(model, b) for b in batches),
                 "perplexity, forward_nll": lambda: sum(forward_nll.windows_nll(model, b) for b in batches),
             },
         )

@@ -56,7 +56,10 @@ CASES = [
     ),
     Case("out-is-a-file", ["--out", "$TMP/afile"], ("--out", "afile is a file"), files=("afile",)),
     Case(
-        "out-parent-is-a-file", ["--out", "$TMP/afile/sub"], ("--out", "afile/sub", "cannot create"), files=("afile",)
+        "out-parent-is-a-file",
+        ["--out", "$TMP/afile/sub"],
+        ("--out", "afile", "is a file, so no folder can be made inside it"),
+        files=("afile",),
     ),
     Case(
         "grace-not-longer", ["--heartbeat-interval", "5", "--grace-period", "5"], ("grace_period (5) must be longer",)

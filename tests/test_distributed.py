@@ -126,7 +126,8 @@ finetune:
 
 @pytest.mark.parametrize("main", [True, False])
 def test_q2g_run_under_a_launcher_generates_on_the_main_process_only(tmp_path, tiny_gemma_dir, monkeypatch, main):
-    from q2g import finetune, run
+    from q2g import run
+    from q2g.finetune import stage as finetune
     from q2g.generate import stage as generate
 
     calls = []

@@ -66,7 +66,9 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     sweep = load_sweep(Path(config), out, **overrides)
     check_storage(sweep.cfg.storage)
     if train is None or baseline is None:
-        run.preflight(sweep.generate, sweep.finetune)  # the models and data folders, before anything is written
+        run.preflight(
+            sweep.generate, sweep.finetune, sweep.eval_cfg
+        )  # the models and data folders, before anything is written
     storage_args = (sweep.cfg.storage, sweep.out, sweep.cfg.heartbeat_interval, sweep.cfg.grace_period)
     storage = open_storage(optuna, *storage_args) if is_url(sweep.cfg.storage) else None  # reachable?
     make_out(sweep.out)
