@@ -21,7 +21,9 @@ the model (~1 min, once).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from q2g import models, prompts
 from q2g.data import loaders
@@ -186,6 +188,7 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText tokens (0: skip)")
     p.add_argument("--reps", type=int, default=2, help="alternating runs of each pair; the best time is kept")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", help="also write every table's rows to this JSON file (gpu_proof.py reads it)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,18 +201,20 @@ def main() -> None:
     decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.loss (~5 s)
     with torch.inference_mode():
         forward_nll.windows_nll(model, [(warm[0], warm[0][1:], 1)])
-    rows = pass1_rows(model, tok, problems[: args.problems], args)
+    tables = {"pass1": pass1_rows(model, tok, problems[: args.problems], args)}
     print_table(
-        rows,
+        tables["pass1"],
         f"pass@1 decoding: {args.problems} GSM8K problems, <= {args.new_tokens} new tokens, batch {args.batch_size}",
     )
     if args.heldout:
-        print_table(
-            heldout_rows(model, tok, problems[: args.heldout], args), f"held-out loss: {args.heldout} solutions"
-        )
+        tables["heldout"] = heldout_rows(model, tok, problems[: args.heldout], args)
+        print_table(tables["heldout"], f"held-out loss: {args.heldout} solutions")
     if args.ppl_tokens:
-        text = loaders.load_wikitext("packaged")
-        print_table(ppl_rows(model, tok, text, args), f"perplexity: {args.ppl_tokens} WikiText tokens, window 512/256")
+        tables["ppl"] = ppl_rows(model, tok, loaders.load_wikitext("packaged"), args)
+        print_table(tables["ppl"], f"perplexity: {args.ppl_tokens} WikiText tokens, window 512/256")
+    if args.json:
+        meta = {"problems": args.problems, "batch_size": args.batch_size, "new_tokens": args.new_tokens}
+        Path(args.json).write_text(json.dumps({**meta, **tables}, indent=1))
 
 
 if __name__ == "__main__":

@@ -120,27 +120,23 @@ def section_c(args, out: Path) -> dict:
 
 
 def section_d(args, out: Path) -> dict:
+    """pass@1 decoding, static batches (HF generate) vs q2g's refill loop, from eval_speed.py's JSON."""
+    n, batch, new = (8, 4, 8) if args.rehearse else (256, 128, 512)
     cmd = [sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", args.model, "--device", args.device]
-    if args.rehearse:
-        cmd += ["--only", "pass1", "--pass1-problems", "8", "--pass1-batch-sizes", "4", "--new-tokens", "8"]
-        cmd += ["--extra-stop", "e"]
-    else:
-        cmd += ["--only", "pass1", "--pass1-problems", "256", "--pass1-batch-sizes", "128", "--new-tokens", "512"]
-    proc = sh(cmd, args.timeout, out / "d_decoding.log")
-    cells = [
-        [c.strip() for c in line.strip("┃│ ").split(line[0])] for line in proc.stdout.splitlines() if line[:1] in "┃│"
-    ]
-    head, body = cells[0], [dict(zip(cells[0], r, strict=False)) for r in cells[1:]]
-    rows = {
-        ("refill" if "refill" in r[head[0]] else "static"): {
-            "problems_per_s": float(r["problems/s"]),
-            "new_tokens_per_s": float(r["new tokens"]) / max(float(r["seconds"]), 1e-9),
-            "x_static": float(r["x static"]),
-            "same_tokens": r.get("same tokens", ""),
-        }
-        for r in body
+    cmd += ["--problems", str(n), "--batch-size", str(batch), "--new-tokens", str(new)]
+    cmd += ["--heldout", "0", "--ppl-tokens", "0", "--reps", "1", "--json", str(out / "d_decoding.json")]
+    sh(cmd, args.timeout, out / "d_decoding.log")
+    static, refill = json.loads((out / "d_decoding.json").read_text())["pass1"]
+
+    def rates(row):
+        return {"problems_per_s": n / row["seconds"], "new_tokens_per_s": row["tokens"] / row["seconds"]}
+
+    speedup = static["seconds"] / refill["seconds"]
+    return {
+        "static": {**rates(static), "x_static": 1.0, "same_tokens": ""},
+        "refill": {**rates(refill), "x_static": speedup, "same_tokens": refill["same"]},
+        "speedup": speedup,
     }
-    return {"static": rows["static"], "refill": rows["refill"], "speedup": rows["refill"]["x_static"]}
 
 
 def section_e(args, out: Path) -> dict:
