@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from q2g.answers.check import is_correct
-from q2g.backends import BackendError, Sample, load_backend, split_thinking, stable_seed, thinking_sample
+from q2g.backends import BackendError, Sample, split_thinking, stable_seed, thinking_sample
+from q2g.backends.load import load_backend
 from q2g.backends.openai import AuthError, OpenAIBackend, split_tokens
 from q2g.backends.reference import ReferenceBackend, reference_trace
 from q2g.data.loaders import load_gsm8k, load_math

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import q2g.generate.stage as gen
-from q2g import backends, cli
+from q2g import cli
 from q2g.answers.check import is_correct
 from q2g.backends import Sample, stable_int
+from q2g.backends import load as backend_load
 from q2g.data.loaders import packaged_data_dir
 from q2g.data.splits import find_leaks, read_split, select_split
 
@@ -85,7 +86,7 @@ class ScriptedBackend:
 @pytest.fixture()
 def scripted(monkeypatch):
     backend = ScriptedBackend()
-    monkeypatch.setattr(backends, "load_backend", lambda name, args: backend)
+    monkeypatch.setattr(backend_load, "load_backend", lambda name, args: backend)
     monkeypatch.setattr(gen, "check_teacher", lambda args: None)  # the default hf teacher is not downloaded
     return backend
 

@@ -31,7 +31,6 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from q2g.errors import BadInput, RunFailed
 
@@ -127,52 +126,3 @@ def check_available(name: str) -> None:
     if name in EXTRAS and not is_available(EXTRAS[name][0]):
         package, install = EXTRAS[name]
         raise BadInput(f"--backend {name} needs the {package} package, which is not installed: {install}")
-
-
-def load_backend(name: str, args):
-    """The backend `name`, built from the parsed `q2g generate` options (its module is imported
-    here, not at the top: each backend module imports this one for Sample)."""
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    reasoning = getattr(args, "reasoning", None) or DEFAULT_REASONING
-    if name == "reference":
-        from q2g.backends.reference import ReferenceBackend
-
-        # Token counts come from the teacher's tokenizer when --teacher is a local folder.
-        tokenizer = args.teacher if Path(args.teacher).is_dir() else None
-        return ReferenceBackend(tokenizer=tokenizer)
-    if name == "hf":
-        from q2g.backends.hf import HFBackend
-
-        return HFBackend(
-            args.teacher,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            device=args.device,
-            reasoning=reasoning,
-            **sampling,
-        )
-    if name == "vllm":
-        from q2g.backends.vllm import VLLMBackend
-
-        return VLLMBackend(
-            args.teacher,
-            tensor_parallel_size=args.tensor_parallel_size,
-            precision=args.precision,
-            seed=args.seed,
-            reasoning=reasoning,
-            **sampling,
-        )
-    if name == "openai":
-        from q2g.backends.openai import OpenAIBackend
-
-        return OpenAIBackend(
-            args.teacher,
-            base_url=args.base_url,
-            api_key=api_key(args),
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            max_retries=args.max_retries,
-            reasoning=reasoning,
-            **sampling,
-        )
-    raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -36,8 +36,8 @@ import os
 import sys
 import time
 
-from q2g import backends
 from q2g.backends import BackendError, check_available
+from q2g.backends import load as backend_load
 from q2g.data.splits import find_leaks, read_split, select_split, write_split
 from q2g.errors import BadInput, DataError, RunFailed
 from q2g.generate.config import parse
@@ -194,7 +194,7 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
     }
     try:
         run_batches(
-            lambda: backends.load_backend(args.backend, args),
+            lambda: backend_load.load_backend(args.backend, args),
             batches,
             paths,
             records,
