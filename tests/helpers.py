@@ -82,3 +82,21 @@ def finetune_argv(model, ds, out, *extra, **settings) -> list[str]:
     `settings` (underscored names), then `extra` as given."""
     flags = {"base_model": model, "traces": ds, "out": out, **TINY_FINETUNE, **settings}
     return [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))] + list(extra)
+
+
+def tiny_training_args(out, steps: int):
+    """TrainingArguments for a few CPU steps of a hand-built Trainer (guard and callback tests)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=1e-2,
+        optim="adamw_torch",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )

@@ -12,11 +12,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from helpers import finetune_argv, reference_dataset
+from helpers import finetune_argv, reference_dataset, tiny_training_args
 from test_guards import Inject
 from test_loss import examples, lora_model
 from test_run import write_config
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from q2g import cli
 from q2g.evaluation.core import evaluate_model
@@ -174,18 +174,7 @@ def test_config_json_and_report_say_what_ran(finished):
 def guarded_trainer(tiny_gemma_dir, tmp_path, guard, bad, steps):
     model = lora_model(tiny_gemma_dir)
     inject = Inject(model, bad)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=steps,
-        learning_rate=1e-2,
-        optim="adamw_torch",
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        label_names=["labels"],
-    )
+    args = tiny_training_args(tmp_path, steps)
     run = SimpleNamespace(
         examples=examples(6),
         tokenizer=SimpleNamespace(pad_token_id=0),

@@ -4,8 +4,9 @@ the AdamW state untouched on that step and counts it."""
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from test_loss import examples, lora_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from q2g.finetune.sft_data import Collator
 from q2g.guards import NonFiniteError, NonFiniteGuard
@@ -35,18 +36,7 @@ class Inject(TrainerCallback):
 def run(tiny_gemma_dir, tmp_path, guard, bad, trainer_cls=LabelOnlyLossTrainer, steps=3):
     model = lora_model(tiny_gemma_dir)
     inject = Inject(model, bad)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=steps,
-        learning_rate=1e-2,
-        optim="adamw_torch",
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        label_names=["labels"],
-    )
+    args = tiny_training_args(tmp_path, steps)
     kw = {"nonfinite_guard": guard} if trainer_cls is LabelOnlyLossTrainer else {"callbacks": [guard]}
     trainer = trainer_cls(model=model, args=args, train_dataset=examples(6), data_collator=Collator(0), **kw)
     trainer.add_callback(inject)
