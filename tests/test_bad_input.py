@@ -8,14 +8,13 @@ folders land there) and checks that no file or folder was created or changed, th
 fixtures (dataset, model, adapter). Most fail before any model loads; none trains.
 """
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from helpers import reference_dataset
+from refusal import GSM, TRACE, assert_refused, fill, jl, snapshot, write_files
 
 from q2g import cli
 
@@ -39,20 +38,6 @@ EV = ["--model", "$MODEL", "--split", "$DS/split.json", "--out", "$OUT", *EVAL]
 MG = ["--adapter", "$ADAPTER", "--out", "$OUT"]
 RUN = ["--config", "$YAML", "--out", "$OUT"]
 BASE = {"generate": GEN, "finetune": FT, "evaluate": EV, "merge": MG, "run": RUN}
-
-TRACE = {
-    "id": "t1",
-    "problem": "What is 2+3?",
-    "qwen_trace": "2+3=5. The final answer is $\\boxed{5}$.",
-    "answer": "5",
-    "source": "gsm8k",
-    "validated": True,
-}
-GSM = {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}
-
-
-def jl(*rows) -> str:
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
 def traces(*rows) -> dict:
@@ -750,25 +735,6 @@ def adapter(tiny_gemma_dir, tmp_path_factory):
     return out
 
 
-def snapshot(*roots: Path) -> dict:
-    """Every file and folder under `roots` -> a digest of its bytes (None for a folder)."""
-    found = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames:
-                found[os.path.join(dirpath, name)] = None
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                found[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return found
-
-
-def fill(text: str, subs: dict) -> str:
-    for key, value in subs.items():
-        text = text.replace(key, value)
-    return text
-
-
 def test_the_corpus_is_large_and_covers_every_command():
     assert len(CASES) >= 50 and len({c.id for c in CASES}) == len(CASES)
     assert {c.cmd for c in CASES} == set(BASE)
@@ -791,12 +757,11 @@ def test_bad_input(case, tmp_path, dataset, tiny_gemma_dir, adapter, capsys, mon
         "$ADAPTER": str(adapter),
         "$YAML": str(work / "c.yaml"),
     }
-    for name, content in case.files.items():
-        path = work / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str) and content.startswith("@"):
-            content = (dataset / content[1:]).read_text()
-        path.write_bytes(content if isinstance(content, bytes) else fill(content, subs).encode())
+    at = {
+        n: (dataset / c[1:]).read_text() if isinstance(c, str) and c.startswith("@") else c
+        for n, c in case.files.items()
+    }
+    write_files(work, at, subs)
     argv = [fill(a, subs) for a in (BASE[case.cmd] if case.base else []) + case.argv]
     if case.yaml is not None:
         text = case.yaml if isinstance(case.yaml, bytes) else fill(case.yaml, subs).encode()
@@ -807,14 +772,8 @@ def test_bad_input(case, tmp_path, dataset, tiny_gemma_dir, adapter, capsys, mon
 
     code = cli.call(case.cmd, argv)
 
-    err = capsys.readouterr().err
-    assert code == case.code, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    for text in case.msg:
-        assert fill(text, subs) in err, err[-3000:]
     after = snapshot(tmp_path, dataset, tiny_gemma_dir, adapter)
-    assert sorted(set(after) - set(before)) == [], "written although refused"
-    assert {k for k in before if after.get(k, "gone") != before[k]} == set(), "changed although refused"
+    assert_refused(code, capsys.readouterr().err, case.code, case.msg, subs, before, after)
 
 
 # ---------------------------------------------------------------- the model-name check on its own

@@ -7,13 +7,13 @@ answer-format rate, and lm-eval's protocols, which have no stride.
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_bad_input import BASE, C, adapter, dataset, fill, snapshot  # noqa: F401  (fixtures)
+from refusal import assert_refused, fill, snapshot, write_files
+from test_bad_input import BASE, C, adapter, dataset  # noqa: F401  (fixtures)
 
 from q2g import cli, forgetting, models
 from q2g.data import loaders, splits
@@ -278,13 +278,8 @@ def test_bad_input_eval(case, tmp_path, dataset, tiny_gemma_dir, tiny_qwen_dir, 
         "$YAML": str(work / "c.yaml"),
         **foreign,
     }
-    for name, content in case.files.items():
-        path = work / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str) and content.startswith("@@"):
-            shutil.copyfile(Path(adapter) / content[2:], path)
-            continue
-        path.write_bytes(content if isinstance(content, bytes) else fill(content, subs).encode())
+    at = {n: (Path(adapter) / c[2:]).read_bytes() if str(c).startswith("@@") else c for n, c in case.files.items()}
+    write_files(work, at, subs)
     argv = [fill(a, subs) for a in BASE[case.cmd] + case.argv]
     if case.yaml is not None:
         (work / "c.yaml").write_text(fill(case.yaml, subs))
@@ -294,14 +289,7 @@ def test_bad_input_eval(case, tmp_path, dataset, tiny_gemma_dir, tiny_qwen_dir, 
 
     code = cli.call(case.cmd, argv)
 
-    err = capsys.readouterr().err
-    assert code == case.code, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    for text in case.msg:
-        assert fill(text, subs) in err, err[-3000:]
-    after = snapshot(*roots)
-    assert sorted(set(after) - set(before)) == [], "written although refused"
-    assert {k for k in before if after.get(k, "gone") != before[k]} == set(), "changed although refused"
+    assert_refused(code, capsys.readouterr().err, case.code, case.msg, subs, before, snapshot(*roots))
 
 
 # ---------------------------------------------------------------- lm-eval's protocols have no stride

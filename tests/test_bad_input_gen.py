@@ -6,15 +6,14 @@ options, files to create first), run through the CLI in a fresh folder; each mus
 one-line message naming the file, field or flag, no traceback, and nothing created or changed.
 """
 
-import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from helpers import reference_dataset
+from refusal import GSM, TRACE, assert_refused, fill, jl, snapshot, write_files
 
 from q2g import cli
 
@@ -25,20 +24,7 @@ EXPORT = ["--traces", "$TMP/ds", "--format", "messages", "--out", "$TMP/x.jsonl"
 BASE = {"generate": GEN, "export": EXPORT}
 LONG = "n" * 300  # over NAME_MAX (255 bytes) on every common file system
 
-GSM = {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}
-TRACE = {
-    "id": "t1",
-    "problem": "What is 2+3?",
-    "qwen_trace": "2+3=5. The final answer is $\\boxed{5}$.",
-    "answer": "5",
-    "source": "gsm8k",
-    "validated": True,
-}
 MATH_ROW = {"problem": "1+1?", "level": "Level 1", "type": "Algebra", "solution": "So $\\boxed{2}$."}
-
-
-def jl(*rows) -> str:
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
 def gsm_dir(train: str | bytes, test: str | bytes = jl(GSM)) -> dict:
@@ -345,28 +331,8 @@ def dataset(tmp_path_factory):
     return reference_dataset(tmp_path_factory.mktemp("dataset"), limit=3)
 
 
-def snapshot(root: Path) -> dict:
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            found[os.path.join(dirpath, name)] = None
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            found[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest() if os.path.isfile(path) else None
-    return found
-
-
-def fill(text: str, subs: dict) -> str:
-    for key, value in subs.items():
-        text = text.replace(key, value)
-    return text
-
-
 def prepare(case: Case, work: Path, subs: dict) -> list[str]:
-    for name, content in case.files.items():
-        path = work / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else fill(content, subs).encode())
+    write_files(work, case.files, subs)
     for name, target in case.links.items():
         (work / name).symlink_to(work / target)
     return [fill(a, subs) for a in (BASE[case.cmd] if case.base else []) + case.argv]
@@ -386,14 +352,7 @@ def test_bad_input_gen(case, tmp_path, capsys, monkeypatch):
 
     code = cli.call(case.cmd, argv)
 
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    for text in case.msg:
-        assert fill(text, subs) in err, err[-3000:]
-    after = snapshot(tmp_path)
-    assert sorted(set(after) - set(before)) == [], "written although refused"
-    assert {k for k in before if after.get(k, "gone") != before[k]} == set(), "changed although refused"
+    assert_refused(code, capsys.readouterr().err, 2, case.msg, subs, before, snapshot(tmp_path))
 
 
 # ---------------------------------------------------------------- rows that need a finished run first

@@ -4,11 +4,12 @@ checked before generate runs). One row per case; each runs in a fresh folder (al
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("optuna")
+
+from refusal import fill, snapshot  # noqa: E402
 
 from q2g import cli  # noqa: E402
 
@@ -92,33 +93,24 @@ CASES = [
 ]
 
 
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_sweep_input(case, tmp_path, tiny_gemma_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     subs = {"$TMP": str(tmp_path), "$MODEL": str(tiny_gemma_dir)}
-
-    def fill(text):
-        for k, v in subs.items():
-            text = text.replace(k, v)
-        return text
 
     for d in case.dirs:
         (tmp_path / d).mkdir()
     for f in case.files:
         (tmp_path / f).write_text("x")
     config = tmp_path / "sweep.yaml"
-    config.write_text(fill(case.yaml))
+    config.write_text(fill(case.yaml, subs))
     argv = ["--config", str(config), *(["--out", str(tmp_path / "out")] if "--out" not in case.argv else [])]
     before = snapshot(tmp_path)
-    code = cli.call("sweep", argv + [fill(a) for a in case.argv])
+    code = cli.call("sweep", argv + [fill(a, subs) for a in case.argv])
     err = capsys.readouterr().err
     assert code == case.code, err
     line = [x for x in err.splitlines() if x.strip()][-1]
-    assert all(fill(m) in line for m in case.msg), line
+    assert all(fill(m, subs) in line for m in case.msg), line
     assert "Traceback" not in err and "secret" not in err  # no password in a message
     assert snapshot(tmp_path) == before  # nothing written, not even the sweep folder
 

@@ -1,4 +1,4 @@
-"""q2g.decoding: the refill loop (finished rows leave, new prompts take their slots) gives the
+"""q2g.evaluation.decoding: the refill loop (finished rows leave, new prompts take their slots) gives the
 same greedy tokens as one `model.generate` per batch, on tiny random Gemma3 (sliding-window
 layers, <bos>) and Qwen2 (chat template), with rows ending at end tokens, stop strings and the cap."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from q2g import models, prompts
-from q2g.evaluation import decoding
+from q2g.evaluation import decoding, decoding_refill
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,8 +51,8 @@ def test_timeline_stays_as_long_as_the_longest_row(model_tok, monkeypatch):
     """Rows that joined late share the timeline; columns no row needs any more are cut off."""
     model, tok = model_tok
     ids, widths = _prompts(tok), []
-    step = decoding._step
-    monkeypatch.setattr(decoding, "_step", lambda m, run: widths.append(run.mask.shape[1]) or step(m, run))
+    step = decoding_refill._step
+    monkeypatch.setattr(decoding_refill, "_step", lambda m, run: widths.append(run.mask.shape[1]) or step(m, run))
     free = decoding.generate_static(model, tok, ids, max_new_tokens=20, batch_size=9)
     end_ids = sorted({free[k].token_ids[4 + 4 * k] for k in range(1, 4)})
     kw = dict(max_new_tokens=20, end_ids=end_ids, batch_size=3)

@@ -44,7 +44,7 @@ def save_adapter(model, tokenizer, folder: Path, config: dict, train_row: dict |
     """Adapter + tokenizer + q2g_config.json (+ train_row.json), written beside and renamed."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **lora_variants.save_kwargs(model))  # PiSSA/OLoRA: saved as a plain LoRA
+    lora_variants.save_adapter_files(model, tmp)  # PiSSA/OLoRA: saved as a plain LoRA
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / ADAPTER_CONFIG_NAME, config)
     if train_row is not None:

@@ -6,7 +6,8 @@ The base is the same peft model with its adapter disabled (`with model.disable_a
 no_grad), run in the same step: no second model is kept in memory. Only the positions whose
 shifted label is a trace token are compared (as q2g.loss's label-only cross-entropy selects them),
 and the [N, vocab] log-probabilities of student and base are built one chunk of positions at a
-time under activation checkpointing, so no [B, T, V] tensor exists, in the forward or the backward.
+time, the chunk's gradient taken in the forward (as q2g.loss's cross-entropy does), so no
+[B, T, V] tensor exists and each block is built once (not again for the backward).
 
 KL(p_s || p_b) = sum_v p_s(v) (log p_s(v) - log p_b(v)) per position, summed over positions; the
 caller divides by the same token count as the cross-entropy, so BETA weighs two per-token means.
@@ -43,36 +44,85 @@ def check_processes(kl_to_base: float, n_processes: int) -> None:
         )
 
 
-def _chunk_kl(hs, hb, weight, bias, softcap, scale):
-    """Summed KL(student || base) of one chunk of hidden rows (student hs with grad, base hb without)."""
+def _transformed(h, weight, bias, softcap, scale):
+    """(fp32 logits transform(h W^T + b), tanh of the cap or None): the model's final logits."""
     import torch
 
-    def logprobs(h):
-        z = h @ weight.t()
-        if bias is not None:
-            z = z + bias
-        z = z.float() * scale
-        if softcap is not None:
-            z = torch.tanh(z / softcap) * softcap
-        return torch.log_softmax(z, dim=-1)
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z.float() * scale
+    if softcap is None:
+        return z, None
+    capped = torch.tanh(z / softcap)
+    return capped * softcap, capped
 
-    ls = logprobs(hs)
-    with torch.no_grad():
-        lb = logprobs(hb)
-    return (ls.exp() * (ls - lb)).sum()
+
+def _kl_function():
+    """The autograd Function, built on first use (torch is imported lazily in this module)."""
+    import torch
+
+    class ChunkedKL(torch.autograd.Function):
+        """sum_i KL(softmax(f(hs_i W^T)) || softmax(f(hb_i W^T))) with d/dhs (and d/dW, d/db when they
+        need it) computed chunk by chunk in the forward, as q2g.loss's chunked cross-entropy does:
+        each [chunk, V] block is built once, and the backward only scales the saved gradients.
+
+        With l = log_softmax(z_s), q = log_softmax(z_b), p = exp(l) and k_i = sum_v p (l - q):
+        d k_i / d z_s = p * ((l - q) - k_i), then through the cap (1 - tanh^2) and the scale."""
+
+        @staticmethod
+        def forward(ctx, hs, hb, weight, bias, chunk_size, softcap, scale):
+            need_w, need_b = weight.requires_grad, bias is not None and bias.requires_grad
+            grad_h = torch.zeros_like(hs) if hs.requires_grad else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            total = torch.zeros((), dtype=torch.float32, device=hs.device)
+            for start in range(0, hs.shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                zs, capped = _transformed(hs[sl], weight, bias, softcap, scale)
+                ls = torch.log_softmax(zs, dim=-1)
+                del zs
+                diff = ls - torch.log_softmax(_transformed(hb[sl], weight, bias, softcap, scale)[0], dim=-1)
+                dz = ls.exp_()  # p_s (the log-probs are not needed again)
+                per_row = (dz * diff).sum(-1, keepdim=True)
+                total += per_row.sum()
+                dz *= diff.sub_(per_row)
+                del diff
+                if capped is not None:
+                    dz *= 1 - capped.square()
+                if scale != 1.0:
+                    dz *= scale
+                if grad_h is not None:
+                    grad_h[sl] = (dz.to(weight.dtype) @ weight).to(hs.dtype)
+                if need_w:
+                    grad_w += dz.t() @ hs[sl].float()
+                if need_b:
+                    grad_b += dz.sum(0)
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+            gw = (grad_w * grad_out).to(ctx.dtypes[0]) if grad_w is not None else None
+            gb = (grad_b * grad_out).to(ctx.dtypes[1]) if grad_b is not None else None
+            return gh, None, gw, gb, None, None, None
+
+    return ChunkedKL
+
+
+_FUNCTION = []
 
 
 def chunked_kl_sum(hs, hb, weight, bias=None, chunk_size: int = 1024, softcap=None, scale: float = 1.0):
     """sum_i KL(softmax(f(hs_i W^T)) || softmax(f(hb_i W^T))), one [chunk, V] block alive at a time."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    total = torch.zeros((), dtype=torch.float32, device=hs.device)
-    for start in range(0, hs.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (hs[sl], hb[sl], weight, bias, softcap, scale)
-        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if hs.requires_grad else _chunk_kl(*args))
-    return total
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not _FUNCTION:
+        _FUNCTION.append(_kl_function())
+    return _FUNCTION[0].apply(hs, hb.detach(), weight, bias, chunk_size, softcap, scale)
 
 
 def base_hidden(peft_model, decoder, batch):

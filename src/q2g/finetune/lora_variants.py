@@ -95,6 +95,17 @@ def keep_initial(peft_model):
     return peft_model
 
 
+def save_adapter_files(model, folder) -> None:
+    """model.save_pretrained(folder), a PiSSA/OLoRA adapter converted to a plain LoRA on the original
+    base. peft's conversion loads the initial adapter beside the trained one and then warns that
+    PiSSA/OLoRA "should not be used with other adapters": its own step, so that warning is hidden."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* changes the base weights of the model", category=UserWarning)
+        model.save_pretrained(folder, **save_kwargs(model))
+
+
 def save_kwargs(model) -> dict:
     """Extra save_pretrained arguments: convert a PiSSA/OLoRA adapter to a LoRA on the original base."""
     folder = getattr(model, "q2g_initial_adapter", None)
