@@ -56,9 +56,12 @@ def test_label_only_loss_through_ddp_equals_one_process(tiny_gemma_dir):
 
 def test_two_processes_survive_an_evaluation_longer_than_ddp_timeout(tiny_gemma_dir, tmp_path):
     """The finetune stage under torchrun with ddp_timeout=5 s while every main-process evaluation
-    (baseline, 2 epochs) takes 8 s longer: the run finishes, with the label-only loss."""
+    (baseline, 2 epochs) takes 8 s longer: the run finishes, with the label-only loss. Each epoch's
+    pass@1 is decoded by both processes (3 problems: 2 + 1), and its rows, in subset order, are the
+    ones one process decodes from the saved adapter."""
     ds, out = reference_dataset(tmp_path / "ds", limit=4), tmp_path / "ck"
     flags = dict(batch_size=2, max_seq_len=256, eval_max_new_tokens=4, ppl_max_tokens=64, ppl_max_length=64)
+    flags["eval_limit"] = 3
     argv = finetune_argv(tiny_gemma_dir, ds, out, "--trainer-arg", "ddp_timeout=5", **flags, ppl_stride=32)
     proc = torchrun("-m", "q2g.cli", "finetune", *argv, env={"Q2G_TEST_MAIN_DELAY_S": "8"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +70,29 @@ def test_two_processes_survive_an_evaluation_longer_than_ddp_timeout(tiny_gemma_
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert (out / "final" / "adapter_model.safetensors").exists()
+    assert [r["eval_processes"] for r in rows] == [1, 2, 2] and rows[2]["n_eval"] == 3  # the baseline: main only
+    assert_one_process_decodes_the_same(tiny_gemma_dir, ds, out, rows[2])
+
+
+def assert_one_process_decodes_the_same(model_dir, ds, out, row):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from q2g.data.splits import load_holdout
+    from q2g.evaluation.config import EvalConfig
+    from q2g.evaluation.pass_at_1 import math_pass_at_1
+    from q2g.evaluation.subset import select_eval_subset
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / row["adapter"]))
+    subset = select_eval_subset(load_holdout(ds / "split.json"), 3)
+    cfg = EvalConfig(eval_limit=3, eval_max_new_tokens=4)
+    alone = math_pass_at_1(model, AutoTokenizer.from_pretrained(model_dir), subset, cfg, progress=False)
+    two = [json.loads(line) for line in (out / row["generations"]).read_text().splitlines()]
+    assert [r["id"] for r in two] == [r["id"] for r in subset]
+    assert [(r["generation"], r["n_tokens"]) for r in two] == [
+        (r["generation"], r["n_tokens"]) for r in alone["generations"]
+    ]
+    assert row["pass@1"] == alone["pass@1"]
 
 
 @pytest.mark.parametrize(
@@ -149,3 +175,21 @@ def test_q2g_run_refuses_fsdp_before_the_teacher_loads(tmp_path, tiny_gemma_dir,
     assert cli.call("run", ["--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "sharded weights (FSDP, ZeRO-3) are not supported" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_deal_every_nth_and_unshard_restores_the_order():
+    from q2g.evaluation.sharded import shards, unshard
+
+    items = list(range(7))
+    parts = shards(items, 3)
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert unshard(parts) == items
+    assert shards([1], 2) == [[1], []] and unshard([[1], []]) == [1]
+
+
+def test_one_process_is_not_sharded_and_gathers_itself(tiny_gemma_dir):
+    from q2g.evaluation.config import EvalConfig
+    from q2g.evaluation.sharded import sharded_pass_at_1
+
+    assert distributed.gather({"a": 1}) == [{"a": 1}]
+    assert sharded_pass_at_1(None, None, [{"id": "x"}], EvalConfig()) is None  # main decodes alone, as before

@@ -2,9 +2,10 @@
 
     accelerate launch --num_processes 8 -m q2g.cli finetune --config run.yaml
 
-The Trainer trains on every process (DDP through accelerate). Everything else in stage 2 happens
-once, on the main process: the baseline and per-epoch evaluations, metrics.jsonl, adapters,
-final/ and the report. Its decisions (a metrics row, hence the forgetting policy's verdict) are
+The Trainer trains on every process (DDP through accelerate). The per-epoch pass@1 decoding is
+split across the processes (`gather` brings their rows to the main one; see
+q2g.evaluation.sharded); everything else in stage 2 happens once, on the main process: the
+baseline, the held-out loss and perplexity, metrics.jsonl, adapters, final/ and the report. Its decisions (a metrics row, hence the forgetting policy's verdict) are
 shared so every process stops or goes on together. With one process every call here is a no-op,
 so nothing else in q2g needs to know.
 
@@ -113,6 +114,24 @@ def share(obj, wait_s: int = WAIT_S):
         return obj
     store.wait([key], timedelta(seconds=wait_s))
     return pickle.loads(store.get(key))
+
+
+def rank() -> int:
+    return _state().process_index if launched() else 0
+
+
+def gather(obj, wait_s: int = WAIT_S) -> list | None:
+    """Every process's `obj`, in process order, on the main process (None on the others); [obj]
+    with one process. Through the store, like `share`: the main process polls for up to `wait_s`."""
+    if num_processes() == 1:
+        return [obj]
+    store, key = _store(), _key("gather")
+    store.set(f"{key}/{rank()}", pickle.dumps(obj))
+    if not is_main():
+        return None
+    keys = [f"{key}/{r}" for r in range(num_processes())]
+    store.wait(keys, timedelta(seconds=wait_s))
+    return [pickle.loads(store.get(k)) for k in keys]
 
 
 def wait(wait_s: int = WAIT_S) -> None:

@@ -17,15 +17,26 @@ from q2g.evaluation.subset import select_eval_subset
 
 
 def evaluate_model(
-    model, tokenizer, holdout, wikitext_text, cfg: EvalConfig, progress=True, precision=None, adapter_dir=None
+    model,
+    tokenizer,
+    holdout,
+    wikitext_text,
+    cfg: EvalConfig,
+    progress=True,
+    precision=None,
+    adapter_dir=None,
+    decoded=None,
 ) -> dict:
     """{"math": pass@1 on the fixed eval subset, "heldout": the solution loss, "ppl": WikiText
     perplexity, "row": the flat metrics fields}; a None input skips its parts. The one in-memory
     evaluation: `q2g evaluate` and finetune's per-epoch callback both call it. `adapter_dir`:
-    where a peft `model`'s adapter is saved (used by `--eval-backend vllm`; optional)."""
+    where a peft `model`'s adapter is saved (used by `--eval-backend vllm`; optional). `decoded`:
+    (pass@1 result, seconds) already decoded across processes (q2g.evaluation.sharded), or None."""
     out = {"math": None, "heldout": None, "ppl": None}
     t0 = time.time()
-    if holdout:
+    if decoded is not None:
+        out["math"], t0 = decoded[0], t0 - decoded[1]
+    elif holdout:
         subset = select_eval_subset(holdout, cfg.eval_limit, cfg.eval_seed)
         out["math"] = math_pass_at_1(model, tokenizer, subset, cfg, progress, precision, adapter_dir)
     t1 = time.time()
@@ -61,6 +72,7 @@ def metrics_row(
                 "mean_new_tokens": m["mean_new_tokens"],
                 "eval_backend": m["backend"],
                 "eval_problems_per_s": m["n"] / max(math_s, 1e-9),
+                "eval_processes": m.get("n_processes", 1),  # processes that decoded (q2g.evaluation.sharded)
             }
         )
     if h:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from q2g import distributed, forgetting
 from q2g.evaluation.core import evaluate_model
+from q2g.evaluation.sharded import sharded_pass_at_1
 from q2g.finetune import lora_variants
 from q2g.io import append_jsonl, atomic_write_json, write_jsonl
 
@@ -53,15 +54,23 @@ def save_adapter(model, tokenizer, folder: Path, config: dict, train_row: dict |
     tmp.rename(folder)
 
 
-def evaluate(run, model, gen_path: Path, adapter_dir: Path | None = None) -> dict:
-    """pass@1 + perplexity of the in-memory model -> the evaluation fields of a metrics row."""
+def evaluate(run, model, gen_path: Path, adapter_dir: Path | None = None, decoded=None) -> dict:
+    """pass@1 + perplexity of the in-memory model -> the evaluation fields of a metrics row.
+    `decoded`: pass@1 decoded across the processes (q2g.evaluation.sharded), or None."""
     if run.records is None:
         return {"pass@1": None, "token_perplexity": None, "ppl_change": None, "flagged": False}
     if adapter_dir is not None and os.environ.get(EVAL_DELAY_ENV):  # a kill test's window
         time.sleep(float(os.environ[EVAL_DELAY_ENV]))
     s = run.settings
     result = evaluate_model(
-        model, run.tokenizer, run.records, run.wikitext, s.eval, precision=run.precision, adapter_dir=adapter_dir
+        model,
+        run.tokenizer,
+        run.records,
+        run.wikitext,
+        s.eval,
+        precision=run.precision,
+        adapter_dir=adapter_dir,
+        decoded=decoded,
     )
     write_jsonl(gen_path, result["math"]["generations"])
     row = result["row"]
@@ -185,9 +194,10 @@ def make_callback(run, lora_r: int, alpha: float, run_dir: Path, guard=None):
             if run.records is not None:
                 print(f"[finetune] epoch {half['epoch']} (rank {lora_r}): evaluating...", flush=True)
             scores = None
+            decoded = sharded_pass_at_1(model, run.tokenizer, run.records, run.settings.eval, precision=run.precision)
             if distributed.is_main():
                 gen_path = run_dir / "evals" / f"{name}.generations.jsonl"
-                scores = evaluate(run, model, gen_path, run.out / half["adapter"])
+                scores = evaluate(run, model, gen_path, run.out / half["adapter"], decoded)
             row = {**half, **distributed.share(scores)}
             if guard is not None:
                 row = {**row, **guard.metrics()}
