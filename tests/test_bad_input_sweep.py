@@ -49,6 +49,11 @@ CASES = [
     Case("url-unknown-dialect", ["--storage", "oracle2://h/db"], ("unknown database 'oracle2'", "postgresql://")),
     Case("url-unknown-driver", ["--storage", "postgresql+nosuch://h/db"], ("unknown driver 'postgresql+nosuch'",)),
     Case("url-missing-driver", ["--storage", "mysql://u:secret@h/db"], ("driver is not installed", "pip install")),
+    Case(
+        "url-named-driver-missing",
+        ["--storage", "postgresql+pg8000://u:secret@h/db"],
+        ("postgresql driver is not installed", "pip install pg8000"),
+    ),
     Case("url-no-host", ["--storage", "postgresql:///db"], ("no server host",)),
     Case(
         "server-unreachable",

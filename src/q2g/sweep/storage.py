@@ -19,10 +19,18 @@ from pathlib import Path
 
 from q2g.errors import ConfigError
 
-DRIVERS = {  # dialect -> the pip command of its default driver
-    "postgresql": "pip install psycopg2-binary",
+DRIVERS = {  # dialect -> the pip command of its default driver (SQLAlchemy 2.1: postgresql:// is psycopg 3)
+    "postgresql": 'pip install "psycopg[binary]" (or pip install -e ".[postgres]")',
     "mysql": "pip install mysqlclient (or use mysql+pymysql:// with pip install pymysql)",
     "sqlite": "(part of Python)",
+}
+DRIVER_PACKAGES = {  # a driver named in the URL (dialect+driver://) -> its pip command
+    "psycopg": 'pip install "psycopg[binary]"',
+    "psycopg2": "pip install psycopg2-binary",
+    "pg8000": "pip install pg8000",
+    "asyncpg": "pip install asyncpg",
+    "pymysql": "pip install pymysql",
+    "mysqldb": "pip install mysqlclient",
 }
 
 
@@ -72,7 +80,8 @@ def check_storage(storage: str | None) -> None:
         raise ConfigError(f"--storage: unknown driver {url.drivername!r} for {dialect}") from None
     except ImportError as e:
         raise ConfigError(
-            f"--storage {describe(storage, Path())}: the {dialect} driver is not installed ({e}): {DRIVERS[dialect]}"
+            f"--storage {describe(storage, Path())}: the {dialect} driver is not installed ({e}): "
+            f"{DRIVER_PACKAGES.get(url.get_dialect().driver, DRIVERS[dialect])}"
         ) from None
     if dialect == "sqlite":
         if url.database in (None, "", ":memory:"):
