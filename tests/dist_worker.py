@@ -23,7 +23,10 @@ def store():
     distributed.init(3)
     got = distributed.share({"row": 1} if distributed.is_main() else None)
     distributed.wait()
-    print(json.dumps({"rank": int(os.environ["RANK"]), "got": got}), flush=True)
+    # one write per line: under PYTHONUNBUFFERED print writes the text and its newline apart, and
+    # the two processes' lines would interleave in the shared pipe
+    sys.stdout.write(json.dumps({"rank": int(os.environ["RANK"]), "got": got}) + "\n")
+    sys.stdout.flush()
 
 
 def collective():

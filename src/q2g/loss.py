@@ -25,6 +25,7 @@ import warnings
 import torch
 from transformers import Trainer
 
+from q2g import fused_grads
 from q2g.batching import causal_inputs
 from q2g.finetune.kl_anchor import kl_to_base_sum
 
@@ -56,10 +57,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size, softcap, scale):
-        need_w, need_b = weight.requires_grad, bias is not None and bias.requires_grad
-        grad_h = torch.zeros_like(h) if h.requires_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grads = fused_grads.buffers(h, weight, bias)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start : start + chunk_size], targets[start : start + chunk_size]
@@ -79,22 +77,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if scale != 1.0:
                 dz *= scale
             del logp, z
-            if grad_h is not None:
-                grad_h[start : start + chunk_size] = (dz.to(weight.dtype) @ weight).to(h.dtype)
-            if need_w:
-                grad_w += dz.t() @ hc.float()
-            if need_b:
-                grad_b += dz.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+            fused_grads.accumulate(grads, slice(start, start + chunk_size), dz, h, weight)
+        fused_grads.save(ctx, grads, weight, bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.dtypes[0]) if grad_w is not None else None
-        gb = (grad_b * grad_out).to(ctx.dtypes[1]) if grad_b is not None else None
+        gh, gw, gb = fused_grads.scaled(ctx, grad_out)
         return gh, gw, gb, None, None, None, None
 
 

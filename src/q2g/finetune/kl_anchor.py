@@ -17,6 +17,7 @@ different model, so `check_init` refuses that combination.
 
 from __future__ import annotations
 
+from q2g import fused_grads
 from q2g.errors import ConfigError
 from q2g.finetune.sft_data import IGNORE_INDEX
 
@@ -72,10 +73,7 @@ def _kl_function():
 
         @staticmethod
         def forward(ctx, hs, hb, weight, bias, chunk_size, softcap, scale):
-            need_w, need_b = weight.requires_grad, bias is not None and bias.requires_grad
-            grad_h = torch.zeros_like(hs) if hs.requires_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-            grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            grads = fused_grads.buffers(hs, weight, bias)
             total = torch.zeros((), dtype=torch.float32, device=hs.device)
             for start in range(0, hs.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
@@ -92,22 +90,13 @@ def _kl_function():
                     dz *= 1 - capped.square()
                 if scale != 1.0:
                     dz *= scale
-                if grad_h is not None:
-                    grad_h[sl] = (dz.to(weight.dtype) @ weight).to(hs.dtype)
-                if need_w:
-                    grad_w += dz.t() @ hs[sl].float()
-                if need_b:
-                    grad_b += dz.sum(0)
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
-            ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+                fused_grads.accumulate(grads, sl, dz, hs, weight)
+            fused_grads.save(ctx, grads, weight, bias)
             return total
 
         @staticmethod
         def backward(ctx, grad_out):
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-            gw = (grad_w * grad_out).to(ctx.dtypes[0]) if grad_w is not None else None
-            gb = (grad_b * grad_out).to(ctx.dtypes[1]) if grad_b is not None else None
+            gh, gw, gb = fused_grads.scaled(ctx, grad_out)
             return gh, None, gw, gb, None, None, None
 
     return ChunkedKL
