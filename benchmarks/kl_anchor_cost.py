@@ -28,12 +28,12 @@ def checkpointed_kl_sum(hs, hb, weight, chunk_size, softcap, scale):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from q2g.finetune.kl_anchor import _transformed
+    from q2g.fused_grads import logits
 
     def chunk(a, b):
-        ls = torch.log_softmax(_transformed(a, weight, None, softcap, scale)[0], -1)
+        ls = torch.log_softmax(logits(a, weight, None, softcap, scale)[0], -1)
         with torch.no_grad():
-            lb = torch.log_softmax(_transformed(b, weight, None, softcap, scale)[0], -1)
+            lb = torch.log_softmax(logits(b, weight, None, softcap, scale)[0], -1)
         return (ls.exp() * (ls - lb)).sum()
 
     total = torch.zeros(())

@@ -5,6 +5,29 @@ of the hidden rows, the head weight and bias here, and its backward only scales 
 from __future__ import annotations
 
 
+def logits(h, weight, bias, softcap, scale):
+    """(fp32 logits cap * tanh(scale * (h W^T + b) / cap), the tanh or None): the model's final logits."""
+    import torch
+
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z.float() * scale
+    if softcap is None:
+        return z, None
+    capped = torch.tanh(z / softcap)
+    return capped * softcap, capped
+
+
+def through_transform(dz, capped, scale: float):
+    """d loss / d logits -> d loss / d (h W^T + b), in place: back through the cap and the scale."""
+    if capped is not None:
+        dz *= 1 - capped.square()
+    if scale != 1.0:
+        dz *= scale
+    return dz
+
+
 def buffers(h, weight, bias):
     """Zeroed (grad_h, grad_w, grad_b), each None where that input needs no gradient."""
     import torch

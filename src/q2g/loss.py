@@ -61,21 +61,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            z = hc @ weight.t()
-            if bias is not None:
-                z = z + bias
-            z = z.float() * scale
-            if softcap is not None:
-                capped = torch.tanh(z / softcap)
-                z = capped * softcap
+            z, capped = fused_grads.logits(hc, weight, bias, softcap, scale)
             logp = torch.log_softmax(z, dim=-1)
             total += -logp.gather(1, yc[:, None]).sum()
             dz = logp.exp_()  # softmax - onehot = d CE / d z (the log-probs are not needed again)
             dz[torch.arange(len(yc), device=dz.device), yc] -= 1
-            if softcap is not None:
-                dz *= 1 - capped.square()
-            if scale != 1.0:
-                dz *= scale
+            fused_grads.through_transform(dz, capped, scale)
             del logp, z
             fused_grads.accumulate(grads, slice(start, start + chunk_size), dz, h, weight)
         fused_grads.save(ctx, grads, weight, bias)

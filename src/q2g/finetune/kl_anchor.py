@@ -45,20 +45,6 @@ def check_processes(kl_to_base: float, n_processes: int) -> None:
         )
 
 
-def _transformed(h, weight, bias, softcap, scale):
-    """(fp32 logits transform(h W^T + b), tanh of the cap or None): the model's final logits."""
-    import torch
-
-    z = h @ weight.t()
-    if bias is not None:
-        z = z + bias
-    z = z.float() * scale
-    if softcap is None:
-        return z, None
-    capped = torch.tanh(z / softcap)
-    return capped * softcap, capped
-
-
 def _kl_function():
     """The autograd Function, built on first use (torch is imported lazily in this module)."""
     import torch
@@ -77,19 +63,16 @@ def _kl_function():
             total = torch.zeros((), dtype=torch.float32, device=hs.device)
             for start in range(0, hs.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
-                zs, capped = _transformed(hs[sl], weight, bias, softcap, scale)
+                zs, capped = fused_grads.logits(hs[sl], weight, bias, softcap, scale)
                 ls = torch.log_softmax(zs, dim=-1)
                 del zs
-                diff = ls - torch.log_softmax(_transformed(hb[sl], weight, bias, softcap, scale)[0], dim=-1)
+                diff = ls - torch.log_softmax(fused_grads.logits(hb[sl], weight, bias, softcap, scale)[0], dim=-1)
                 dz = ls.exp_()  # p_s (the log-probs are not needed again)
                 per_row = (dz * diff).sum(-1, keepdim=True)
                 total += per_row.sum()
                 dz *= diff.sub_(per_row)
                 del diff
-                if capped is not None:
-                    dz *= 1 - capped.square()
-                if scale != 1.0:
-                    dz *= scale
+                fused_grads.through_transform(dz, capped, scale)
                 fused_grads.accumulate(grads, sl, dz, hs, weight)
             fused_grads.save(ctx, grads, weight, bias)
             return total
