@@ -129,10 +129,10 @@ def q2g_trainer(args, model, tok, bf16, out):
     """q2g's own path: finetune's config -> finetune.trainer.training_arguments / build_lora_model, the
     label-only loss trainer, length-grouped batches (its default)."""
     from q2g.batching import PackedCollator
+    from q2g.examples import Collator, build_dataset
     from q2g.finetune.config import FinetuneConfig
-    from q2g.finetune.sft_data import Collator, build_dataset
+    from q2g.finetune.loss import LabelOnlyLossTrainer
     from q2g.finetune.trainer import build_lora_model, training_arguments
-    from q2g.loss import LabelOnlyLossTrainer
 
     ckpt = args.gradient_checkpointing == "on"
     cfg = FinetuneConfig(

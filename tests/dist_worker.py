@@ -44,8 +44,8 @@ def loss(model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from q2g.finetune.sft_data import IGNORE_INDEX, Collator
-    from q2g.loss import LossPath, label_only_loss
+    from q2g.examples import IGNORE_INDEX, Collator
+    from q2g.finetune.loss import LossPath, label_only_loss
 
     distributed.init(60)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from q2g.batching import (
     sliding_windows,
     trainer_order,
 )
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator
+from q2g.examples import IGNORE_INDEX, Collator
 
 
 def test_padding_share_by_hand():
@@ -124,7 +124,7 @@ def test_right_padding_nans_a_strict_kernel_and_dropping_the_mask_fixes_it():
 def test_label_only_trainer_drops_the_mask_by_default(tmp_path):
     from transformers import TrainingArguments
 
-    from q2g.loss import LabelOnlyLossTrainer
+    from q2g.finetune.loss import LabelOnlyLossTrainer
 
     batch, model = padded_batch(), sliding_gemma("strict")
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", label_names=["labels"])

@@ -223,7 +223,7 @@ from transformers import Trainer, TrainerState
 from q2g import cli
 from q2g.evaluation import core
 from q2g.finetune import epochs, stage
-from q2g.loss import LabelOnlyLossTrainer
+from q2g.finetune.loss import LabelOnlyLossTrainer
 
 mode, where = sys.argv[1].split(":")
 def fault():

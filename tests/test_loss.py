@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator
-from q2g.loss import LabelOnlyLossTrainer, chunked_linear_cross_entropy, label_only_loss_sum, split_causal_lm
+from q2g.examples import IGNORE_INDEX, Collator
+from q2g.finetune.loss import LabelOnlyLossTrainer, chunked_linear_cross_entropy, label_only_loss_sum, split_causal_lm
 
 TOL = 1e-5
 

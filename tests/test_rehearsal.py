@@ -10,9 +10,9 @@ from helpers import finetune_argv, reference_dataset
 from transformers import AutoTokenizer
 
 from q2g import cli
+from q2g.examples import IGNORE_INDEX, build_dataset, read_traces
 from q2g.finetune import rehearsal as rh
 from q2g.finetune.config import FinetuneConfig
-from q2g.finetune.sft_data import IGNORE_INDEX, build_dataset, read_traces
 from q2g.models import resolve_precision
 
 

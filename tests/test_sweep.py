@@ -20,10 +20,10 @@ optuna = pytest.importorskip("optuna")
 
 from q2g import cli  # noqa: E402
 from q2g.errors import ConfigError  # noqa: E402
-from q2g.sweep import cli as sweep  # noqa: E402
 from q2g.sweep import pareto, storage, workers  # noqa: E402
 from q2g.sweep import settings as sweep_settings  # noqa: E402
 from q2g.sweep import space as sweep_space  # noqa: E402
+from q2g.sweep import stage as sweep  # noqa: E402
 from q2g.sweep import study as sweep_study  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent

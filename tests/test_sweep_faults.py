@@ -18,7 +18,7 @@ import test_sweep as t  # noqa: E402
 
 from q2g import cli  # noqa: E402
 from q2g.finetune import stage as finetune  # noqa: E402
-from q2g.sweep import cli as sweep_cli  # noqa: E402
+from q2g.sweep import stage as sweep_cli  # noqa: E402
 from q2g.sweep import study as sweep_study  # noqa: E402
 from q2g.sweep.workers import KILL_AT  # noqa: E402
 

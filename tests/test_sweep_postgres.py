@@ -23,7 +23,7 @@ optuna = pytest.importorskip("optuna")
 
 import test_sweep as t  # noqa: E402
 
-from q2g.sweep import cli as sweep  # noqa: E402
+from q2g.sweep import stage as sweep  # noqa: E402
 
 URL = os.environ.get("Q2G_TEST_POSTGRES_URL")
 REQUIRED = os.environ.get("Q2G_REQUIRE_POSTGRES") == "1"

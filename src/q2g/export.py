@@ -32,7 +32,7 @@ from pathlib import Path
 
 from q2g.config import Config, load_config, option
 from q2g.errors import BadInput, DataError
-from q2g.finetune.sft_data import read_traces
+from q2g.examples import read_traces
 from q2g.io import check_output_path, write_jsonl
 from q2g.models import load_tokenizer
 from q2g.prompts import has_chat_template, student_prompt, student_target, target_trace

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from q2g.backends.vllm import import_vllm
-from q2g.evaluation.decoding_rows import Generation, cut_at_stop
+from q2g.decoding.rows import Generation, cut_at_stop
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 # The engine is built for adapters up to this rank at least: the base model (epoch 0) comes first,

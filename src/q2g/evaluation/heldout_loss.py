@@ -7,7 +7,6 @@ problems moves in steps of 1/n.
 from __future__ import annotations
 
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.forward_nll import labels_nll
 from q2g.evaluation.model_state import (
     LOGITS_BUDGET_BYTES,
     autocast,
@@ -17,7 +16,8 @@ from q2g.evaluation.model_state import (
     guarded_attention,
     progress_bar,
 )
-from q2g.finetune.sft_data import Collator, build_example
+from q2g.examples import Collator, build_example
+from q2g.scoring import labels_nll
 
 
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 
-from q2g import prompts
+from q2g import decoding, prompts
 from q2g.answers.check import is_correct
 from q2g.answers.extract import extract_answer_with_rule
 from q2g.data.sources import source_key
-from q2g.evaluation import decoding, decoding_vllm
+from q2g.evaluation import decoding_vllm
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.model_state import autocast, eval_mode, guarded_attention, progress_bar
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 
+from q2g import scoring as forward_nll
 from q2g.errors import BadInput
-from q2g.evaluation import forward_nll
 from q2g.evaluation.model_state import (
     LOGITS_BUDGET_BYTES,
     autocast,

@@ -19,14 +19,14 @@ from q2g.batching import padding_report
 from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
+from q2g.examples import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig
+from q2g.finetune.loss import planned_loss_path
 from q2g.finetune.rehearsal import add_rehearsal
 from q2g.finetune.settings import Run, Settings, run_keys
-from q2g.finetune.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
 from q2g.finetune.trainer import training_arguments
 from q2g.io import settings_diff
-from q2g.loss import planned_loss_path
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
@@ -129,7 +129,7 @@ def fit_memory(settings: Settings, lengths: list[int]) -> None:
     text_config = model_config.get_text_config()
     settings.loss_path = planned_loss_path(settings.device, text_config)[
         "loss_path"
-    ]  # q2g.loss decides; any count of processes
+    ]  # q2g.finetune.loss decides; any count of processes
     shape = memory.TrainShape(
         cfg.batch_size,
         cfg.max_seq_len,

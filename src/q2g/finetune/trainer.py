@@ -5,7 +5,7 @@
 
 `lora_config` is the one place peft's `r` appears: everywhere else the rank is `lora_r`.
 `make_trainer` builds the loss path the settings name (settings.loss_path): the label-only
-chunked or fused loss (q2g.loss.LabelOnlyLossTrainer) with one process, the Trainer's own with
+chunked or fused loss (q2g.finetune.loss.LabelOnlyLossTrainer) with one process, the Trainer's own with
 several. `training_arguments` merges q2g's options with the user's `trainer:` fields.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from q2g.distributed import DEFAULT_TIMEOUT_S
 from q2g.errors import ConfigError
+from q2g.examples import Collator
 from q2g.finetune import lora_variants
-from q2g.finetune.sft_data import Collator
-from q2g.loss import LabelOnlyLossTrainer
+from q2g.finetune.loss import LabelOnlyLossTrainer
 
 
 def lora_targets(target_modules: list[str]):
@@ -155,7 +155,7 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         processing_class=run.tokenizer,
     )
     path = run.settings.loss_path
-    if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.loss)
+    if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
     fused = "liger" if path == "liger" else "never"
     return LabelOnlyLossTrainer(

@@ -25,8 +25,8 @@ import warnings
 import torch
 from transformers import Trainer
 
-from q2g import fused_grads
 from q2g.batching import causal_inputs
+from q2g.finetune import fused_grads
 from q2g.finetune.kl_anchor import kl_to_base_sum
 
 IGNORE_INDEX = -100

@@ -48,8 +48,8 @@ def hidden_nll(head, hidden, targets, softcap: float | None = None, scale: float
 def aligned_nll(model, input_ids, attention_mask, targets, chunk: int = CHUNK) -> tuple[float, int]:
     """(summed NLL, count) of `targets` [B, T]: targets[b, t] is the token that position t of row b
     predicts (-100: not scored). Call it under `torch.inference_mode()` (and the eval's autocast)."""
-    # q2g.loss imports transformers at its top: kept lazy so importing evaluation stays light.
-    from q2g.loss import logit_transform, split_causal_lm
+    # q2g.finetune.loss imports transformers at its top: kept lazy so importing evaluation stays light.
+    from q2g.finetune.loss import logit_transform, split_causal_lm
 
     decoder, head, config = split_causal_lm(model)
     softcap, scale = logit_transform(config.get_text_config())
