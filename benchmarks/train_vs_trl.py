@@ -132,7 +132,7 @@ def q2g_trainer(args, model, tok, bf16, out):
     from q2g.examples import Collator, build_dataset
     from q2g.finetune.config import FinetuneConfig
     from q2g.finetune.loss import LabelOnlyLossTrainer
-    from q2g.finetune.trainer import build_lora_model, training_arguments
+    from q2g.finetune.train import build_lora_model, training_arguments
 
     ckpt = args.gradient_checkpointing == "on"
     cfg = FinetuneConfig(

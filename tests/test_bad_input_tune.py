@@ -22,7 +22,7 @@ from q2g import cli
 from q2g.evaluation.core import evaluate_model
 from q2g.finetune import baseline_cache, epochs
 from q2g.finetune.epochs import EVAL_DELAY_ENV
-from q2g.finetune.trainer import make_trainer
+from q2g.finetune.train import make_trainer
 from q2g.guards import NonFiniteError, NonFiniteGuard
 
 

@@ -26,7 +26,7 @@ import pytest
 from helpers import finetune_argv, reference_dataset
 
 from q2g import cli, io
-from q2g.finetune import trainer
+from q2g.finetune import train as trainer
 
 ROWS = [(0, 0, None), (1, 2, 16), (2, 4, 16)]  # (epoch, step, rank): 6 examples / batch 4 = 2 steps an epoch
 

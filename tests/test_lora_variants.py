@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from q2g import cli
 from q2g.errors import ConfigError
-from q2g.finetune import epochs, trainer
+from q2g.finetune import epochs
+from q2g.finetune import train as trainer
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.lora_variants import supported_inits
 

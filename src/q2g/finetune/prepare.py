@@ -25,7 +25,7 @@ from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.loss import planned_loss_path
 from q2g.finetune.rehearsal import add_rehearsal
 from q2g.finetune.settings import Run, Settings, run_keys
-from q2g.finetune.trainer import training_arguments
+from q2g.finetune.train import training_arguments
 from q2g.io import settings_diff
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}

@@ -18,7 +18,7 @@ from q2g import distributed, forgetting
 from q2g.finetune import kl_anchor, probe
 from q2g.finetune.baseline import load_base
 from q2g.finetune.epochs import last_adapter, make_callback
-from q2g.finetune.trainer import build_lora_model, latest_checkpoint, make_trainer, training_arguments
+from q2g.finetune.train import build_lora_model, latest_checkpoint, make_trainer, training_arguments
 from q2g.guards import NonFiniteGuard
 from q2g.io import atomic_write_json
 
