@@ -30,7 +30,7 @@ from q2g import scoring as forward_nll
 from q2g.data import loaders
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import _example_batches, heldout_examples
-from q2g.evaluation.perplexity import _window_batches, q2g_windows
+from q2g.scoring import _window_batches, q2g_windows
 
 CE_CHUNK = 1024  # the old path's fp32 log-softmax slice
 
@@ -145,7 +145,7 @@ def ppl_rows(model, tok, text, args) -> list[dict]:
             args.reps,
             {
                 "perplexity, kept logits": lambda: sum(logits_windows_nll(model, b) for b in batches),
-                "perplexity, forward_nll": lambda: sum(forward_nll.windows_nll(model, b) for b in batches),
+                "perplexity, forward_nll": lambda: sum(forward_nll.batch_nll(model, b) for b in batches),
             },
         )
     return [
@@ -200,7 +200,7 @@ def main() -> None:
     warm = [prompts.student_prompt_ids(tok, "1 + 1?")]
     decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.finetune.loss (~5 s)
     with torch.inference_mode():
-        forward_nll.windows_nll(model, [(warm[0], warm[0][1:], 1)])
+        forward_nll.batch_nll(model, [(warm[0], warm[0][1:], 1)])
     tables = {"pass1": pass1_rows(model, tok, problems[: args.problems], args)}
     print_table(
         tables["pass1"],

@@ -9,7 +9,7 @@ Both train a LoRA adapter (r16, alpha 32, dropout 0.05, q_proj/v_proj) on the pa
 problems' reference solutions (what the `reference` teacher writes), with the same batch size,
 accumulation, max length, learning rate and precision (bf16 on a GPU that has it, else fp32):
     q2g  LabelOnlyLossTrainer (label-only chunked loss) + finetune's Collator and build_dataset
-         (--packing: q2g.batching.PackedCollator instead, padding-free)
+         (--packing: tests/helpers.py's PackedCollator instead, padding-free)
     TRL  SFTTrainer with its defaults on prompt/completion rows (completion-only loss; note that
          its default is gradient checkpointing ON, q2g's is off: --gradient-checkpointing on|off
          sets both)
@@ -128,7 +128,9 @@ def common_args(args, bf16: bool) -> dict:
 def q2g_trainer(args, model, tok, bf16, out):
     """q2g's own path: finetune's config -> finetune.trainer.training_arguments / build_lora_model, the
     label-only loss trainer, length-grouped batches (its default)."""
-    from q2g.batching import PackedCollator
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import PackedCollator
+
     from q2g.examples import Collator, build_dataset
     from q2g.finetune.config import FinetuneConfig
     from q2g.finetune.loss import LabelOnlyLossTrainer
@@ -279,7 +281,7 @@ def main() -> int:
         help="default: each trainer's own (q2g off, TRL on)",
     )
     p.add_argument(
-        "--packing", action="store_true", help="q2g packs each batch into one row (q2g.batching.PackedCollator)"
+        "--packing", action="store_true", help="q2g packs each batch into one row (tests/helpers.py's PackedCollator)"
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
     p.add_argument("--random-shape", choices=["gemma-7b"], help="a random bf16 model of this shape, built on --device")

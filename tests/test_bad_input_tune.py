@@ -20,7 +20,8 @@ from transformers import TrainerCallback
 
 from q2g import cli
 from q2g.evaluation.core import evaluate_model
-from q2g.finetune import baseline_cache, epochs
+from q2g.finetune import baseline as baseline_cache
+from q2g.finetune import epochs
 from q2g.finetune.epochs import EVAL_DELAY_ENV
 from q2g.finetune.train import make_trainer
 from q2g.guards import NonFiniteError, NonFiniteGuard

@@ -8,17 +8,16 @@ failure and its fix are tested on the CPU in fp32.
 
 import pytest
 import torch
+from helpers import PackedCollator, fully_masked_rows, sliding_windows
 from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask, sliding_window_causal_mask_function
 
 from q2g.batching import (
     causal_inputs,
-    fully_masked_rows,
     is_right_padded,
     padding_report,
     padding_share,
-    sliding_windows,
     trainer_order,
 )
 from q2g.examples import IGNORE_INDEX, Collator
@@ -141,8 +140,6 @@ def test_packed_batch_equals_padded_batch(request, kind):
     """One packed row with per-example positions: the same loss and LoRA gradients as the padded
     batch (no attention across examples, sliding windows included)."""
     from test_loss import examples, lora_grads, lora_model
-
-    from q2g.batching import PackedCollator
 
     path = request.getfixturevalue("tiny_qwen_dir" if kind == "qwen2" else "tiny_gemma_dir")
     rows = examples(4)

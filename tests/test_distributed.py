@@ -80,8 +80,8 @@ def assert_one_process_decodes_the_same(model_dir, ds, out, row):
 
     from q2g.data.splits import load_holdout
     from q2g.evaluation.config import EvalConfig
+    from q2g.evaluation.core import select_eval_subset
     from q2g.evaluation.pass_at_1 import math_pass_at_1
-    from q2g.evaluation.subset import select_eval_subset
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / row["adapter"]))
     subset = select_eval_subset(load_holdout(ds / "split.json"), 3)
@@ -178,7 +178,7 @@ def test_q2g_run_refuses_fsdp_before_the_teacher_loads(tmp_path, tiny_gemma_dir,
 
 
 def test_shards_deal_every_nth_and_unshard_restores_the_order():
-    from q2g.evaluation.sharded import shards, unshard
+    from q2g.evaluation.core import shards, unshard
 
     items = list(range(7))
     parts = shards(items, 3)
@@ -189,7 +189,7 @@ def test_shards_deal_every_nth_and_unshard_restores_the_order():
 
 def test_one_process_is_not_sharded_and_gathers_itself(tiny_gemma_dir):
     from q2g.evaluation.config import EvalConfig
-    from q2g.evaluation.sharded import sharded_pass_at_1
+    from q2g.evaluation.core import sharded_pass_at_1
 
     assert distributed.gather({"a": 1}) == [{"a": 1}]
     assert sharded_pass_at_1(None, None, [{"id": "x"}], EvalConfig()) is None  # main decodes alone, as before

@@ -16,13 +16,12 @@ from helpers import finetune_argv, reference_dataset
 from q2g import examples as sft_data
 from q2g import models, prompts
 from q2g.data import loaders, splits
-from q2g.evaluation import decoding_vllm
+from q2g.evaluation import pass_at_1 as decoding_vllm
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.evaluation.heldout_loss import heldout_loss
 from q2g.evaluation.pass_at_1 import math_pass_at_1
-from q2g.evaluation.perplexity import perplexity
-from q2g.evaluation.wikitext import rolling_windows, wikitext_detokenize, wikitext_documents
+from q2g.evaluation.perplexity import perplexity, rolling_windows, wikitext_detokenize, wikitext_documents
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from q2g import cli
 from q2g.examples import IGNORE_INDEX, Collator, build_example
 from q2g.finetune import stage as finetune
-from q2g.finetune import training
+from q2g.finetune import train as training
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PROBLEM, TRACE = "What is 2+3?", "2+3=5. The final answer is $\\boxed{5}$."
@@ -251,7 +251,7 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
 KILL_AFTER_FIRST_SAVE = """
 import os, signal, sys
 from q2g import cli
-from q2g.finetune import training
+from q2g.finetune import train as training
 real = training.make_callback
 def make_callback(*a, **k):
     cb = real(*a, **k)

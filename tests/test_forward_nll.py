@@ -66,7 +66,7 @@ def test_perplexity_windows_equal_the_logits_path(model):
     rolling = [([2] + ids[:31], ids[:32], 0), (ids[7:39], ids[8:40], 0)]
     with torch.inference_mode():
         for batch in (q2g, rolling):
-            assert forward_nll.windows_nll(model, batch, chunk=5) == pytest.approx(
+            assert forward_nll.batch_nll(model, batch, chunk=5) == pytest.approx(
                 _logits_windows_nll(model, batch), rel=1e-5
             )
 

