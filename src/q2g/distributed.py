@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from datetime import timedelta
 
 from q2g.errors import ConfigError
@@ -109,7 +108,6 @@ def share(obj, wait_s: int = WAIT_S):
         return obj
     store, key = _store(), _key("share")
     if is_main():
-        time.sleep(float(os.environ.get("Q2G_TEST_MAIN_DELAY_S", 0)))  # test hook: a slow evaluation
         store.set(key, pickle.dumps(obj))
         return obj
     store.wait([key], timedelta(seconds=wait_s))

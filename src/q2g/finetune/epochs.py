@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +41,6 @@ from q2g.io import append_jsonl, atomic_write_json, read_jsonl_tolerant, write_j
 
 ADAPTER_CONFIG_NAME = "q2g_config.json"
 TRAIN_ROW_NAME = "train_row.json"  # the training half of an epoch's row, saved before its evaluation
-EVAL_DELAY_ENV = "Q2G_FINETUNE_EVAL_DELAY"  # tests: seconds to sleep inside a trained epoch's evaluation
 TRACKED = ("pass@1", "token_perplexity", "word_perplexity", "bits_per_byte", "ppl_change", "heldout_loss")
 
 
@@ -75,8 +73,6 @@ def evaluate(run, model, gen_path: Path, adapter_dir: Path | None = None, decode
     `decoded`: pass@1 decoded across the processes (q2g.evaluation.core), or None."""
     if run.records is None:
         return {"pass@1": None, "token_perplexity": None, "ppl_change": None, "flagged": False}
-    if adapter_dir is not None and os.environ.get(EVAL_DELAY_ENV):  # a kill test's window
-        time.sleep(float(os.environ[EVAL_DELAY_ENV]))
     s = run.settings
     result = evaluate_model(
         model,
