@@ -141,7 +141,7 @@ CASES = [
         "ev-vllm-missing",
         "evaluate",
         ["--eval-backend", "vllm"],
-        "--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'",
+        "--eval-backend vllm needs the vllm package, which is not installed: pip install 'q2g[vllm]'",
     ),
     C(
         "ev-vllm-missing-yaml",

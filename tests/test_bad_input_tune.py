@@ -49,7 +49,7 @@ def argv(model, ds, out, *extra, **settings):
         (("--trainer-arg", "no_such_field=1"), "'no_such_field' is not a TrainingArguments field"),
         (("--report-to", "wandb"), "pip install wandb"),
         (("--report-to", "mlflow"), "pip install mlflow"),
-        (("--report-to", "trackio", "wandb"), "pip install trackio wandb"),
+        (("--report-to", "trackio", "wandb"), "--report-to trackio needs the trackio package"),
     ],
 )
 def test_refused_before_config_json(extra, message, tiny_gemma_dir, dataset, tmp_path, capsys):

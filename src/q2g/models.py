@@ -20,6 +20,7 @@ from pathlib import Path
 
 from q2g.demo_model import DEMO_MODEL, demo_gemma_dir  # noqa: F401  (DEMO_MODEL: part of this API)
 from q2g.errors import BadInput, ConfigError
+from q2g.optional import install_hint, is_available
 
 
 def pick_device(device: str = "auto") -> str:
@@ -119,13 +120,11 @@ def cpu_has_bf16() -> bool:
 
 def resolve_optim(name: str, device: str) -> str:
     """The Trainer `optim`; 8-bit AdamW falls back to torch AdamW (said once) where it cannot run."""
-    import importlib.util
-
     if name == "adamw":
         return "adamw_torch"
-    if importlib.util.find_spec("bitsandbytes") is None or not device.startswith("cuda"):
+    if not is_available("bitsandbytes") or not device.startswith("cuda"):
         why = (
-            "bitsandbytes is not installed: pip install 'q2g[bnb]'"
+            f"bitsandbytes is not installed: {install_hint('bitsandbytes')}"
             if device.startswith("cuda")
             else "it needs a CUDA GPU"
         )

@@ -9,7 +9,6 @@ writes eval.json (settings, precision, every number) and generations.jsonl (one 
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -21,24 +20,15 @@ from q2g.errors import BadInput
 from q2g.evaluation.config import EvalConfig, EvaluateConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.io import atomic_write_json, write_jsonl
+from q2g.optional import require
 from q2g.out_folder import check_out_folder
-
-
-def _vllm_installed() -> bool:
-    """Whether vLLM can be imported, asked without importing it (seconds, and GPU probing)."""
-    if "vllm" in sys.modules:  # imported already (or set to None, as tests hide it)
-        return sys.modules["vllm"] is not None
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def check_paths(args: EvaluateConfig, cfg: EvalConfig) -> None:
     """The output folder, model, adapter and optional parts, checked before anything loads or is written."""
     check_out_folder(args.out)
-    if cfg.eval_backend == "vllm" and not args.no_math and not _vllm_installed():
-        raise BadInput("--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'")
+    if cfg.eval_backend == "vllm" and not args.no_math:
+        require("vllm", "--eval-backend vllm")
     models.check_model_name(args.model)
     if args.adapter:
         read_adapter_config(args.adapter)

@@ -29,6 +29,7 @@ from q2g.batching import causal_inputs
 from q2g.examples import IGNORE_INDEX
 from q2g.finetune import fused_grads
 from q2g.finetune.kl_anchor import kl_to_base_sum
+from q2g.optional import install_hint, is_available
 from q2g.scoring import logit_transform, split_causal_lm
 
 
@@ -75,20 +76,14 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCE.apply(h, weight, bias, targets, chunk_size, softcap, scale)
 
 
-def is_liger_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def liger_linear_cross_entropy(h, weight, targets, bias=None, softcap: float | None = None) -> torch.Tensor:
     """Liger Kernel's fused linear cross-entropy (CUDA), summed. ImportError says what is wrong."""
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
-        if is_liger_available():  # installed, but it (or its Triton) does not import
+        if is_available("liger_kernel"):  # installed, but it (or its Triton) does not import
             raise ImportError(f"liger_kernel is installed but does not import ({e}); check its Triton") from e
-        raise ImportError("the fused loss needs Liger Kernel: pip install liger-kernel") from e
+        raise ImportError(f"the fused loss needs Liger Kernel: {install_hint('liger_kernel')}") from e
     kwargs = {"softcap": softcap} if softcap is not None else {}
     out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)(
         weight, h, targets, bias
@@ -116,7 +111,7 @@ def planned_loss_path(device: str, config, fused: str = "auto") -> dict:
     the chunked path. The Trainer's `loss_info()` says what did run (a first-call failure falls back)."""
     path = LossPath(fused)
     _, scale = logit_transform(config)
-    if fused == "never" or not device.startswith("cuda") or scale != 1.0 or not is_liger_available():
+    if fused == "never" or not device.startswith("cuda") or scale != 1.0 or not is_available("liger_kernel"):
         path.path = "chunked"
         return path.info()
     try:
@@ -130,7 +125,7 @@ def planned_loss_path(device: str, config, fused: str = "auto") -> dict:
 
 def liger_eligible(h: torch.Tensor, scale: float) -> bool:
     """Liger's kernel runs on CUDA, for models without a logit scale (it has a softcap only)."""
-    return h.is_cuda and scale == 1.0 and is_liger_available()
+    return h.is_cuda and scale == 1.0 and is_available("liger_kernel")
 
 
 def _fused_or_none(h, lm_head, targets, softcap, scale, path: LossPath):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -41,16 +40,16 @@ from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
 from q2g.finetune.loss import planned_loss_path
 from q2g.finetune.train import training_arguments
 from q2g.io import atomic_write_json, atomic_write_text, settings_diff
+from q2g.optional import require
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to values that need their package
 
 
 def check_trackers(report_to: list[str]) -> None:
     """--report-to X needs X installed: say the pip command now, not as a traceback at step 0."""
-    missing = [t for t in report_to if t in TRACKER_PACKAGES and importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
-    if missing:
-        pkgs = " ".join(TRACKER_PACKAGES[t] for t in missing)
-        raise ConfigError(f"--report-to {' '.join(missing)}: not installed here: pip install {pkgs}")
+    for tracker in report_to:
+        if tracker in TRACKERS:
+            require(tracker, f"--report-to {tracker}", ConfigError)
 
 
 def check_path(name: str | None, flag: str, folder_to_make: bool = False) -> None:
