@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.demo_model import DEMO_MODEL, demo_gemma_dir  # noqa: F401  (DEMO_MODEL: part of this API)
+from q2g.demo_model import DEMO_MODEL, demo_gemma_dir, resolve_model_path  # noqa: F401  (part of this API)
 from q2g.errors import BadInput, ConfigError
 from q2g.optional import install_hint, is_available
 
@@ -131,16 +131,6 @@ def resolve_optim(name: str, device: str) -> str:
         print(f"[q2g] note: 8-bit AdamW cannot run here ({why}); using torch AdamW instead", flush=True)
         return "adamw_torch"
     return "adamw_bnb_8bit"
-
-
-def resolve_model_path(name: str) -> str:
-    """A hub id or folder as given; `pypi:gemma3-270m` -> the converted local folder."""
-    if name == DEMO_MODEL:
-        try:
-            return str(demo_gemma_dir())
-        except ImportError as e:
-            raise BadInput(str(e)) from None
-    return name
 
 
 def model_revision(name: str) -> str:
