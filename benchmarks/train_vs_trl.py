@@ -152,7 +152,7 @@ def q2g_trainer(args, model, tok, bf16, out):
         trainer={"logging_steps": 10**6},
     )
     examples, _ = build_dataset(tok, rows(args.n_examples), args.seq_len)
-    peft_model = build_lora_model(model, cfg, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing)
+    peft_model = build_lora_model(model, cfg, cfg.gradient_checkpointing)
     targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
     targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g's own setting, per epoch, is for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)

@@ -23,7 +23,7 @@ def build(folder, **options):
     cfg = FinetuneConfig(lora_r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, **options)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return trainer.build_lora_model(base, cfg, RANK, ALPHA)
+    return trainer.build_lora_model(base, cfg.replace(lora_r=RANK, lora_alpha=ALPHA))
 
 
 def train_a_little(model):

@@ -96,9 +96,16 @@ def resolve_precision(precision: str, device: str) -> Precision:
     return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
 
 
-def vllm_dtype(precision: str) -> str:
-    """vLLM's `dtype` for a q2g precision: the weights' dtype resolve_precision decides on a GPU."""
-    return str(resolve_precision(precision, "cuda").dtype).removeprefix("torch.")
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", None: "float32"}
+
+
+def vllm_dtype(precision: Precision | None) -> str:
+    """The dtype vLLM computes in: the run's precision decision (`resolve_precision`), never the
+    parameters' dtype (fp32 weights under bf16 autocast compute in bf16); None: vLLM's own ("auto",
+    the checkpoint's dtype). The teacher and the student's vLLM evaluation both ask here."""
+    if precision is None:
+        return "auto"
+    return VLLM_DTYPES[precision.autocast]
 
 
 def storage_dtype(name: str):

@@ -30,6 +30,7 @@ from q2g.backends.vllm import import_vllm
 from q2g.data.sources import source_key
 from q2g.decoding.rows import Generation, cut_at_stop
 from q2g.evaluation.config import EvalConfig
+from q2g.models import vllm_dtype
 from q2g.scoring import autocast, eval_mode, guarded_attention, progress_bar
 
 
@@ -105,24 +106,13 @@ def _saved_adapter(model, adapter_dir):
 
 
 # vLLM's dtype names for the run's compute precision (Precision.autocast; None: fp32).
-VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", None: "float32"}
-
-
-def vllm_dtype(precision) -> str:
-    """The dtype vLLM computes in: the run's precision (models.resolve_precision), never the
-    parameters' dtype (fp32 weights under bf16 autocast compute in bf16)."""
-    if precision is None:
-        return "auto"  # no decision passed in: vLLM's own (the checkpoint's dtype)
-    return VLLM_DTYPES[precision.autocast]
-
-
 def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir, precision):
     base = _base_model(model)
     with _saved_adapter(model, adapter_dir) as folder:
         engine = vllm_engine(
             base.config.name_or_path,
             dtype=vllm_dtype(precision),
-            lora_rank=adapter_rank(folder) if folder else 0,
+            lora_r=adapter_rank(folder) if folder else 0,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.eval_seed,
         )
@@ -190,11 +180,11 @@ def adapter_rank(adapter_dir) -> int:
     return int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
 
 
-def vllm_engine(base: str, *, dtype: str, lora_rank: int, gpu_memory_utilization: float, seed: int = 0) -> dict:
+def vllm_engine(base: str, *, dtype: str, lora_r: int, gpu_memory_utilization: float, seed: int = 0) -> dict:
     """The process's vLLM engine for `base`, with LoRA on (adapters come per request, never
     merged). Built once and kept across epochs; rebuilt only for an adapter of a higher rank."""
     vllm = import_vllm("--eval-backend vllm")
-    need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_rank, VLLM_MIN_LORA_RANK)), lora_rank)
+    need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_r, VLLM_MIN_LORA_RANK)), lora_r)
     held = _ENGINES.get((base, dtype))
     if held is None or held["max_lora_rank"] < need:
         _ENGINES.pop((base, dtype), None)

@@ -257,22 +257,22 @@ def probe_perplexity(model, run, sample: tuple[str, int]) -> float:
     return result["token_perplexity"]
 
 
-def stored_reference(run, rank: int) -> float | None:
+def stored_reference(run, lora_r: int) -> float | None:
     """The step-0 probe of this rank already in metrics.jsonl (a resumed run)."""
     rows = read_jsonl_tolerant(run.out / "metrics.jsonl") if (run.out / "metrics.jsonl").exists() else []
     return next(
-        (r["token_perplexity"] for r in rows if r.get("probe") and r["lora_r"] == rank and r["step"] == 0), None
+        (r["token_perplexity"] for r in rows if r.get("probe") and r["lora_r"] == lora_r and r["step"] == 0), None
     )
 
 
-def probe_row(run, rank: int, state, ppl: float, reference: float, tokens: int, seconds: float) -> dict:
+def probe_row(run, lora_r: int, state, ppl: float, reference: float, tokens: int, seconds: float) -> dict:
     change = forgetting.relative_change(reference, ppl)
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "probe": True,
         "epoch": round(state.epoch or 0.0, 4),
         "step": state.global_step,
-        "lora_r": rank,
+        "lora_r": lora_r,
         "token_perplexity": ppl,
         "ppl_change": change,
         "flagged": forgetting.over_budget(change, run.settings.asked.forgetting_budget),
@@ -281,7 +281,7 @@ def probe_row(run, rank: int, state, ppl: float, reference: float, tokens: int, 
     }
 
 
-def make_probe(run, rank: int):
+def make_probe(run, lora_r: int):
     from transformers import TrainerCallback
 
     class ForgettingProbe(TrainerCallback):
@@ -295,13 +295,13 @@ def make_probe(run, rank: int):
             ppl = probe_perplexity(model, run, self.sample)
             if self.reference is None:
                 self.reference = ppl
-            row = probe_row(run, rank, state, ppl, self.reference, self.sample[1], time.time() - t0)
+            row = probe_row(run, lora_r, state, ppl, self.reference, self.sample[1], time.time() - t0)
             if distributed.is_main():
                 append_jsonl(run.out / "metrics.jsonl", [row])
             return row
 
         def on_train_begin(self, args, state, control, model=None, **kw):
-            self.reference = stored_reference(run, rank)
+            self.reference = stored_reference(run, lora_r)
             if self.reference is None and state.global_step == 0:
                 self.check(state, model)
 
@@ -310,7 +310,7 @@ def make_probe(run, rank: int):
                 return control
             row = self.check(state, model)
             verdict = forgetting.verdict(row["ppl_change"], run.settings.asked.forgetting_budget)
-            print(f"[finetune] probe at step {state.global_step} (rank {rank}): {verdict}", flush=True)
+            print(f"[finetune] probe at step {state.global_step} (rank {lora_r}): {verdict}", flush=True)
             if row["flagged"] and run.settings.asked.on_forgetting != "flag":
                 print(
                     f"[finetune] probe over the forgetting budget: --on-forgetting {run.settings.asked.on_forgetting} "
@@ -323,8 +323,8 @@ def make_probe(run, rank: int):
     return ForgettingProbe()
 
 
-def probe_callbacks(run, rank: int) -> list:
+def probe_callbacks(run, lora_r: int) -> list:
     """The probe callback when --forgetting-check-steps is on (and WikiText is loaded), else none."""
     if not run.settings.asked.forgetting_check_steps or run.wikitext is None:
         return []
-    return [make_probe(run, rank)]
+    return [make_probe(run, lora_r)]

@@ -1,6 +1,6 @@
 """The LoRA model and the Trainer, each built in one function (the hooks for other losses go here).
 
-    peft_model = build_lora_model(model, cfg, lora_r=16, lora_alpha=32, gradient_checkpointing=False)
+    peft_model = build_lora_model(model, cfg, gradient_checkpointing=False)   # at cfg.lora_r, cfg.lora_alpha
     trainer = make_trainer(run, peft_model, targs, callback, guard)
 
 `lora_config` is the one place peft's `r` appears: everywhere else the rank is `lora_r`.
@@ -14,7 +14,7 @@ The training runs of stage 2: the first at --lora-r, then (reduce-rank) retrains
 
 Each run trains into its folder (the run's --out, or rank-<r>/ for a retrain), resumes from its
 checkpoint under --resume, and is marked done by train_done.json. The per-epoch work is the
-callback's (epochs.py); the model and the Trainer are built by trainer.py.
+callback's (epochs.py); the model and the Trainer are built above.
 """
 
 from __future__ import annotations
@@ -43,22 +43,23 @@ def lora_targets(target_modules: list[str]):
     return "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
 
 
-def lora_config(cfg, lora_r: int, lora_alpha: float):
-    """The peft LoraConfig of a run at rank `lora_r` (a retrain under reduce-rank passes a smaller one)."""
+def lora_config(cfg):
+    """The peft LoraConfig of a run at rank `cfg.lora_r` (a retrain under reduce-rank passes a cfg
+    whose lora_r and lora_alpha are the retrain's: the rank comes in one place)."""
     from peft import LoraConfig
 
     return LoraConfig(
         task_type="CAUSAL_LM",
-        r=lora_r,
-        lora_alpha=lora_alpha,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_targets(cfg.target_modules),
         **lora_kwargs(cfg),  # rsLoRA, DoRA, the init (PiSSA, OLoRA, ...)
     )
 
 
-def build_lora_model(model, cfg, lora_r: int, lora_alpha: float, gradient_checkpointing: bool = False):
-    """Wrap the base model with a LoRA adapter; only the adapter is trainable (and kept in fp32).
+def build_lora_model(model, cfg, gradient_checkpointing: bool = False):
+    """Wrap the base model with a LoRA adapter at cfg.lora_r; only the adapter is trainable (and kept in fp32).
     `gradient_checkpointing` is the decided value (settings.gradient_checkpointing_used)."""
     from peft import get_peft_model
 
@@ -67,7 +68,7 @@ def build_lora_model(model, cfg, lora_r: int, lora_alpha: float, gradient_checkp
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return keep_initial(get_peft_model(model, lora_config(cfg, lora_r, lora_alpha)))
+        return keep_initial(get_peft_model(model, lora_config(cfg)))
 
 
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
@@ -211,7 +212,9 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
         kl_anchor.check_processes(cfg.kl_to_base, distributed.num_processes())
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         base = model if model is not None else load_base(run)
-        peft_model = build_lora_model(base, cfg, lora_r, lora_alpha, s.gradient_checkpointing_used)
+        peft_model = build_lora_model(
+            base, cfg.replace(lora_r=lora_r, lora_alpha=lora_alpha), s.gradient_checkpointing_used
+        )
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)
         steps = math.ceil(n_batches / cfg.grad_accum)
         targs = training_arguments(cfg, run_dir, run.precision.autocast, s.optim_used, steps, s.device)
