@@ -26,7 +26,6 @@ data_files=FILE)` reads either file as it is.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +122,3 @@ def main(argv=None) -> int:
     write_jsonl(out_path, out)
     print(f"[export] {len(out)} validated traces -> {args.out} ({args.format})")
     return 0
-
-
-if __name__ == "__main__":
-    from q2g.cli import main as cli_main
-
-    sys.exit(cli_main(["export", *sys.argv[1:]]))

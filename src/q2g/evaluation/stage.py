@@ -9,7 +9,6 @@ writes eval.json (settings, precision, every number) and generations.jsonl (one 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from q2g import models
@@ -58,8 +57,7 @@ def _load_inputs(args: EvaluateConfig, cfg: EvalConfig) -> tuple[list[dict] | No
     return holdout, text
 
 
-def _load_model(args: EvaluateConfig, precision):
-    device = models.pick_device(args.device)
+def _load_model(args: EvaluateConfig, device: str, precision):
     model = models.load_model(args.model, precision.dtype, device)
     tokenizer = models.load_tokenizer(args.model, padding_side="left")
     if args.adapter:
@@ -105,8 +103,9 @@ def main(argv=None) -> int:
     )
     check_paths(args, cfg)
     holdout, text = _load_inputs(args, cfg)  # all input is read and checked before the model loads
-    precision = models.resolve_precision(args.precision, models.pick_device(args.device))
-    model, tokenizer = _load_model(args, precision)
+    device = models.pick_device(args.device)  # decided once for the run
+    precision = models.resolve_precision(args.precision, device)
+    model, tokenizer = _load_model(args, device, precision)
     result = evaluate_model(model, tokenizer, holdout, text, cfg, precision=precision, adapter_dir=args.adapter)
     generations = result["math"].pop("generations") if result["math"] else []
     out = Path(args.out)
@@ -124,9 +123,3 @@ def main(argv=None) -> int:
     print_table(result)
     print(f"wrote {out / 'eval.json'} and {out / 'generations.jsonl'} ({len(generations)} rows)")
     return 0
-
-
-if __name__ == "__main__":
-    from q2g.cli import main as cli_main
-
-    sys.exit(cli_main(["evaluate", *sys.argv[1:]]))

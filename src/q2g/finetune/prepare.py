@@ -1,10 +1,10 @@
 """Before stage 2 writes anything: check every setting and input, and decide what the run will do.
 
-    check_request(cfg, eval_cfg)        # cheap checks, also run by `q2g run` before generation
-    run = prepare(cfg, eval_cfg)        # -> settings.Run; reads the traces, writes nothing
+    check_request(cfg, eval_cfg)        # cheap checks (also run by `q2g run` before generation) -> (device, precision)
+    run = prepare(cfg, eval_cfg)        # -> config.Run; reads the traces; writes only rehearsal texts to the cache
 
-`prepare` is the one place the decisions of settings.Settings are made: device and precision
-(models.resolve_precision), optimizer, the loss path, the attention implementation, the examples,
+`prepare` is the one place the decisions of config.Settings are made: device and precision
+(decided once, in check_request, and passed on in Settings and Run), optimizer, the loss path, the attention implementation, the examples,
 and (fit_memory) gradient checkpointing from q2g.memory's plan.
 
 Self-rehearsal (`--rehearsal-fraction F`): the base model's own general text, mixed into training.
@@ -13,9 +13,10 @@ Self-rehearsal (`--rehearsal-fraction F`): the base model's own general text, mi
 
 Before training, the base model writes short continuations from `<bos>` alone (no WikiText
 opening, so nothing of the perplexity text is trained on), by seeded sampling (temperature 1,
-no top-k/top-p: its own distribution, not its mode). They are stored beside the traces as
-`rehearsal-<key>.jsonl` + `rehearsal-<key>.json` (the settings; the key is their hash), so a
-rerun or a sweep's trials with the same settings reuse them instead of generating again. A
+no top-k/top-p: its own distribution, not its mode). They are stored in q2g's cache ($Q2G_CACHE/
+rehearsal/, never in the input dataset's folder) as `rehearsal-<key>.jsonl` + `rehearsal-<key>.json`
+(the settings; the key is their hash), so a rerun or a sweep's trials with the same settings reuse
+them instead of generating again. This is its own step, after every check has passed. A
 fraction F of the training examples are these, trained with the plain LM loss (every token is
 labelled), which keeps the student near its own distribution with no outside data.
 F = 0 leaves the dataset exactly as it was.
@@ -39,7 +40,7 @@ from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
 from q2g.finetune.loss import planned_loss_path
 from q2g.finetune.train import training_arguments
-from q2g.io import atomic_write_json, atomic_write_text, settings_diff
+from q2g.io import atomic_write_json, atomic_write_text, cache_dir, settings_diff
 from q2g.optional import require
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to values that need their package
@@ -72,32 +73,32 @@ def check_path(name: str | None, flag: str, folder_to_make: bool = False) -> Non
         raise BadInput(f"{flag} {name}: {existing} is a file, so no folder can be made inside it")
 
 
-def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> None:
-    """What can be refused from the settings alone (no traces read, nothing written)."""
+def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> tuple[str, models.Precision]:
+    """What can be refused from the settings alone (no traces read, nothing written); returns the
+    run's (device, precision), decided here once."""
     check_path(cfg.out, "--out", folder_to_make=True)
     for name, flag in ((cfg.traces, "--traces"), (cfg.split, "--split"), (cfg.baseline_from, "--baseline-from")):
         check_path(name, flag)
     models.check_model_name(cfg.base_model)
     check_trackers(cfg.report_to)
     device = models.pick_device(cfg.device)
-    models.resolve_precision(cfg.precision, device)
+    precision = models.resolve_precision(cfg.precision, device)
     training_arguments(cfg, Path(cfg.out), None, "adamw_torch", 1, device)  # a bad trainer: field, now
     models.check_target_modules(cfg.base_model, cfg.target_modules)
+    return device, precision
 
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
-    """Read and check every input, decide the settings, then build the Run (nothing is written here)."""
-    check_request(cfg, eval_cfg)
+    """Read and check every input, decide the settings, then build the Run (nothing is written
+    here but the rehearsal texts, into the cache, after every check)."""
+    device, precision = check_request(cfg, eval_cfg)
     traces_path, split_path = locate_traces(cfg.traces, cfg.split)
     all_rows, rows = read_traces(traces_path)
     refuse_leaks(rows, splits.read_split(split_path), traces_path, split_path)
-    device = models.pick_device(cfg.device)
-    precision = models.resolve_precision(cfg.precision, device)
     tokenizer = models.load_tokenizer(cfg.base_model, padding_side="right")
     examples, stats = build_dataset(tokenizer, rows, cfg.max_seq_len)
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
-    examples, stats = add_rehearsal(cfg, tokenizer, examples, stats, traces_path, device, precision)
     print(
         f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
         f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "
@@ -121,9 +122,12 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     )
     out = Path(cfg.out)
     check_out_dir(cfg, out, settings)
-    fit_memory(settings, [len(e["input_ids"]) for e in examples])
     if cfg.baseline_from:
         read_baseline(Path(cfg.baseline_from))
+    examples, stats = add_rehearsal(cfg, tokenizer, examples, stats, device, precision)  # checks done: may write
+    for name in ("n_train_examples", "n_train_tokens", "n_rehearsal_examples", "n_rehearsal_tokens", "rehearsal_file"):
+        setattr(settings, name, stats.get(name))
+    fit_memory(settings, [len(e["input_ids"]) for e in examples])
     run = Run(settings=settings, out=out, tokenizer=tokenizer, examples=examples, precision=precision)
     if not cfg.no_eval:
         run.records = splits.load_holdout(split_path)  # evaluate_model draws its fixed subsets from it
@@ -285,12 +289,14 @@ def rehearsal_examples(rows: list[dict], max_seq_len: int) -> list[dict]:
     return [{"input_ids": r["input_ids"][:max_seq_len], "labels": r["input_ids"][:max_seq_len]} for r in rows]
 
 
-def add_rehearsal(cfg, tokenizer, examples: list, stats: dict, traces_path: Path, device: str, precision):
-    """(examples + the rehearsal ones, stats with their counts); unchanged when the fraction is 0."""
+def add_rehearsal(cfg, tokenizer, examples: list, stats: dict, device: str, precision, folder: Path | None = None):
+    """(examples + the rehearsal ones, stats with their counts); unchanged when the fraction is 0.
+    The texts are kept in `folder` (default: $Q2G_CACHE/rehearsal), never beside the traces."""
     n = rehearsal_count(len(examples), cfg.rehearsal_fraction)
     if n == 0:
         return examples, stats
-    rows, path = load_or_generate(cfg, tokenizer, traces_path.parent, n, device, precision)
+    folder = folder or cache_dir() / "rehearsal"
+    rows, path = load_or_generate(cfg, tokenizer, folder, n, device, precision)
     extra = rehearsal_examples(rows, cfg.max_seq_len)
     n_tokens = sum(len(e["input_ids"]) for e in extra)
     return examples + extra, {

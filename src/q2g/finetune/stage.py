@@ -29,11 +29,10 @@ Writes into --out (default checkpoints/):
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from q2g import cli, distributed, forgetting, report
+from q2g import distributed, forgetting, report
 from q2g.config import load_config
 from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
@@ -165,7 +164,3 @@ def parse(argv=None) -> tuple[FinetuneConfig, EvalConfig]:
 def main(argv=None) -> int:
     run_finetune(*parse(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run_entry(main, sys.argv[1:]))
