@@ -66,7 +66,7 @@ def traces_file(traces: str) -> Path:
 
 def validated_traces(path: Path) -> list[dict]:
     """The validated rows of traces.jsonl, checked field by field (DataError naming file:line);
-    a file without one is refused (sft_data.read_traces): an export of nothing is a mistake."""
+    a file without one is refused (examples.read_traces): an export of nothing is a mistake."""
     return read_traces(path)[1]
 
 

@@ -102,7 +102,7 @@ def aligned_nll(model, input_ids, attention_mask, targets, chunk: int = CHUNK) -
 
 
 def labels_nll(model, input_ids, attention_mask, labels, chunk: int = CHUNK) -> tuple[float, int]:
-    """`aligned_nll` for causal-LM `labels` (sft_data.Collator's: -100 on prompt and padding)."""
+    """`aligned_nll` for causal-LM `labels` (examples.Collator's: -100 on prompt and padding)."""
     return aligned_nll(model, input_ids, attention_mask, shift_labels(labels), chunk)
 
 

@@ -16,7 +16,7 @@ the same tokens as the refill loop (tests/test_decoding.py) and is kept as the r
 for benchmarks/eval_speed.py.
 
 Either way a row ends as q2g.decoding.rows says; results come back in input order.
-The refill loop is in decoding_refill.py, the shared row logic in decoding_rows.py.
+The refill loop is in decoding/refill.py, the shared row logic in decoding/rows.py.
 
 Speed (Gemma 3 270M, fp32 CPU, batch 8; profiled for issue 21): a decode step is weight-bandwidth
 bound: ~80% of the time is the 127 matmuls of a step, which read all 1.07 GB of weights for 8

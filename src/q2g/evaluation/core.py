@@ -1,6 +1,7 @@
 """The one in-memory evaluation: pass@1 on the fixed subset, the held-out loss, WikiText
 perplexity, and the flat metrics row. `q2g evaluate` and finetune's per-epoch callback both call
-`evaluate_model`; the parts live in pass_at_1.py, heldout_loss.py and perplexity.py.
+`evaluate_model`; the parts live in pass_at_1.py, heldout_loss.py and perplexity.py, the fixed
+subset and the multi-process pass@1 below.
 
 The fixed evaluation subset: the same holdout problems every epoch, stratified by source/subject.
 

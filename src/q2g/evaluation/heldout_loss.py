@@ -1,5 +1,5 @@
 """Held-out loss: mean NLL per target token of the holdout problems' reference solutions, built
-by `sft_data.build_example` (the training format and masking), teacher-forced: the training loss
+by `examples.build_example` (the training format and masking), teacher-forced: the training loss
 on problems the model never trains on. It moves with every update, where pass@1 on a few dozen
 problems moves in steps of 1/n.
 """
@@ -47,7 +47,7 @@ def _example_batches(examples: list[dict], max_rows: int, per_position: int):
 
 def _examples_nll(model, batch, pad_id) -> tuple[float, int]:
     """Summed NLL and count of the labelled tokens of a batch (teacher-forced, shifted by one);
-    only the labelled positions go through the LM head (forward_nll: no [B, T, V] logits)."""
+    only the labelled positions go through the LM head (q2g.scoring: no [B, T, V] logits)."""
     cols = {k: v.to(device_of(model)) for k, v in Collator(pad_id)(batch).items()}
     return labels_nll(model, cols["input_ids"], cols["attention_mask"], cols["labels"])
 

@@ -4,7 +4,7 @@
 
 Where the row comes from, first match wins: metrics.jsonl already has it (a resumed run);
 `--baseline-from FILE` (a sweep's shared baseline, checked against this run's settings); the
-baseline cache in $Q2G_CACHE (baseline_cache.py; off with --no-baseline-cache); else the base
+baseline cache in $Q2G_CACHE (below; off with --no-baseline-cache); else the base
 model is evaluated, and the row cached. A reused row says so (`reused_from`).
 
 The base model's scores, kept in $Q2G_CACHE so the same base model is evaluated once.

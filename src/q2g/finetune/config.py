@@ -3,7 +3,7 @@
     cfg, eval_cfg = load_config((FinetuneConfig, EvalConfig), argv, prog="q2g finetune", section="finetune")
 
 The evaluation options are evaluate.EvalConfig's (the same flags as `q2g evaluate`). What a run
-decides from these (device, precision, optimizer, loss path...) is in settings.py.
+decides from these (device, precision, optimizer, loss path...) is `Settings`, below.
 
 Stage 2's resolved settings: what was asked and what the run decided from it, in one typed object.
 
@@ -184,7 +184,7 @@ class FinetuneConfig(Config):
     )
 
     def check(self) -> list[str]:
-        return option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)
+        return option_errors(self)  # the LoRA variant, KL and probe combinations (option_errors, below)
 
 
 def decided(help: str, resolves: str | None = None, factory=None):

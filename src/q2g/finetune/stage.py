@@ -9,12 +9,13 @@ with split.json beside it), refusing any trace whose problem is in the holdout. 
 from the one student format (`prompts.student_prompt_ids` + `student_target_ids`), so the model
 is trained on exactly what `evaluate` prompts it with. Before training and after every epoch a
 TrainerCallback scores pass@1 on a fixed holdout subset and WikiText perplexity, and applies the
-forgetting budget (see forgetting.py). The stage reads in folder order: config.py (the options)
--> prepare.py (checks and decisions: settings.py) -> baseline.py -> training.py (trainer.py,
-epochs.py) -> this module (final/ and the report).
+forgetting budget (see forgetting.py). The stage reads in folder order: config.py (the options
+and the decided Settings) -> prepare.py (checks, decisions, rehearsal) -> baseline.py (epoch 0) ->
+train.py (LoRA model, Trainer, runs; loss.py, kl_anchor.py, fused_grads.py) -> epochs.py (each
+epoch's adapter, evaluation and probes) -> this module (final/ and the report).
 
 Writes into --out (default checkpoints/):
-    config.json                      the settings asked and decided (settings.Settings)
+    config.json                      the settings asked and decided (config.Settings)
     metrics.jsonl                    one row per evaluation (epoch 0 = the base model)
     epoch-N/                         LoRA adapter (safetensors), tokenizer, q2g_config.json (the
                                      settings again; not named config.json, which transformers would
