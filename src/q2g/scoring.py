@@ -186,7 +186,7 @@ def autocast(model, precision):
     return precision.context(device_of(model)) if precision is not None else nullcontext()
 
 
-def logits_bytes(precision) -> int:
+def bytes_per_logit(precision) -> int:
     """Bytes per logit under `precision`: 2 under bf16/fp16 autocast or weights, else 4 (also for
     None: an unknown precision is planned as fp32, the larger)."""
     if precision is None:
@@ -198,7 +198,7 @@ def logits_bytes(precision) -> int:
 
 def bytes_per_position(model, precision) -> int:
     """Logits bytes of one position: vocabulary x bytes per logit."""
-    return model.config.get_text_config().vocab_size * logits_bytes(precision)
+    return model.config.get_text_config().vocab_size * bytes_per_logit(precision)
 
 
 def progress_bar(progress, **kw):
