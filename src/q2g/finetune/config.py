@@ -66,7 +66,7 @@ class FinetuneConfig(Config):
         "auto",
         choices=PRECISIONS,
         results="baseline",
-        help="auto: bf16 on a GPU that has it, else fp32; bf16 on the CPU = fp32 weights + bf16 autocast",
+        help="auto: bf16 on a GPU that has it and on a CPU with AMX/AVX512-BF16, else fp32; bf16 = bf16 weights",
     )
     device: str = option("auto", results=None, help="auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, results=None, help="recompute activations: less memory, ~20% slower")
