@@ -1,6 +1,7 @@
 """`q2g run`: generate -> finetune -> report from one YAML, and a rerun that skips finished stages."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,21 @@ def test_every_shipped_config_is_valid(name, tmp_path):
     cfg, eval_cfg = finetune.parse(run.stage_argv("finetune", path, tmp_path))
     assert cfg.out == str(tmp_path / "checkpoints") and eval_cfg.eval_batch_size >= 1
     assert path.read_text().startswith("# q2g ")  # the first line is the command that runs it
+
+
+def test_the_demo_trains_on_gsm8k_and_scores_unseen_test_problems():
+    """`q2g demo`'s sizes (issue 30): 160 GSM8K traces, 24 GSM8K test problems, and the precision
+    left to the CPU (bf16 with AMX / AVX512-BF16, else fp32)."""
+    from q2g.data.splits import select_split
+    from q2g.finetune import stage as finetune
+    from q2g.generate import stage as generate
+
+    config, out = run.resolve_config(run.DEMO_CONFIG), Path("runs/x")
+    gen = generate.parse(run.stage_argv("generate", config, out))
+    ft, ev = finetune.parse(run.stage_argv("finetune", config, out))
+    train, held, _ = select_split(
+        datasets=gen.datasets, holdout=gen.holdout, fraction=gen.holdout_fraction, limit=gen.limit, data_dir="packaged"
+    )
+    assert (len(train), len(held), ev.eval_limit) == (160, 24, 24)
+    assert {r["source"] for r in train + held} == {"gsm8k"} and ft.precision == "auto" and ft.epochs == 1
+    assert not set(r["id"] for r in train) & set(r["id"] for r in held)
