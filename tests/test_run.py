@@ -42,7 +42,10 @@ def test_run_then_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_gemm
     assert [json.loads(line)["epoch"] for line in metrics.splitlines()] == [0, 1]
     assert (out / "checkpoints" / "final" / "adapter_model.safetensors").exists()
     assert (out / "dataset" / "traces.jsonl").read_text().count("\n") == 9  # 12 problems, 3 held out
-    assert "| pass@1 overall |" in capsys.readouterr().out  # the report's table is printed at the end
+    printed = capsys.readouterr().out
+    assert "| pass@1 overall |" in printed  # the report's table is printed at the end
+    assert "s (CPU: " in printed and "bf16 matrix units: none)" in printed  # the wall time says its CPU
+    assert "- CPU: " in (out / "checkpoints" / "report.md").read_text()
 
     assert run.run_pipeline(config, out) == 0  # a rerun: nothing is trained or scored again
     printed = capsys.readouterr().out
