@@ -102,10 +102,14 @@ def test_the_decision_is_in_config_log_and_report(monkeypatch, tiny_gemma_dir, t
     monkeypatch.setattr(cpu_info, "_cpuinfo", lambda: {"model name": "Fake CPU 9000", "flags": "avx2"})
     ds = reference_dataset(tmp_path / "ds", limit=3, teacher="reference", backend="reference")
     out = tmp_path / "run"
-    assert cli.call("finetune", finetune_argv(tiny_gemma_dir, ds, out, epochs=1, eval_limit=1)) == 0
+    argv = finetune_argv(
+        tiny_gemma_dir, ds, out, epochs=1, eval_limit=1, rehearsal_fraction=0.3, rehearsal_max_tokens=8
+    )
+    assert cli.call("finetune", argv) == 0  # rehearsal: the base model samples in the decided precision too
     config = json.loads((out / "config.json").read_text())
     assert config["precision_why"] == why and config["dtype"] == ("bfloat16" if unit else "float32")
     assert config["cpu"].startswith("Fake CPU 9000 (flags: avx2; bf16 matrix units: ")
+    assert config["n_rehearsal_examples"] > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows if r["epoch"] > 0)
     assert f"({why}; CPU Fake CPU 9000" in capsys.readouterr().out
