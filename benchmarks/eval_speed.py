@@ -27,6 +27,7 @@ from pathlib import Path
 
 from q2g import decoding, models, prompts
 from q2g import scoring as forward_nll
+from q2g.cpu_info import cpu_line
 from q2g.data import loaders
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import _example_batches, heldout_examples
@@ -197,6 +198,7 @@ def main() -> None:
     tok = models.load_tokenizer(args.model, padding_side="left")
     problems = loaders.load_gsm8k("test", "packaged")
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"CPU: {cpu_line()}")  # every timing says its CPU
     warm = [prompts.student_prompt_ids(tok, "1 + 1?")]
     decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.finetune.loss (~5 s)
     with torch.inference_mode():

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from q2g.cpu_info import cpu_line
+
 
 def timed(backend, problems, seed: int) -> tuple[int, float]:
     start = time.perf_counter()
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
         f"{torch.get_num_threads()} CPU threads), "
         f"{args.max_new_tokens} new tokens per problem, batch size {args.batch_size}"
     )
+    print(f"CPU: {cpu_line()}")  # every timing says its CPU
     print(f"{'mode':<20} {'problems':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ratio':>6}")
     for mode, n, tokens, seconds in rows:
         rate = tokens / seconds

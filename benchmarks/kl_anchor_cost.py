@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from q2g.cpu_info import cpu_line
+
 
 def checkpointed_kl_sum(hs, hb, weight, chunk_size, softcap, scale):
     """The session-3 anchor: per chunk, log-probs of both under torch.utils.checkpoint."""
@@ -134,6 +136,7 @@ def main() -> int:
         f"\nKL anchor cost: {args.model}, batch {args.batch} x {args.seq} tokens, chunk {args.chunk}, fp32 CPU, "
         f"{torch.get_num_threads()} threads, best of {args.reps}"
     )
+    print(f"CPU: {cpu_line()}")  # every timing says its CPU
     print("| mode | s / step | tokens/s | x CE only | KL (sum) | max grad diff vs fused |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (seconds, kl, grads) in best.items():

@@ -160,6 +160,9 @@ def print_table(args, results: list[dict]) -> None:
         f"{args.steps} timed steps after {args.warmup} warm-up"
     )
     if args.device == "cpu":
+        from q2g.cpu_info import cpu_line
+
+        print(f"CPU: {cpu_line()}")  # every timing says its CPU
         print(gemm_probe())
     print(f"{'mode':<6} {'s/step':>9} {'tokens/s':>9} {'peak RSS MiB':>13} {'speed vs ' + ref['mode']:>15}")
     for r in results:

@@ -22,6 +22,19 @@ def no_baseline_cache():
         os.environ["Q2G_BASELINE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def avx2_only_cpu():
+    """`precision: auto` follows the CPU (q2g.cpu_info): the suite's expectations (fp32 on the CPU)
+    hold on every machine only if each test sees the same CPU, so this one has no bf16 matrix units.
+    tests/test_cpu_precision.py fakes each kind; subprocesses still see the real CPU."""
+    from q2g import cpu_info
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_info, "bf16_units", lambda: None)
+        mp.setattr(cpu_info, "simd_level", lambda: "AVX2")
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     path = shared_data_dir()

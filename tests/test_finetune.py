@@ -88,16 +88,18 @@ def test_seed_command_line_parses():
     )
 
 
-def test_precision_on_the_cpu_keeps_fp32_weights():
+def test_precision_fp32_means_fp32_and_fp16_needs_a_gpu():  # conftest: an AVX2-only CPU
     import torch
 
     from q2g.errors import ConfigError
     from q2g.models import Precision, resolve_precision
 
-    assert resolve_precision("auto", "cpu") == Precision(torch.float32, None, "fp32")
-    assert resolve_precision("fp32", "cuda") == Precision(torch.float32, None, "fp32")  # fp32 means fp32 everywhere
+    assert resolve_precision("auto", "cpu") == Precision(
+        torch.float32, None, "fp32", "fp32: no bf16 matrix units (AVX2 only)"
+    )
+    assert resolve_precision("fp32", "cuda") == Precision(torch.float32, None, "fp32", "fp32: asked")
     p = resolve_precision("bf16", "cpu")
-    assert (p.dtype, p.autocast) == (torch.float32, "bf16")  # bf16 autocast only
+    assert (p.dtype, p.autocast) == (torch.bfloat16, "bf16")  # bf16 weights, as on a GPU
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", "cpu")
 

@@ -1,6 +1,7 @@
 """`q2g run`: generate -> finetune -> report from one YAML, and a rerun that skips finished stages."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,10 @@ def test_run_then_rerun_skips_and_other_settings_are_refused(tmp_path, tiny_gemm
     assert [json.loads(line)["epoch"] for line in metrics.splitlines()] == [0, 1]
     assert (out / "checkpoints" / "final" / "adapter_model.safetensors").exists()
     assert (out / "dataset" / "traces.jsonl").read_text().count("\n") == 9  # 12 problems, 3 held out
-    assert "| pass@1 overall |" in capsys.readouterr().out  # the report's table is printed at the end
+    printed = capsys.readouterr().out
+    assert "| pass@1 overall |" in printed  # the report's table is printed at the end
+    assert "s (CPU: " in printed and "bf16 matrix units: none)" in printed  # the wall time says its CPU
+    assert "- CPU: " in (out / "checkpoints" / "report.md").read_text()
 
     assert run.run_pipeline(config, out) == 0  # a rerun: nothing is trained or scored again
     printed = capsys.readouterr().out
@@ -85,3 +89,21 @@ def test_every_shipped_config_is_valid(name, tmp_path):
     cfg, eval_cfg = finetune.parse(run.stage_argv("finetune", path, tmp_path))
     assert cfg.out == str(tmp_path / "checkpoints") and eval_cfg.eval_batch_size >= 1
     assert path.read_text().startswith("# q2g ")  # the first line is the command that runs it
+
+
+def test_the_demo_trains_on_gsm8k_and_scores_unseen_test_problems():
+    """`q2g demo`'s sizes (issue 30): 160 GSM8K traces, 24 GSM8K test problems, and the precision
+    left to the CPU (bf16 with AMX / AVX512-BF16, else fp32)."""
+    from q2g.data.splits import select_split
+    from q2g.finetune import stage as finetune
+    from q2g.generate import stage as generate
+
+    config, out = run.resolve_config(run.DEMO_CONFIG), Path("runs/x")
+    gen = generate.parse(run.stage_argv("generate", config, out))
+    ft, ev = finetune.parse(run.stage_argv("finetune", config, out))
+    train, held, _ = select_split(
+        datasets=gen.datasets, holdout=gen.holdout, fraction=gen.holdout_fraction, limit=gen.limit, data_dir="packaged"
+    )
+    assert (len(train), len(held), ev.eval_limit) == (160, 24, 24)
+    assert {r["source"] for r in train + held} == {"gsm8k"} and ft.precision == "auto" and ft.epochs == 1
+    assert not set(r["id"] for r in train) & set(r["id"] for r in held)

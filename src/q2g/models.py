@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from q2g import cpu_info
 from q2g.demo_model import DEMO_MODEL, demo_gemma_dir, resolve_model_path  # noqa: F401  (part of this API)
 from q2g.errors import BadInput, ConfigError
 from q2g.optional import install_hint, is_available
@@ -53,11 +54,13 @@ class Precision:
 
     `dtype` is the frozen base weights' dtype; `autocast` ('bf16', 'fp16' or None) is the autocast
     around forwards. LoRA weights and optimizer state stay fp32 (peft's `autocast_adapter_dtype`).
+    `why` says what decided it ("bf16: AMX present", "fp32: asked"): in config.json, log and report.
     """
 
     dtype: object
     autocast: str | None
     label: str
+    why: str = ""
 
     def context(self, device: str):
         """The autocast context for a forward on `device` (a no-op for fp32)."""
@@ -70,30 +73,35 @@ class Precision:
 
 
 def resolve_precision(precision: str, device: str) -> Precision:
-    """auto: bf16 weights + bf16 autocast on a GPU that has bf16, else fp32 everywhere; fp32 means
-    fp32 everywhere. On the CPU the weights stay fp32 (bf16 only as autocast, and slow on CPUs
-    without AVX512-BF16/AMX, which is said once)."""
+    """auto: bf16 on a GPU that has bf16 and on a CPU with bf16 matrix units (AMX / AVX512-BF16,
+    asked of torch: cpu_info.bf16_units), else fp32; fp32 means fp32 everywhere. bf16 stores the
+    frozen base weights in bf16 (no per-call re-cast of fp32 weights) under bf16 autocast, on a
+    CPU as on a GPU; asked for on a CPU without the units, it runs but is said to be slow."""
     import torch
 
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     on_gpu = device.startswith("cuda")
-    if precision == "auto":
-        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    why = f"{precision}: asked"
+    if precision == "auto" and on_gpu:
+        has = torch.cuda.is_bf16_supported()
+        precision, why = ("bf16", "bf16: the GPU has bf16") if has else ("fp32", "fp32: the GPU has no bf16")
+    elif precision == "auto":
+        precision, why = cpu_info.cpu_precision() if device == "cpu" else ("fp32", f"fp32: device {device}")
     if precision == "fp32":
-        return Precision(torch.float32, None, "fp32")
+        return Precision(torch.float32, None, "fp32", why)
     if not on_gpu:
         if precision == "fp16":
             raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-        if not cpu_has_bf16():
+        if cpu_info.bf16_units() is None:
             print(
-                "[q2g] warning: this CPU has no native bf16 matmul (no AVX512-BF16/AMX): bf16 autocast "
-                "runs many times slower than fp32 here (benchmarks/train_step.py); prefer --precision fp32",
+                f"[q2g] warning: this CPU has no bf16 matrix units (no AMX/AVX512-BF16, {cpu_info.simd_level()}): "
+                "bf16 runs many times slower than fp32 here (benchmarks/cpu_precision.py); prefer --precision fp32",
                 flush=True,
             )
-        return Precision(torch.float32, "bf16", "fp32 weights + bf16 autocast (CPU)")
+        return Precision(torch.bfloat16, "bf16", "bf16 weights + bf16 autocast (CPU)", why)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
+    return Precision(dtype, precision, f"{precision} weights + {precision} autocast", why)
 
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", None: "float32"}
@@ -113,16 +121,6 @@ def storage_dtype(name: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (else bf16 matmuls fall back to a slow path)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private op: if it moves, do not guess
-        return True
 
 
 def resolve_optim(name: str, device: str) -> str:

@@ -222,12 +222,15 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
         f"- Teacher: {teacher_line(info.get('teachers'))}.",
         f"- Student: `{info.get('base_model')}`, LoRA r={info.get('lora_r')} alpha={info.get('lora_alpha')} on "
         f"{', '.join(info.get('target_modules') or [])}; {info.get('epochs', 0):g} epochs, optimizer {info.get('optim')}, "
-        f"{info.get('precision')} on {info.get('device')}.",
+        f"{info.get('precision')} on {info.get('device')}"
+        + (f" ({info['precision_why']})." if info.get("precision_why") else "."),
         f"- Training data: {info.get('n_train_examples')} validated traces ({info.get('n_train_tokens')} tokens).",
         f"- Evaluation: {scored.get('n_eval', 'n/a')} holdout problems scored (greedy pass@1, the same problems "
         f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
         f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
     ]
+    if info.get("cpu"):  # every timing says its CPU
+        lines.append(f"- CPU: {info['cpu']}; times below are on it.")
     if info.get("loss_path"):  # what ran (q2g.finetune.config): loss, attention, checkpointing and why
         lines.append(
             f"- Ran: loss {info['loss_path']}, attention {info.get('attention')}; gradient checkpointing "

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from q2g import distributed
+from q2g import cpu_info, distributed
 from q2g.config import load_yaml
 from q2g.data.loaders import resolve_data_dir
 from q2g.errors import ConfigError
@@ -103,7 +103,7 @@ def summarize(out: Path, timings: dict) -> None:
     print("\n" + "=" * 72)
     if report.exists():
         print(report.read_text(encoding="utf-8"))
-    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f" (CPU: {cpu_info.cpu_line()})")
     print(f"report:  {report}")
     print(f"adapter: {out / 'checkpoints' / 'final'}")
     print(f"traces:  {out / 'dataset' / 'traces.jsonl'}")

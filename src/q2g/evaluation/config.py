@@ -96,7 +96,10 @@ class EvaluateConfig(Config):
     no_ppl: bool = option(False, results="baseline", help="skip perplexity")
     out: str = option("eval", results=None, help="folder for eval.json and generations.jsonl")
     precision: str = option(
-        "auto", choices=PRECISIONS, results="baseline", help="as finetune's: auto = bf16 on a GPU, else fp32"
+        "auto",
+        choices=PRECISIONS,
+        results="baseline",
+        help="as finetune's: auto = bf16 on a GPU or an AMX/AVX512-BF16 CPU, else fp32",
     )
     device: str = option("auto", results=None, help="auto, cpu, cuda, cuda:1, ...")
 

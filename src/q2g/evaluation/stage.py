@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from q2g import models
+from q2g import cpu_info, models
 from q2g.adapter_check import check_adapter_fits, check_adapter_weights, read_adapter_config
 from q2g.config import load_config
 from q2g.data import loaders, splits
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
             "settings": args.to_dict(),
             "eval_config": cfg.to_dict(),
             "precision": precision.label,
+            "precision_why": precision.why,
+            "cpu": cpu_info.cpu_line(),
             "ppl_protocol": cfg.ppl_protocol,
             **result,
         },

@@ -103,7 +103,7 @@ class FinetuneConfig(Config):
         "auto",
         choices=PRECISIONS,
         results="baseline",
-        help="auto: bf16 on a GPU that has it, else fp32; bf16 on the CPU = fp32 weights + bf16 autocast",
+        help="auto: bf16 on a GPU that has it and on a CPU with AMX/AVX512-BF16, else fp32; bf16 = bf16 weights",
     )
     device: str = option("auto", results=None, help="auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, results=None, help="recompute activations: less memory, ~20% slower")
@@ -201,6 +201,8 @@ class Settings:
     eval: EvalConfig
     device: str | None = decided("the device trained and evaluated on", resolves="device")
     precision_used: str | None = decided("the precision decided (models.resolve_precision)", resolves="precision")
+    precision_why: str | None = decided('what decided the precision ("bf16: AMX present", "fp32: asked")')
+    cpu: str | None = decided("the CPU: model, flags, bf16 matrix units (q2g.cpu_info.cpu_line)")
     dtype: str | None = decided("the frozen base weights' dtype")
     amp: str | None = decided("the autocast dtype around forwards (None: none)")
     optim_used: str | None = decided("the Trainer optimizer (8-bit AdamW falls back where it cannot run)", "optim")

@@ -30,7 +30,7 @@ import json
 import os
 from pathlib import Path
 
-from q2g import memory, models
+from q2g import cpu_info, memory, models
 from q2g.batching import padding_report
 from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
@@ -115,6 +115,8 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
         dtype=str(precision.dtype).removeprefix("torch."),
         amp=precision.autocast,
         precision_used=precision.label,
+        precision_why=precision.why,
+        cpu=cpu_info.cpu_line(),
         optim_used=models.resolve_optim(cfg.optim, device),
         teachers=teacher_info(all_rows),
         attention=models.attention_implementation(cfg.base_model),
@@ -178,7 +180,8 @@ def fit_memory(settings: Settings, lengths: list[int]) -> None:
         else f"off: not needed ({p.message})"
     )
     print(
-        f"[finetune] loss {settings.loss_path}, attention {settings.attention}, precision {settings.precision_used}; "
+        f"[finetune] loss {settings.loss_path}, attention {settings.attention}, precision {settings.precision_used} "
+        f"({settings.precision_why}; CPU {settings.cpu}); "
         f"memory: {p.message}; padding {settings.padding_share:.1%} of batch tokens",
         flush=True,
     )

@@ -109,6 +109,8 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
         "target_modules": c["target_modules"],
         "optim": c["optim_used"],
         "precision": c["precision_used"],
+        "precision_why": c.get("precision_why"),
+        "cpu": c.get("cpu"),
         "device": c["device"],
         "wall_s": wall_s,
         "eval_problems": len(select_eval_subset(run.records, run.settings.eval.eval_limit))
