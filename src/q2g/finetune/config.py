@@ -16,6 +16,7 @@ from q2g.finetune.lora_variants import option_errors
 from q2g.models import PRECISIONS
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+DISTILL_MODES = ("none", "chunk-likelihood")  # on-policy modes come with issue 29
 
 
 @dataclass
@@ -111,6 +112,16 @@ class FinetuneConfig(Config):
     )
     kl_to_base: float = option(
         0.0, min=0, results="training", help="add BETA x KL(student || base) on the trace tokens (0: off)"
+    )
+    distill: str = option(
+        "none",
+        choices=DISTILL_MODES,
+        results="training",
+        help="token-level distillation from the teacher's stored log-probs: chunk-likelihood = ALM's binarised "
+        "KL on byte-aligned chunks of the trace (needs the teacher_logprobs.jsonl side file; none: off)",
+    )
+    distill_weight: float = option(
+        1.0, min=0, results="training", help="--distill: weight W of the distillation term beside the CE (0: off)"
     )
     rehearsal_fraction: float = option(
         0.0, min=0, max=0.9, results="training", help="share of training examples that are the base model's own text"

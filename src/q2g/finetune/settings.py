@@ -49,6 +49,7 @@ class Settings:
     n_rehearsal_tokens: int | None = decided("tokens of those examples")
     rehearsal_file: str | None = decided("the stored rehearsal texts (reused while their settings match)")
     teachers: list = decided("(teacher, backend, n) of the traces", factory=list)
+    distill_info: dict | None = decided("--distill: examples with teacher log-probs and their chunk alignment")
     loss_path: str | None = decided("the training loss: chunked (label-only), liger (fused), plain (full logits)")
     attention: str | None = decided("the attention implementation of the loaded model")
     gradient_checkpointing_used: bool | None = decided("gradient checkpointing on", "gradient_checkpointing")

@@ -18,6 +18,7 @@ from pathlib import Path
 from q2g.distributed import DEFAULT_TIMEOUT_S
 from q2g.errors import ConfigError
 from q2g.finetune import lora_variants
+from q2g.finetune.distill_data import DistillCollator
 from q2g.finetune.sft_data import Collator
 from q2g.loss import LabelOnlyLossTrainer
 
@@ -151,10 +152,14 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         args=targs,
         train_dataset=run.examples,
         callbacks=[callback, guard, *extra_callbacks],
-        data_collator=Collator(run.tokenizer.pad_token_id),
+        data_collator=collator(run),
         processing_class=run.tokenizer,
     )
-    path = run.settings.loss_path
+    path, cfg = run.settings.loss_path, run.settings.asked
+    if path == "plain" and cfg.distill != "none":
+        raise ConfigError(
+            f"--distill {cfg.distill} needs the label-only loss; this model's forward has no logits_to_keep"
+        )
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.loss)
         return Trainer(**kw)
     fused = "liger" if path == "liger" else "never"
@@ -163,8 +168,15 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         loss_chunk_size=run.settings.asked.loss_chunk_size,
         fused=fused,
         nonfinite_guard=guard,
-        kl_to_base=run.settings.asked.kl_to_base,
+        kl_to_base=cfg.kl_to_base,
+        distill_weight=cfg.distill_weight if cfg.distill == "chunk-likelihood" else 0.0,
     )
+
+
+def collator(run):
+    """sft_data.Collator, with the chunks of --distill when it is on (q2g.finetune.distill_data)."""
+    base = Collator(run.tokenizer.pad_token_id)
+    return DistillCollator(base) if run.settings.asked.distill != "none" else base
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:

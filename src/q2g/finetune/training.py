@@ -35,6 +35,7 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
     stopped = cfg.on_forgetting != "flag" and any(r["flagged"] for r in run.rows if r.get("lora_r") == lora_r)
     if not stopped:  # (a stopped run killed before writing train_done.json must not train on)
         kl_anchor.check_processes(cfg.kl_to_base, distributed.num_processes())
+        kl_anchor.check_processes(cfg.distill != "none", distributed.num_processes(), "--distill")
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         base = model if model is not None else load_base(run)
         peft_model = build_lora_model(base, cfg, lora_r, lora_alpha, s.gradient_checkpointing_used)

@@ -1,0 +1,227 @@
+"""--distill chunk-likelihood, the data: which student label tokens form which byte-aligned chunk
+of the trace, and the teacher's log-likelihood of that chunk, per training example.
+
+    examples, stats = add_distill(tokenizer, rows, examples, cfg.max_seq_len, traces_path)
+    collator = DistillCollator(Collator(tokenizer.pad_token_id))
+
+The teacher's token log-probs and byte spans over the trace text come from the side file beside
+the traces (stage 1, `--teacher-logprobs`). The student's target is `prompts.student_target_ids`:
+the stripped trace, then its end token; the trace tokens are mapped to bytes of the *stored*
+trace text (shifted by the stripped leading whitespace). A chunk closes where a teacher token and
+a student token end on the same byte, and is kept only where both sides cover exactly the same
+bytes: so the stripped whitespace, a trace cut at --max-seq-len and the end token fall in no
+chunk (their labels still carry the cross-entropy). Rehearsal examples have no teacher: no chunk.
+
+Each example gets `distill_chunk` (per position, the chunk of that label, or NO_CHUNK) and
+`distill_teacher` (the teacher's chunk log-likelihoods); DistillCollator pads them into
+[B, T] and [B, C] (NaN past an example's last chunk) for q2g.finetune.distill.distill_sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from q2g.data.jsonl import read_jsonl
+from q2g.errors import DataError
+from q2g.finetune.distill import NO_CHUNK
+from q2g.prompts import student_prompt_ids, target_trace
+
+SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs)
+SIDE_FIELDS = {"id": str, "tokenizer": str, "text_sha256": str, "spans": list, "logprobs": list}
+
+
+def no_logprobs_message(traces_path: Path) -> str:
+    return (
+        f"{traces_path.parent}: these traces carry no teacher log-probs ({SIDE_FILE} is missing or names none "
+        "of the validated traces); --distill chunk-likelihood needs them. The reference teacher writes none: "
+        "generate with a teacher that keeps them (--teacher-logprobs K), or drop --distill"
+    )
+
+
+def load_teacher_logprobs(traces_path: Path) -> dict[str, dict]:
+    """{trace id: record} of the side file beside `traces_path`; missing: a DataError naming the folder."""
+    side = traces_path.parent / SIDE_FILE
+    if not side.is_file():
+        raise DataError(no_logprobs_message(traces_path))
+    records = read_jsonl(side, required=SIDE_FIELDS, types=SIDE_FIELDS)
+    for lineno, r in enumerate(records, 1):
+        if len(r["spans"]) != len(r["logprobs"]):
+            raise DataError(
+                f"{side}:{lineno}: trace {r['id']}: {len(r['spans'])} spans but {len(r['logprobs'])} logprobs"
+            )
+    return {r["id"]: r for r in records}
+
+
+def check_text(record: dict, text: str, side: Path) -> None:
+    """The side file's record must be of this very trace text (a trace edited since is refused)."""
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != record["text_sha256"]:
+        raise DataError(f"{side}: trace {record['id']}: text_sha256 does not match the trace text in traces.jsonl")
+
+
+def byte_spans(tokenizer, text: str) -> list[tuple[int, int]]:
+    """(start, end) byte offsets in text.encode('utf-8') of each token of tokenizer(text) (no specials)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    at = [0]
+    for ch in text:
+        at.append(at[-1] + len(ch.encode("utf-8")))
+    return [(at[s], at[e]) for s, e in enc["offset_mapping"]]
+
+
+def aligned_chunks(spans_t, spans_s) -> tuple[list[int], list[int], int]:
+    """(chunk of each teacher token, chunk of each student token, n chunks); NO_CHUNK where none.
+
+    Chunks lie between consecutive bytes where both tokenizations have a token boundary; one is kept
+    where the tokens of each side inside it cover all of its bytes (so a byte range only one side
+    tokenized, such as stripped whitespace or a cut tail, is in no chunk). Zero-width tokens: none."""
+    cuts = sorted(_boundaries(spans_t) & _boundaries(spans_s))
+    members_t, members_s = _members(spans_t, cuts), _members(spans_s, cuts)
+    ids_t, ids_s = [NO_CHUNK] * len(spans_t), [NO_CHUNK] * len(spans_s)
+    n = 0
+    for k in sorted(members_t.keys() & members_s.keys()):
+        a, b = cuts[k], cuts[k + 1]
+        if _tiles(spans_t, members_t[k], a, b) and _tiles(spans_s, members_s[k], a, b):
+            for i in members_t[k]:
+                ids_t[i] = n
+            for i in members_s[k]:
+                ids_s[i] = n
+            n += 1
+    return ids_t, ids_s, n
+
+
+def _boundaries(spans) -> set[int]:
+    return {x for s, e in spans if e > s for x in (s, e)}
+
+
+def _members(spans, cuts) -> dict[int, list[int]]:
+    """{k: tokens inside [cuts[k], cuts[k + 1])}."""
+    import bisect
+
+    out: dict[int, list[int]] = {}
+    for i, (s, e) in enumerate(spans):
+        k = bisect.bisect_right(cuts, s) - 1
+        if e > s and 0 <= k < len(cuts) - 1 and e <= cuts[k + 1]:
+            out.setdefault(k, []).append(i)
+    return out
+
+
+def _tiles(spans, members, a: int, b: int) -> bool:
+    """Do the spans of `members` cover [a, b) without a gap?"""
+    pos = a
+    for s, e in sorted(spans[i] for i in members):
+        if s > pos:
+            return False
+        pos = max(pos, e)
+    return pos == b
+
+
+def student_trace_spans(tokenizer, trace: str) -> list[tuple[int, int]]:
+    """Byte spans, in the stored trace text, of the trace tokens of prompts.student_target_ids."""
+    text = target_trace(trace)
+    shift = len(trace[: len(trace) - len(trace.lstrip())].encode("utf-8"))  # the stripped leading whitespace
+    return [(s + shift, e + shift) for s, e in byte_spans(tokenizer, text)]
+
+
+def example_fields(tokenizer, example: dict, trace: str, record: dict, tally: dict | None = None) -> dict:
+    """distill_chunk (per position of the example) and distill_teacher (per chunk) of one example;
+    `tally` (optional) adds up the alignment counts of chunk_report."""
+    n_prompt = sum(1 for x in example["labels"] if x == -100)
+    spans_t = [tuple(s) for s in record["spans"]]
+    spans_s = student_trace_spans(tokenizer, trace)[: len(example["input_ids"]) - n_prompt]
+    ids_t, ids_s, n = aligned_chunks(spans_t, spans_s)
+    teacher = [0.0] * n
+    for c, lp in zip(ids_t, record["logprobs"]):
+        if c != NO_CHUNK:
+            teacher[c] += float(lp)
+    chunk = [NO_CHUNK] * len(example["input_ids"])
+    chunk[n_prompt : n_prompt + len(ids_s)] = ids_s
+    if tally is not None:
+        count(tally, spans_t, ids_t, ids_s, n, len(trace.encode("utf-8")))
+    return {"distill_chunk": chunk, "distill_teacher": teacher}
+
+
+def count(tally: dict, spans_t, ids_t, ids_s, n: int, n_bytes: int) -> None:
+    """Add one example's chunks to `tally`: bytes of the trace, in chunks, in chunks of one token on both sides."""
+    width = [0] * n
+    for (s, e), c in zip(spans_t, ids_t):
+        if c != NO_CHUNK:
+            width[c] += e - s
+    n_t = [ids_t.count(c) for c in range(n)] if n else []
+    n_s = [ids_s.count(c) for c in range(n)] if n else []
+    for key, value in (
+        ("trace_bytes", n_bytes),
+        ("chunk_bytes", sum(width)),
+        ("one_to_one_bytes", sum(w for w, a, b in zip(width, n_t, n_s) if a == b == 1)),
+        ("chunks", n),
+        ("teacher_tokens", sum(n_t)),
+        ("student_tokens", sum(n_s)),
+    ):
+        tally[key] = tally.get(key, 0) + value
+
+
+def chunk_report(tally: dict) -> dict:
+    """The alignment actually trained on: shares of the trace bytes, mean chunk length, tokens per chunk."""
+    chunks, chunk_bytes = max(tally.get("chunks", 0), 1), max(tally.get("chunk_bytes", 0), 1)
+    return {
+        "chunks": tally.get("chunks", 0),
+        "bytes_in_chunks": tally.get("chunk_bytes", 0) / max(tally.get("trace_bytes", 0), 1),
+        "bytes_in_one_token_chunks": tally.get("one_to_one_bytes", 0) / chunk_bytes,
+        "mean_chunk_bytes": tally.get("chunk_bytes", 0) / chunks,
+        "teacher_tokens_per_chunk": tally.get("teacher_tokens", 0) / chunks,
+        "student_tokens_per_chunk": tally.get("student_tokens", 0) / chunks,
+    }
+
+
+def add_distill(tokenizer, rows, examples, max_seq_len: int, traces_path: Path) -> tuple[list[dict], dict]:
+    """The examples (as sft_data.build_dataset made them from `rows`, in order) with their chunks,
+    and what config.json says of them. Traces without teacher log-probs train on the CE alone."""
+    side = load_teacher_logprobs(traces_path)
+    kept = [r for r in rows if len(student_prompt_ids(tokenizer, r["problem"])) < max_seq_len]  # build_dataset's rule
+    if len(kept) != len(examples):
+        raise RuntimeError(f"add_distill: {len(kept)} traces fit but {len(examples)} examples were built")
+    if not any(str(r.get("id")) in side for r in kept):
+        raise DataError(no_logprobs_message(traces_path))
+    out, tally, n_with = [], {}, 0
+    for row, ex in zip(kept, examples):
+        record = side.get(str(row.get("id")))
+        if record is None:
+            out.append(ex)
+            continue
+        check_text(record, row["qwen_trace"], traces_path.parent / SIDE_FILE)
+        out.append({**ex, **example_fields(tokenizer, ex, row["qwen_trace"], record, tally)})
+        n_with += 1
+    names = sorted({side[str(r.get("id"))]["tokenizer"] for r in kept if str(r.get("id")) in side})
+    return out, {"examples": n_with, "of": len(kept), "teacher_tokenizers": names, **chunk_report(tally)}
+
+
+def report_line(info: dict) -> str:
+    """One line for the log and report.md."""
+    return (
+        f"{info['examples']}/{info['of']} examples with teacher log-probs ({', '.join(info['teacher_tokenizers'])}); "
+        f"{info['chunks']} chunks cover {info['bytes_in_chunks']:.1%} of the trace bytes, "
+        f"{info['bytes_in_one_token_chunks']:.1%} of them in chunks of one token on both sides; "
+        f"{info['mean_chunk_bytes']:.2f} bytes, {info['teacher_tokens_per_chunk']:.2f} teacher and "
+        f"{info['student_tokens_per_chunk']:.2f} student tokens per chunk"
+    )
+
+
+@dataclass
+class DistillCollator:
+    """sft_data.Collator's batch plus distill_chunk [B, T] (NO_CHUNK where none) and
+    distill_teacher [B, C] (NaN past each example's chunks; C >= 1)."""
+
+    base: object
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        out = self.base(batch)
+        width = max(1, *(len(b.get("distill_teacher", ())) for b in batch))
+        out["distill_chunk"] = torch.full_like(out["labels"], NO_CHUNK)
+        out["distill_teacher"] = torch.full((len(batch), width), float("nan"))
+        for i, b in enumerate(batch):
+            if "distill_chunk" in b:
+                out["distill_chunk"][i, : len(b["distill_chunk"])] = torch.tensor(b["distill_chunk"])
+                out["distill_teacher"][i, : len(b["distill_teacher"])] = torch.tensor(b["distill_teacher"])
+        return out
