@@ -137,12 +137,13 @@ def example_fields(tokenizer, example: dict, trace: str, record: dict, tally: di
     chunk = [NO_CHUNK] * len(example["input_ids"])
     chunk[n_prompt : n_prompt + len(ids_s)] = ids_s
     if tally is not None:
-        count(tally, spans_t, ids_t, ids_s, n, len(trace.encode("utf-8")))
+        count(tally, spans_t, ids_t, ids_s, n, spans_s[-1][1] - spans_s[0][0] if spans_s else 0)
     return {"distill_chunk": chunk, "distill_teacher": teacher}
 
 
 def count(tally: dict, spans_t, ids_t, ids_s, n: int, n_bytes: int) -> None:
-    """Add one example's chunks to `tally`: bytes of the trace, in chunks, in chunks of one token on both sides."""
+    """Add one example's chunks to `tally`: bytes of the trace the student trains on (after the strip and
+    the cut at --max-seq-len), bytes in chunks, bytes in chunks of one token on both sides."""
     width = [0] * n
     for (s, e), c in zip(spans_t, ids_t):
         if c != NO_CHUNK:
@@ -161,7 +162,7 @@ def count(tally: dict, spans_t, ids_t, ids_s, n: int, n_bytes: int) -> None:
 
 
 def chunk_report(tally: dict) -> dict:
-    """The alignment actually trained on: shares of the trace bytes, mean chunk length, tokens per chunk."""
+    """The alignment actually trained on: shares of the trained trace bytes, mean chunk length, tokens per chunk."""
     chunks, chunk_bytes = max(tally.get("chunks", 0), 1), max(tally.get("chunk_bytes", 0), 1)
     return {
         "chunks": tally.get("chunks", 0),
@@ -199,7 +200,7 @@ def report_line(info: dict) -> str:
     """One line for the log and report.md."""
     return (
         f"{info['examples']}/{info['of']} examples with teacher log-probs ({', '.join(info['teacher_tokenizers'])}); "
-        f"{info['chunks']} chunks cover {info['bytes_in_chunks']:.1%} of the trace bytes, "
+        f"{info['chunks']} chunks cover {info['bytes_in_chunks']:.1%} of the trained trace bytes, "
         f"{info['bytes_in_one_token_chunks']:.1%} of them in chunks of one token on both sides; "
         f"{info['mean_chunk_bytes']:.2f} bytes, {info['teacher_tokens_per_chunk']:.2f} teacher and "
         f"{info['student_tokens_per_chunk']:.2f} student tokens per chunk"
