@@ -26,6 +26,7 @@ from pathlib import Path
 from q2g.data.jsonl import read_jsonl
 from q2g.errors import DataError
 from q2g.finetune.distill import NO_CHUNK
+from q2g.finetune.sft_data import IGNORE_INDEX
 from q2g.prompts import student_prompt_ids, target_trace
 
 SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs)
@@ -126,7 +127,7 @@ def student_trace_spans(tokenizer, trace: str) -> list[tuple[int, int]]:
 def example_fields(tokenizer, example: dict, trace: str, record: dict, tally: dict | None = None) -> dict:
     """distill_chunk (per position of the example) and distill_teacher (per chunk) of one example;
     `tally` (optional) adds up the alignment counts of chunk_report."""
-    n_prompt = sum(1 for x in example["labels"] if x == -100)
+    n_prompt = sum(1 for x in example["labels"] if x == IGNORE_INDEX)
     spans_t = [tuple(s) for s in record["spans"]]
     spans_s = student_trace_spans(tokenizer, trace)[: len(example["input_ids"]) - n_prompt]
     ids_t, ids_s, n = aligned_chunks(spans_t, spans_s)
