@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN_ASSETS = (REPO / "tests/assets/qwen2-r1-distill", REPO / "tests/assets/tiny-qwen2")
 
 
 def cpu_model() -> str:
@@ -41,11 +40,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def tiny_model(kind: str, tokenizer_dir: Path, out: Path):
-    """A random 2-layer model of `kind` ('qwen2' or 'gemma3') with that tokenizer, saved in `out`."""
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+def qwen_tokenizer(folder: str | None):
+    """`folder`'s tokenizer; by default the committed real Qwen2 one (tests/real_tokenizers.py), else
+    tests/assets/tiny-qwen2 (a 512-token byte-level BPE: still another tokenizer than Gemma's)."""
+    import sys
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from transformers import AutoTokenizer
+
+    if folder:
+        return AutoTokenizer.from_pretrained(folder)
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from real_tokenizers import qwen2_tokenizer
+
+        return qwen2_tokenizer()
+    except (ImportError, OSError):
+        return AutoTokenizer.from_pretrained(REPO / "tests/assets/tiny-qwen2")
+
+
+def tiny_model(kind: str, tok, out: Path):
+    """A random 2-layer model of `kind` ('qwen2' or 'gemma3') with tokenizer `tok`, saved in `out`."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
     common = dict(
         vocab_size=len(tok),
         hidden_size=64,
@@ -94,14 +110,18 @@ def score(teacher_dir, rows, max_tokens: int) -> list[dict]:
 
 def setup(args, work: Path):
     """(student folder, teacher folder, the rows) for the run."""
+    from transformers import AutoTokenizer
+
     from q2g.data.splits import select_split
 
-    tokenizer = args.teacher_tokenizer or next(p for p in QWEN_ASSETS if p.exists())
-    random_teacher = work / f"random-qwen2-with-{Path(tokenizer).name}-tokenizer"
-    teacher = Path(args.teacher) if args.teacher else tiny_model("qwen2", Path(tokenizer), random_teacher)
+    teacher = Path(args.teacher) if args.teacher else None
+    if teacher is None:
+        tok = qwen_tokenizer(args.teacher_tokenizer)
+        teacher = tiny_model("qwen2", tok, work / f"random-qwen2-{len(tok)}-token-tokenizer")
     student = args.model
     if args.tiny:
-        student = str(tiny_model("gemma3", REPO / "tests/assets/tiny-gemma3", work / "student"))
+        tok = AutoTokenizer.from_pretrained(REPO / "tests/assets/tiny-gemma3")
+        student = str(tiny_model("gemma3", tok, work / "student"))
     train, _, _ = select_split(data_dir="packaged", limit=args.problems, seed=0)
     rows = [{**r, "qwen_trace": r["reference_solution"], "validated": True} for r in train]
     return student, teacher, rows
