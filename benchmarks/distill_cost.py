@@ -86,7 +86,7 @@ def score(teacher_dir, rows, max_tokens: int) -> list[dict]:
     """Side-file records: the teacher's log-probs of each trace's tokens after its own prompt."""
     import torch
 
-    from q2g.finetune.distill_data import byte_spans
+    from q2g.alignment import byte_spans
     from q2g.models import load_model, load_tokenizer
     from q2g.prompts import teacher_prompt_ids
 
@@ -201,7 +201,7 @@ def main() -> int:
         batch, info = batch_of(student, rows, records, args, work)
         best = measure(student, batch, args)
 
-    from q2g.finetune.distill_data import report_line
+    from q2g.finetune.distill_data import report_text
 
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     chunks = int((~batch["distill_teacher"].isnan()).sum())
@@ -211,7 +211,7 @@ def main() -> int:
     print(
         f"batch {batch['labels'].shape[0]} x {batch['labels'].shape[1]} tokens, {tokens} label tokens, {chunks} chunks"
     )
-    print(f"alignment of the scored traces: {report_line(info)}")
+    print(f"alignment of the scored traces: {report_text(info)}")
     print("| mode | s / step | x SFT | loss |")
     print("|---|---:|---:|---:|")
     for name, (seconds, loss) in best.items():
