@@ -82,7 +82,7 @@ def tiny_model(kind: str, tok, out: Path):
     return out
 
 
-def score(teacher_dir, rows, max_tokens: int) -> list[dict]:
+def score(teacher_dir, rows) -> list[dict]:
     """Side-file records: the teacher's log-probs of each trace's tokens after its own prompt."""
     import torch
 
@@ -94,7 +94,7 @@ def score(teacher_dir, rows, max_tokens: int) -> list[dict]:
     records = []
     for r in rows:
         text = r["qwen_trace"]
-        spans = byte_spans(tok, text)[:max_tokens]
+        spans = byte_spans(tok, text)  # the whole trace: the side file's spans cover its text
         prompt = teacher_prompt_ids(tok, r["problem"])
         ids = prompt + tok(text, add_special_tokens=False)["input_ids"][: len(spans)]
         with torch.no_grad():
@@ -197,7 +197,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         student, teacher, rows = setup(args, work)
-        records = score(teacher, rows, args.seq)
+        records = score(teacher, rows)
         batch, info = batch_of(student, rows, records, args, work)
         best = measure(student, batch, args)
 
