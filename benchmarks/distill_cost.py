@@ -129,8 +129,8 @@ def setup(args, work: Path):
 
 def batch_of(student, rows, records, args, work: Path):
     """The collated batch as `q2g finetune --distill chunk-likelihood` builds it, and the alignment info."""
+    from q2g.examples import Collator, build_dataset
     from q2g.finetune.distill_data import SIDE_FILE, DistillCollator, add_distill
-    from q2g.finetune.sft_data import Collator, build_dataset
     from q2g.models import load_tokenizer
 
     (work / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -147,7 +147,7 @@ def measure(student, batch, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from q2g.loss import LabelOnlyLossTrainer
+    from q2g.finetune.loss import LabelOnlyLossTrainer
     from q2g.models import load_model
 
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer, TrainingArguments
 from q2g import cli
 from q2g.alignment import byte_spans
 from q2g.errors import ConfigError, DataError
-from q2g.finetune.config import FinetuneConfig
+from q2g.examples import IGNORE_INDEX, Collator, build_dataset, read_traces
+from q2g.finetune.config import FinetuneConfig, run_keys
 from q2g.finetune.distill import NO_CHUNK, binarised_kl
 from q2g.finetune.distill_data import (
     SIDE_FILE,
@@ -26,9 +27,7 @@ from q2g.finetune.distill_data import (
     aligned_chunks,
     student_trace_spans,
 )
-from q2g.finetune.settings import run_keys
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator, build_dataset, read_traces
-from q2g.loss import LabelOnlyLossTrainer
+from q2g.finetune.loss import LabelOnlyLossTrainer
 
 
 def test_aligned_chunks_by_hand():
@@ -172,7 +171,7 @@ def test_collator_pads_chunks_and_teacher():
 def own_logprobs(model, tok, rows):
     """score(row, spans) for write_side: the model's own log-probs of its trace tokens, teacher-forced
     on the training input itself (so the teacher is exactly the student)."""
-    from q2g.finetune.sft_data import build_example
+    from q2g.examples import build_example
 
     def score(row, spans):
         ex = build_example(tok, row["problem"], row["qwen_trace"], 10_000)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-from q2g import fused_grads
+from q2g.finetune import fused_grads
 
 LOGP_MAX = math.log1p(-1e-6)  # chunk log-likelihoods are clamped here: p <= 1 - 1e-6
 NO_CHUNK = -1  # distill_chunk of a position whose label is in no chunk (prompt, end token, padding)
@@ -127,7 +127,7 @@ def distill_sum(hidden, labels, chunk_ids, teacher, head, transform=(None, 1.0),
 
     hidden [B, T, H] (with grad), labels [B, T]; chunk_ids [B, T]: the chunk (0..C-1 of its example)
     of the label at each position, NO_CHUNK elsewhere; teacher [B, C]: the teacher's chunk
-    log-likelihoods, NaN past an example's last chunk; transform: q2g.loss.logit_transform(config).
+    log-likelihoods, NaN past an example's last chunk; transform: q2g.scoring.logit_transform(config).
     """
     import torch
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from q2g.alignment import byte_spans
 from q2g.data.teacher_logprobs import load_teacher_logprobs, side_path
 from q2g.errors import DataError
+from q2g.examples import IGNORE_INDEX
 from q2g.finetune.distill import NO_CHUNK
-from q2g.finetune.sft_data import IGNORE_INDEX
 from q2g.prompts import student_prompt_ids, target_trace
 
 SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs; q2g.data.teacher_logprobs)
@@ -161,7 +161,7 @@ def chunk_report(tally: dict) -> dict:
 
 
 def add_distill(tokenizer, rows, examples, max_seq_len: int, traces_path: Path) -> tuple[list[dict], dict]:
-    """The examples (as sft_data.build_dataset made them from `rows`, in order) with their chunks,
+    """The examples (as examples.build_dataset made them from `rows`, in order) with their chunks,
     and what config.json says of them. Traces without teacher log-probs train on the CE alone."""
     kept = [r for r in rows if len(student_prompt_ids(tokenizer, r["problem"])) < max_seq_len]  # build_dataset's rule
     if len(kept) != len(examples):
@@ -223,7 +223,7 @@ def report_line(info: dict, warnings: bool = True) -> str:
 
 @dataclass
 class DistillCollator:
-    """sft_data.Collator's batch plus distill_chunk [B, T] (NO_CHUNK where none) and
+    """examples.Collator's batch plus distill_chunk [B, T] (NO_CHUNK where none) and
     distill_teacher [B, C] (NaN past each example's chunks; C >= 1)."""
 
     base: object
