@@ -236,6 +236,8 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
             f"- Ran: loss {info['loss_path']}, attention {info.get('attention')}; gradient checkpointing "
             f"{info.get('gradient_checkpointing')}."
         )
+    if info.get("distill"):
+        lines.append(f"- Token-level distillation: {info['distill']}.")
     if info.get("baseline_reused_from"):
         lines.append(f"- Baseline: reused from {info['baseline_reused_from']} (not evaluated again).")
     if info.get("holdout"):

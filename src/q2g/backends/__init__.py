@@ -15,6 +15,10 @@ counter, so a batch regenerated after a crash gives the same samples as the firs
 | openai    | any OpenAI-compatible /chat/completions server    | pip install 'q2g[openai]'      |
 | reference | the datasets' own worked solutions, no model      | nothing                        |
 
+--teacher-logprobs K (q2g.data.teacher_logprobs): vllm asks `SamplingParams(logprobs=K)`, openai
+`logprobs=True, top_logprobs=K`, and both hand back each sample's tokens in Sample.logprobs; hf
+scores the kept traces by a forward pass (`score`); reference has no model and refuses K > 0.
+
 Heavy imports happen inside the chosen backend's module only.
 
 Thinking teachers (Qwen3, DeepSeek-R1, QwQ) write a chain of thought before their answer: in the
@@ -55,6 +59,7 @@ class Sample:
     truncated: bool = False  # stopped by the token limit, not by the model
     answer: str | None = None  # where the final answer is read from, when not all of `text` (thinking teachers)
     error: str | None = None  # the backend could not get this sample: recorded as failed, asked again next run
+    logprobs: object = None  # --teacher-logprobs: a data.teacher_logprobs.TokenLogprobs (vllm, openai)
 
     @property
     def answer_text(self) -> str:

@@ -12,6 +12,7 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 from __future__ import annotations
 
 from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
+from q2g.backends.hf_score import trace_logprobs
 from q2g.decoding import generate
 from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
 from q2g.prompts import end_token_ids, teacher_prompt_ids
@@ -53,6 +54,12 @@ class HFBackend:
 
     def prompt_ids(self, problem: str) -> list[int]:
         return teacher_prompt_ids(self.tokenizer, problem)
+
+    def score(self, pairs: list[tuple[dict, str]], top_k: int = 0) -> list:
+        """Teacher-forced TokenLogprobs of each (problem, trace text) after the teacher's prompt."""
+        return [
+            trace_logprobs(self.model, self.tokenizer, self.prompt_ids(p["problem"]), text, top_k) for p, text in pairs
+        ]
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         prompts = [self.prompt_ids(p["problem"]) for p in problems for _ in range(k)]

@@ -53,6 +53,7 @@ from q2g.finetune.kl_anchor import check_init
 from q2g.models import PRECISIONS
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+DISTILL_MODES = ("none", "chunk-likelihood")  # on-policy modes come with issue 29
 
 
 @dataclass
@@ -149,6 +150,16 @@ class FinetuneConfig(Config):
     kl_to_base: float = option(
         0.0, min=0, results="training", help="add BETA x KL(student || base) on the trace tokens (0: off)"
     )
+    distill: str = option(
+        "none",
+        choices=DISTILL_MODES,
+        results="training",
+        help="token-level distillation from the teacher's stored log-probs: chunk-likelihood = ALM's binarised "
+        "KL on byte-aligned chunks of the trace (needs the teacher_logprobs.jsonl side file; none: off)",
+    )
+    distill_weight: float = option(
+        1.0, min=0, results="training", help="--distill: weight W of the distillation term beside the CE (0: off)"
+    )
     rehearsal_fraction: float = option(
         0.0, min=0, max=0.9, results="training", help="share of training examples that are the base model's own text"
     )
@@ -216,6 +227,9 @@ class Settings:
     n_rehearsal_tokens: int | None = decided("tokens of those examples")
     rehearsal_file: str | None = decided("the stored rehearsal texts (reused while their settings match)")
     teachers: list = decided("(teacher, backend, n) of the traces", factory=list)
+    distill_info: dict | None = decided(
+        "--distill: examples with teacher log-probs, their chunks, the tokenizer report"
+    )
     loss_path: str | None = decided("the training loss: chunked (label-only), liger (fused), plain (full logits)")
     attention: str | None = decided("the attention implementation of the loaded model")
     gradient_checkpointing_used: bool | None = decided("gradient checkpointing on", "gradient_checkpointing")

@@ -36,12 +36,13 @@ def check_init(kl_to_base: float, init_lora_weights: str) -> str | None:
     return None
 
 
-def check_processes(kl_to_base: float, n_processes: int) -> None:
-    """The anchor lives in the one-process label-only loss; several processes use the Trainer's own."""
+def check_processes(kl_to_base: float, n_processes: int, flag: str = "--kl-to-base") -> None:
+    """The anchor (and --distill) live in the one-process label-only loss; several processes use the Trainer's own."""
     if kl_to_base and n_processes > 1:
+        off = "--distill none" if flag == "--distill" else f"{flag} 0"
         raise ConfigError(
-            f"--kl-to-base runs in one process (the label-only loss); this run has {n_processes}: "
-            "launch it without accelerate/torchrun or use --kl-to-base 0"
+            f"{flag} runs in one process (the label-only loss); this run has {n_processes}: "
+            f"launch it without accelerate/torchrun or use {off}"
         )
 
 

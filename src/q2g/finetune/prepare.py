@@ -38,6 +38,7 @@ from q2g.evaluation.config import EvalConfig
 from q2g.examples import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
+from q2g.finetune.distill_data import add_distill, report_text
 from q2g.finetune.loss import planned_loss_path
 from q2g.finetune.train import training_arguments
 from q2g.io import atomic_write_json, atomic_write_text, cache_dir, settings_diff
@@ -99,6 +100,10 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     examples, stats = build_dataset(tokenizer, rows, cfg.max_seq_len)
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
+    distill_info = None
+    if cfg.distill != "none":  # before the rehearsal examples: add_distill follows build_dataset's order
+        examples, distill_info = add_distill(tokenizer, rows, examples, cfg.max_seq_len, traces_path)
+        print(f"[finetune] --distill {cfg.distill}: {report_text(distill_info)}", flush=True)
     print(
         f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
         f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "
@@ -119,6 +124,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
         cpu=cpu_info.cpu_line(),
         optim_used=models.resolve_optim(cfg.optim, device),
         teachers=teacher_info(all_rows),
+        distill_info=distill_info,
         attention=models.attention_implementation(cfg.base_model),
         versions=versions(),
     )

@@ -40,6 +40,7 @@ from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.core import select_eval_subset
 from q2g.finetune.baseline import baseline
 from q2g.finetune.config import FinetuneConfig
+from q2g.finetune.distill_data import report_line
 from q2g.finetune.epochs import without_probes
 from q2g.finetune.prepare import prepare
 from q2g.finetune.train import train_all
@@ -101,6 +102,8 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
         "epochs": c["epochs"],
         "lora_r": c["lora_r"],
         "loss_path": c["loss_path"],
+        "distill": c.get("distill_info")
+        and f"--distill {c['distill']} W={c['distill_weight']:g}: " + report_line(c["distill_info"]),
         "attention": c["attention"],
         "gradient_checkpointing": c["gradient_checkpointing_why"],
         "memory_plan": (c["memory_plan"] or {}).get("message"),

@@ -32,6 +32,7 @@ from q2g.examples import Collator
 from q2g.finetune import kl_anchor
 from q2g.finetune.baseline import load_base
 from q2g.finetune.config import keep_initial, lora_kwargs
+from q2g.finetune.distill_data import DistillCollator
 from q2g.finetune.epochs import last_adapter, make_callback, probe_callbacks
 from q2g.finetune.loss import LabelOnlyLossTrainer
 from q2g.guards import NonFiniteGuard
@@ -168,10 +169,14 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         args=targs,
         train_dataset=run.examples,
         callbacks=[callback, guard, *extra_callbacks],
-        data_collator=Collator(run.tokenizer.pad_token_id),
+        data_collator=collator(run),
         processing_class=run.tokenizer,
     )
-    path = run.settings.loss_path
+    path, cfg = run.settings.loss_path, run.settings.asked
+    if path == "plain" and cfg.distill != "none":
+        raise ConfigError(
+            f"--distill {cfg.distill} needs the label-only loss; this model's forward has no logits_to_keep"
+        )
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
     fused = "liger" if path == "liger" else "never"
@@ -180,8 +185,15 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         loss_chunk_size=run.settings.asked.loss_chunk_size,
         fused=fused,
         nonfinite_guard=guard,
-        kl_to_base=run.settings.asked.kl_to_base,
+        kl_to_base=cfg.kl_to_base,
+        distill_weight=cfg.distill_weight if cfg.distill == "chunk-likelihood" else 0.0,
     )
+
+
+def collator(run):
+    """examples.Collator, with the chunks of --distill when it is on (q2g.finetune.distill_data)."""
+    base = Collator(run.tokenizer.pad_token_id)
+    return DistillCollator(base) if run.settings.asked.distill != "none" else base
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -210,6 +222,7 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
     stopped = cfg.on_forgetting != "flag" and any(r["flagged"] for r in run.rows if r.get("lora_r") == lora_r)
     if not stopped:  # (a stopped run killed before writing train_done.json must not train on)
         kl_anchor.check_processes(cfg.kl_to_base, distributed.num_processes())
+        kl_anchor.check_processes(cfg.distill != "none", distributed.num_processes(), "--distill")
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         base = model if model is not None else load_base(run)
         peft_model = build_lora_model(
