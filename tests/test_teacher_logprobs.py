@@ -134,6 +134,10 @@ def test_side_file_resumes_and_merges_like_the_traces(tmp_path, scripted, monkey
     assert (sharded / "teacher_logprobs.jsonl").read_bytes() == (clean / "teacher_logprobs.jsonl").read_bytes()
 
     assert run(clean, "--batch-size", "2", "--teacher-logprobs", "3") == 2  # another K: another dataset
+    plain = tmp_path / "plain"  # off: not in config.json, like a folder written before the option
+    assert cli.call("generate", [*BASE, "--out", str(plain)]) == 0
+    assert "teacher_logprobs" not in json.loads((plain / "config.json").read_text())
+    assert not (plain / "teacher_logprobs.jsonl").exists() and run(plain) == 2
 
 
 gen_append = gen.append_jsonl
