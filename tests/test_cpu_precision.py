@@ -67,7 +67,9 @@ def lora_step(model_dir, precision):
     from q2g.finetune.config import FinetuneConfig
 
     model = models.load_model(str(model_dir), precision.dtype, "cpu")
-    peft_model = train.build_lora_model(model, FinetuneConfig(target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8))
+    peft_model = train.build_lora_model(
+        model, FinetuneConfig(target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8)
+    )
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     ids = torch.randint(3, 100, (2, 16))
