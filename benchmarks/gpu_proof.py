@@ -80,10 +80,10 @@ def flags(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def shape_args(args, seven_b: bool = True) -> list[str]:
+def shape_args(args) -> list[str]:
     if args.rehearse:
         return ["--random-shape", "tiny", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "256"]
-    out = ["--random-shape", "gemma-7b" if seven_b else "gemma-2b", "--device", "cuda"]
+    out = ["--random-shape", "gemma-7b", "--device", "cuda"]
     out += ["--batch-size", SEED["batch_size"], "--grad-accum", SEED["grad_accum"], "--seq-len", SEED["max_seq_len"]]
     return out + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
 
@@ -91,13 +91,9 @@ def shape_args(args, seven_b: bool = True) -> list[str]:
 def vs_trl(args, ckpt: str) -> dict:
     """q2g vs TRL at equal checkpointing (train_vs_trl.py), with the ratios the targets name."""
     js = args.scratch / f"train_{ckpt}.json"
-    steps = ["--steps", 1, "--warmup", 1] if args.rehearse else ["--steps", 3, "--warmup", 1]
+    steps = ["--steps", 1 if args.rehearse else 2, "--warmup", 1, "--gradient-checkpointing", ckpt]
     extra = ["--skip-unless-fits"] if ckpt == "off" else []
-    sh(
-        py("train_vs_trl.py", *shape_args(args), *steps, "--gradient-checkpointing", ckpt, *extra, "--json", js),
-        args.left(),
-        args.log,
-    )
+    sh(py("train_vs_trl.py", *shape_args(args), *steps, *extra, "--json", js), args.left(), args.log)
     r = json.loads(js.read_text())
     if "skipped" in r:
         return r
@@ -235,10 +231,12 @@ def finetune(args) -> dict:
     }  # fmt: skip
 
 
+# (section, function, seconds it needs at least on a GPU): most telling first; one that would not
+# finish in what is left of --budget is skipped (said in its row), not started and cut
 PARTS = {
-    "shape": {"train_ckpt_on": lambda a: vs_trl(a, "on"), "train_ckpt_off": lambda a: vs_trl(a, "off"),
-              "decoding": decoding, "liger": liger, "sweep_oom": sweep_oom},
-    "outcome": {"conversion": conversion, "traces": traces, "finetune": finetune},
+    "shape": [("train_ckpt_on", lambda a: vs_trl(a, "on"), 60), ("decoding", decoding, 40),
+              ("sweep_oom", sweep_oom, 40), ("train_ckpt_off", lambda a: vs_trl(a, "off"), 60), ("liger", liger, 60)],
+    "outcome": [("conversion", conversion, 20), ("traces", traces, 10), ("finetune", finetune, 120)],
 }  # fmt: skip
 
 
@@ -365,7 +363,7 @@ def main() -> int:
     p.add_argument("--gguf", help="outcome: or the reassembled GGUF, checked and converted first")
     p.add_argument("--data-dir", default="../shared/data", help="outcome: folder with gsm8k/ and wikitext/")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--budget", type=float, default=330, help="seconds for the whole part (sections share it)")
+    p.add_argument("--budget", type=float, default=330, help="seconds for the whole part (docs/gpu.md: 210 / 270)")
     p.add_argument("--check-conversion", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -386,11 +384,14 @@ def main() -> int:
 
     env = f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
     res = {"part": args.part, "env": env + (", CPU rehearsal, tiny models" if args.rehearse else ""), "sections": {}}
-    for name, fn in PARTS[args.part].items():
+    for name, fn, least in PARTS[args.part]:
         res["sections"][name], res["wall_s"] = {"running": True}, time.time() - t0
         save(res, out, args.part)
         try:
-            res["sections"][name] = fn(args)
+            if not args.rehearse and args.left() < least:
+                res["sections"][name] = {"skipped": f"{args.left():.0f} s of --budget left, needs ~{least} s"}
+            else:
+                res["sections"][name] = fn(args)
         except (RuntimeError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             res["sections"][name] = {"failed": str(e)[:300]}
         res["wall_s"] = time.time() - t0

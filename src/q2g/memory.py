@@ -8,6 +8,7 @@
     free, note = free_for_training("cuda", config_dict)  # less the vLLM evaluation engine's share
     free_accelerator_memory()          # between a sweep's trials: gc + torch.cuda.empty_cache
     allocator_defaults()               # before CUDA starts: expandable segments unless the user chose
+    util, note = vllm_share(0.5)       # cache emptied, then the vLLM engine's share of what is free
 
 The terms (bytes; b = batch, s = sequence, h = hidden, I = MLP width, V = vocabulary, L = layers):
     weights      n_params x bytes of the weights' dtype (2 for bf16, 4 for fp32)
@@ -246,6 +247,27 @@ def free_for_training(device: str, settings: dict) -> tuple[int, str]:
     share = float(settings.get("vllm_gpu_memory_utilization") or 0.0)
     reserved = int(share * total_memory(device))
     return max(0, free - reserved), f"{reserved / GB:.1f} GB kept for the vLLM evaluation engine ({share:.0%})"
+
+
+def vllm_share(asked: float, device: str = "cuda") -> tuple[float, str]:
+    """(gpu_memory_utilization to start a vLLM engine with, a note when it is less than asked).
+    vLLM refuses to start when the card's free memory is below utilization x total, and after an
+    epoch of training torch's allocator still holds the training peak: first give the cached
+    blocks back (free_accelerator_memory), then take at most what the driver now has free."""
+    free_accelerator_memory()
+    if not device.startswith("cuda"):
+        return asked, ""
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    free, total = (int(x) for x in torch.cuda.mem_get_info(index))
+    fits = int(free * 0.98 / total * 1000) / 1000  # a little under what is free: vLLM measures after us
+    if asked <= fits:
+        return asked, ""
+    return fits, (
+        f"vLLM evaluation engine: gpu_memory_utilization {asked} asks for {asked * total / GB:.1f} GB, "
+        f"{free / GB:.1f} GB are free: started with {fits}"
+    )
 
 
 ALLOC_DEFAULT = "expandable_segments:True"
