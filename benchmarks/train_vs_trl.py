@@ -142,9 +142,11 @@ def fits(args) -> str:
     import torch
     from transformers import GemmaConfig
 
+    from q2g.finetune.config import FinetuneConfig
     from q2g.memory import GB, estimate, free_memory
 
-    need = estimate(GemmaConfig(**SHAPES[args.random_shape]), plan_shape(args, torch.cuda.is_bf16_supported()))
+    shape = plan_shape(args, torch.cuda.is_bf16_supported(), FinetuneConfig().loss_chunk_size)  # the chunk q2g runs
+    need = estimate(GemmaConfig(**SHAPES[args.random_shape]), shape)
     free = free_memory(args.device)
     if need["total"] <= free * 0.9:
         return ""
