@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_proof.py --part shape --tokenizer .dev/gemma-tok --out $OUT
     python benchmarks/gpu_proof.py --part outcome --gguf /tmp/gemma.gguf --data-dir .dev/data --out $OUT
-    python benchmarks/gpu_proof.py --part shape --rehearse --out /tmp/proof    # the CPU, tiny models, ~1 min
+    python benchmarks/gpu_proof.py --part shape --rehearse --out /tmp/proof    # CPU, tiny models, 1-3 min
 
 --part shape needs no weights from outside the checkout (random bf16 models of Gemma-7B / Gemma-2B
 shape; --tokenizer: the real Gemma tokenizer folder, carried, so lengths are the real ones):
