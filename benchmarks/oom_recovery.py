@@ -83,6 +83,8 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     args.warmup, args.packing, args.fused, args.model = 0, False, "auto", None
+    import torch
+
     from q2g.memory import free_accelerator_memory
 
     res: dict = {"device": args.device}
@@ -92,13 +94,13 @@ def main() -> int:
         res["trial_1"] = {
             "batch": args.oom_batch,
             "failed": f"{type(e).__name__}: {str(e)[:200]}",
-            "out_of_memory": isinstance(e, __import__("torch").OutOfMemoryError),
+            "out_of_memory": isinstance(e, torch.OutOfMemoryError),
             **memory(args.device),
         }
     free_accelerator_memory()  # after the except block: the exception's frames (the model) are gone
     res["after_free"] = memory(args.device)
     if args.device.startswith("cuda"):
-        __import__("torch").cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()
     t2 = trial(args, args.batch_size, True)
     res["trial_2"] = {
         **t2,
