@@ -238,3 +238,97 @@ def test_vllm_share_empties_the_cache_then_fits_what_is_free(card):
     util, note = memory.vllm_share(0.9)  # 72 GB asked: cut to what is free
     assert util == 0.612 and "72.0 GB, 50.0 GB are free: started with 0.612" in note
     assert memory.vllm_share(0.9, "cpu") == (0.9, "")
+
+
+def test_vllm_evaluation_engine_starts_on_an_emptied_cache_with_a_share_that_fits(card, stand_in_vllm, monkeypatch):
+    from q2g.evaluation import pass_at_1 as decoding_vllm
+
+    monkeypatch.setattr(decoding_vllm, "_ENGINES", {})
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 7. also outside the launcher's env
+    decoding_vllm.vllm_engine("base", dtype="bfloat16", lora_r=16, gpu_memory_utilization=0.9)
+    _, env, kw = stand_in_vllm.EVENTS[0]
+    assert card["emptied"] == 1 and kw["gpu_memory_utilization"] == 0.612  # 50 of 80 GB free once emptied
+    assert env["WORLD_SIZE"] is None
+    decoding_vllm.vllm_engine("base", dtype="bfloat16", lora_r=512, gpu_memory_utilization=0.5)  # a rebuild
+    assert stand_in_vllm.EVENTS[1] == "shutdown" and stand_in_vllm.EVENTS[2][2]["gpu_memory_utilization"] == 0.5
+
+
+# 1. A Liger that fails at its first call falls back to the chunked loss; training goes on.
+def test_liger_failing_at_first_call_falls_back_to_the_chunked_loss(tiny_gemma_dir, tmp_path, monkeypatch):
+    import types
+
+    from transformers import TrainerCallback, TrainingArguments
+
+    from q2g.finetune import loss
+    from q2g.finetune import train as ft_trainer
+
+    calls = []
+
+    class LigerFusedLinearCrossEntropyLoss:  # the stand-in: its Triton kernel cannot compile
+        def __init__(self, **kw):
+            pass
+
+        def __call__(self, *a, **kw):
+            calls.append("liger")
+            raise RuntimeError("triton: cannot compile for this GPU")
+
+    module = types.SimpleNamespace(LigerFusedLinearCrossEntropyLoss=LigerFusedLinearCrossEntropyLoss)
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.fused_linear_cross_entropy", module)
+    monkeypatch.setattr(loss, "liger_eligible", lambda h, scale: True)  # as on CUDA with the wheel installed
+    model = models.load_model(str(tiny_gemma_dir))
+    tok = models.load_tokenizer(str(tiny_gemma_dir))
+    asked = types.SimpleNamespace(loss_chunk_size=16, kl_to_base=0.0)
+    run = types.SimpleNamespace(
+        settings=types.SimpleNamespace(loss_path="liger", asked=asked), examples=[], tokenizer=tok
+    )
+    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = ft_trainer.make_trainer(run, model, targs, TrainerCallback(), TrainerCallback())
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    batch["labels"] = torch.tensor([[-100, -100, 6, 7, 8]])
+    with pytest.warns(RuntimeWarning, match="Liger failed at its first call"):
+        first = trainer.compute_loss(model, batch)
+    second = trainer.compute_loss(model, batch)
+    assert calls == ["liger"] and torch.isfinite(first) and torch.allclose(first, second)
+    info = trainer.loss_info()
+    assert info["loss_path"] == "chunked" and "cannot compile" in info["loss_note"]
+
+
+# 4. --use-dora with --eval-backend vllm: refused before anything loads, exit 2, nothing written.
+def test_dora_with_vllm_evaluation_is_refused_before_anything_loads(tmp_path, tiny_gemma_dir, monkeypatch, capsys):
+    from q2g import cli
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "ck"
+    argv = ["--base-model", str(tiny_gemma_dir), "--traces", str(tmp_path / "none"), "--out", str(out)]
+    assert cli.call("finetune", [*argv, "--use-dora", "--eval-backend", "vllm"]) == 2
+    assert "--use-dora with --eval-backend vllm" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# 6 + 8 in `q2g finetune` itself (sweep trials go through it too).
+def test_finetune_refuses_deepspeed_skip_nonfinite_and_sets_the_allocator(
+    tmp_path, tiny_gemma_dir, monkeypatch, capsys
+):
+    from q2g import cli
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    out = tmp_path / "ck"
+    argv = ["--base-model", str(tiny_gemma_dir), "--traces", str(tmp_path / "none"), "--out", str(out)]
+    assert cli.call("finetune", [*argv, "--skip-nonfinite"]) == 2
+    assert "--skip-nonfinite cannot skip under DeepSpeed" in capsys.readouterr().err and not out.exists()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+# 5. Through finetune's own LoRA builder: the vision tower of a Gemma3ForConditionalGeneration gets none.
+def test_finetune_lora_builder_leaves_the_vision_tower_alone():
+    from q2g.finetune.config import FinetuneConfig
+    from q2g.finetune.train import build_lora_model
+
+    cfg = FinetuneConfig(target_modules=["q_proj", "v_proj"], lora_r=4, lora_alpha=8)
+    peft_model = build_lora_model(tiny_gemma3_vlm(), cfg)
+    adapted = [n for n, _ in peft_model.named_parameters() if "lora_A" in n]
+    assert len(adapted) == 4 and not [n for n in adapted if "vision_tower" in n]
