@@ -177,7 +177,7 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
     # "auto", not "liger": a Liger that fails at its first call (a Triton that cannot compile) then
-    # falls back to the chunked loss with a warning (q2g.loss) instead of ending the run
+    # falls back to the chunked loss with a warning (finetune.loss) instead of ending the run
     fused = "auto" if path == "liger" else "never"
     return LabelOnlyLossTrainer(
         **kw,
