@@ -12,6 +12,15 @@ Each pair runs alternately `--reps` times (best time kept), so a machine's load 
     python benchmarks/eval_speed.py --threads 2                                   # the lead's numbers, alone
     python benchmarks/eval_speed.py --threads 2 --problems 8 --new-tokens 32 --heldout 4 --ppl-tokens 512
     python benchmarks/eval_speed.py --model <tiny model folder> --problems 4 --new-tokens 8   # a smoke run
+    python benchmarks/eval_speed.py --device cuda --random-shape gemma-2b --tokenizer .dev/gemma-tok \
+        --precision bf16 --problems 512 --batch-size 128 --new-tokens 256 --end-share 0.01 --heldout 0 --ppl-tokens 0
+
+A random-shape model (no weights; benchmarks/train_vs_trl.py's shapes) decodes to the token limit
+every time, so refill would have nothing to refill: --end-share F makes every token id that is a
+multiple of 1/F an end token too, so lengths spread (geometrically, mean ~1/F) as a real model's
+do. --precision bf16 runs as evaluation does on a GPU: bf16 weights under bf16 autocast.
+--problems N above the packaged test split's size takes train problems too, then repeats; the JSON
+says how many were decoded (`problems`), which is what rates divide by.
 
 Defaults: 15 problems x up to 96 new tokens at batch 8, 15 held-out solutions, 2048 WikiText
 tokens (window 512, stride 256). Run on purpose, never as a timed test. The first run converts
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +43,7 @@ from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import _example_batches, heldout_examples
 from q2g.scoring import _window_batches, q2g_windows
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vs_trl's random shapes
 CE_CHUNK = 1024  # the old path's fp32 log-softmax slice
 
 
@@ -42,7 +53,8 @@ def logits_examples_nll(model, batch, pad_id) -> tuple[float, int]:
 
     from q2g.examples import IGNORE_INDEX, Collator
 
-    cols = Collator(pad_id)(batch)
+    device = next(model.parameters()).device
+    cols = {k: v.to(device) for k, v in Collator(pad_id)(batch).items()}
     logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"], use_cache=False).logits
     total, count = 0.0, 0
     for row, labels in zip(logits, cols["labels"]):
@@ -59,13 +71,14 @@ def logits_windows_nll(model, batch) -> float:
     import torch
     import torch.nn.functional as F
 
-    inputs = torch.tensor([inp for inp, _, _ in batch])
+    device = next(model.parameters()).device
+    inputs = torch.tensor([inp for inp, _, _ in batch], device=device)
     keep = max(len(t) + tail for _, t, tail in batch)
     logits = model(input_ids=inputs, logits_to_keep=keep, use_cache=False).logits
     total = 0.0
     for row, (_, targets, tail) in zip(logits, batch):
         preds = row[keep - tail - len(targets) : keep - tail]
-        total += F.cross_entropy(preds.float(), torch.tensor(targets), reduction="sum").item()
+        total += F.cross_entropy(preds.float(), torch.tensor(targets, device=device), reduction="sum").item()
     return total
 
 
@@ -83,18 +96,26 @@ def best_of(reps: int, pair: dict) -> dict:
 
 
 def pass1_rows(model, tok, problems, args) -> list[dict]:
+    def autocast(fn):
+        with args.precision_ctx():
+            return fn()
+
     ids = [prompts.student_prompt_ids(tok, p["problem"]) for p in problems]
+    end_ids = set(prompts.end_token_ids(tok))
+    if args.end_share:
+        vocab = model.config.get_text_config().vocab_size
+        end_ids |= set(range(0, vocab, round(1 / args.end_share)))
     kw = dict(
         max_new_tokens=args.new_tokens,
-        end_ids=prompts.end_token_ids(tok),
+        end_ids=end_ids,
         stop_strings=prompts.STUDENT_STOP_STRINGS,
         batch_size=args.batch_size,
     )
     runs = best_of(
         args.reps,
         {
-            "HF generate (static batches)": lambda: decoding.generate_static(model, tok, ids, **kw),
-            "q2g decoding.generate": lambda: decoding.generate(model, tok, ids, **kw),
+            "HF generate (static batches)": lambda: autocast(lambda: decoding.generate_static(model, tok, ids, **kw)),
+            "q2g decoding.generate": lambda: autocast(lambda: decoding.generate(model, tok, ids, **kw)),
         },
     )
     (old_s, old), (new_s, new) = runs.values()
@@ -120,8 +141,9 @@ def heldout_rows(model, tok, records, args) -> list[dict]:
 
     def new():
         sums = []
+        device = next(model.parameters()).device
         for b in batches:
-            cols = Collator(tok.pad_token_id)(b)
+            cols = {k: v.to(device) for k, v in Collator(tok.pad_token_id)(b).items()}
             sums.append(forward_nll.labels_nll(model, cols["input_ids"], cols["attention_mask"], cols["labels"]))
         return sum(s for s, _ in sums), sum(n for _, n in sums)
 
@@ -176,6 +198,27 @@ def print_table(rows: list[dict], title: str) -> None:
     Console(width=130).print(table)
 
 
+def problem_list(n: int) -> list[dict]:
+    """n GSM8K problems: the packaged test split, then train, repeated if n is larger still."""
+    pool = loaders.load_gsm8k("test", "packaged") + loaders.load_gsm8k("train", "packaged")
+    return (pool * (n // len(pool) + 1))[:n]
+
+
+def load(args, device):
+    """(model, tokenizer, precision) of --model or --random-shape, at --precision."""
+
+    precision = models.resolve_precision(args.precision, device)
+    args.precision_ctx = lambda: precision.context(device)
+    if args.random_shape:
+        from train_vs_trl import random_model
+
+        args.device = device
+        model, tok, _, _ = random_model(args, padding_side="left")
+        return model.to(precision.dtype).eval(), tok
+    model = models.load_model(args.model, precision.dtype, device).eval()
+    return model, models.load_tokenizer(args.model, padding_side="left")
+
+
 def main() -> None:
     import torch
 
@@ -189,19 +232,27 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText tokens (0: skip)")
     p.add_argument("--reps", type=int, default=2, help="alternating runs of each pair; the best time is kept")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--random-shape", choices=["gemma-2b", "tiny"], help="a random model of this shape instead of --model"
+    )
+    p.add_argument("--tokenizer", help="with --random-shape: its tokenizer folder (default: the tiny test one)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: bf16 weights + autocast")
+    p.add_argument("--end-share", type=float, default=0.0, help="random models: this share of ids also ends a row")
     p.add_argument("--json", help="also write every table's rows to this JSON file (gpu_proof.py reads it)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = models.pick_device(args.device)
-    model = models.load_model(args.model, torch.float32, device).eval()
-    tok = models.load_tokenizer(args.model, padding_side="left")
-    problems = loaders.load_gsm8k("test", "packaged")
-    print(f"{args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    model, tok = load(args, device)
+    problems = problem_list(max(args.problems, args.heldout))
+    print(
+        f"{args.random_shape or args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"CPU: {cpu_line()}")  # every timing says its CPU
     warm = [prompts.student_prompt_ids(tok, "1 + 1?")]
-    decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.finetune.loss (~5 s)
-    with torch.inference_mode():
+    with args.precision_ctx():
+        decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.finetune.loss (~5 s)
+    with torch.inference_mode(), args.precision_ctx():
         forward_nll.batch_nll(model, [(warm[0], warm[0][1:], 1)])
     tables = {"pass1": pass1_rows(model, tok, problems[: args.problems], args)}
     print_table(
@@ -215,7 +266,8 @@ def main() -> None:
         tables["ppl"] = ppl_rows(model, tok, loaders.load_wikitext("packaged"), args)
         print_table(tables["ppl"], f"perplexity: {args.ppl_tokens} WikiText tokens, window 512/256")
     if args.json:
-        meta = {"problems": args.problems, "batch_size": args.batch_size, "new_tokens": args.new_tokens}
+        meta = {"problems": len(problems[: args.problems]), "batch_size": args.batch_size}
+        meta.update(new_tokens=args.new_tokens, precision=args.precision, end_share=args.end_share)
         Path(args.json).write_text(json.dumps({**meta, **tables}, indent=1))
 
 

@@ -3,7 +3,8 @@
     python benchmarks/train_vs_trl.py --device cuda --steps 20           # the real Gemma 3 270M
     python benchmarks/train_vs_trl.py --tiny --steps 2                   # tiny random Gemma 3: a smoke test
     python benchmarks/train_vs_trl.py --device cuda --random-shape gemma-7b --batch-size 8 --grad-accum 4 \
-        --seq-len 1024 --json out.json                                   # a Gemma-7B-shaped random bf16 model
+        --seq-len 1024 --gradient-checkpointing on --tokenizer .dev/gemma-tok --json out.json
+                                                                         # a Gemma-7B-shaped random bf16 model
 
 Both train a LoRA adapter (r16, alpha 32, dropout 0.05, q_proj/v_proj) on the packaged train
 problems' reference solutions (what the `reference` teacher writes), with the same batch size,
@@ -13,15 +14,22 @@ accumulation, max length, learning rate and precision (bf16 on a GPU that has it
     TRL  SFTTrainer with its defaults on prompt/completion rows (completion-only loss; note that
          its default is gradient checkpointing ON, q2g's is off: --gradient-checkpointing on|off
          sets both)
-Each runs in its own process, so the peaks are its own: peak RSS (getrusage) on the CPU,
-torch.cuda.max_memory_allocated on a GPU. Real tokens = non-padding tokens (the Trainer's
-num_input_tokens_seen); the first --warmup optimizer steps are not timed.
+Each runs in its own process, so the peaks are its own: peak RSS (getrusage) on the CPU; on a GPU
+torch.cuda.max_memory_reserved (what the allocator took from the card: what has to fit) beside
+max_memory_allocated, and the card's used memory at the end (CUDA context included). q2g's memory
+plan is computed for the shape, checkpointing and loss chunk the q2g run used. Real tokens =
+non-padding tokens (the Trainer's num_input_tokens_seen); the first --warmup optimizer steps are
+not timed. A random shape's lengths come from --tokenizer (give the real Gemma tokenizer there:
+the tiny test tokenizer cuts text into other lengths). Both workers run under
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (q2g's training default) unless it is set.
+--skip-unless-fits: on CUDA, a shape q2g's plan says does not fit the free memory is not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -40,7 +48,7 @@ def load(args):
 
     path = args.model
     if args.random_shape:
-        return random_model(args)
+        return random_model(args)[:3]
     if args.tiny:
         sys.path.insert(0, str(REPO / "tests"))
         from helpers import build_tiny
@@ -51,50 +59,98 @@ def load(args):
     return model, load_tokenizer(path, padding_side="right"), bf16
 
 
-GEMMA_7B = dict(  # google/gemma-7b's config.json
-    vocab_size=256000,
-    hidden_size=3072,
-    intermediate_size=24576,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    head_dim=256,
-    max_position_embeddings=8192,
-)
+SHAPES = {  # google/gemma-7b's and google/gemma-2b's config.json
+    "gemma-7b": dict(
+        vocab_size=256000,
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=256,
+    ),
+    "gemma-2b": dict(
+        vocab_size=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+    ),
+    "tiny": dict(  # the CPU rehearsal's stand-in
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ),
+}
 
 
-def random_model(args):
-    """A Gemma-7B-shaped model with random weights, built on the device in bf16 (no download);
-    the tokenizer is the packaged tiny one's vocabulary-compatible stand-in (ids < its vocab)."""
+def random_model(args, padding_side: str = "right"):
+    """(model, tokenizer, bf16, config): a model of `args.random_shape` with random weights, built
+    on the device (bf16 on a GPU that has it; no download). The tokenizer is `args.tokenizer` (the
+    real Gemma one, carried) or the tiny test one; the model's vocabulary is the shape's, at least
+    the tokenizer's, and its pad/bos/eos are the tokenizer's."""
     import torch
     from transformers import AutoModelForCausalLM, GemmaConfig
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import build_tiny
-
     from q2g.models import load_tokenizer
 
-    tiny = build_tiny("gemma3", Path(tempfile.mkdtemp()) / "tiny-gemma3")
+    tok = load_tokenizer(args.tokenizer or str(REPO / "tests" / "assets" / "tiny-gemma3"), padding_side=padding_side)
+    shape = {**SHAPES[args.random_shape]}
+    shape["vocab_size"] = max(shape["vocab_size"], len(tok))
     bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    config = GemmaConfig(**GEMMA_7B, attn_implementation="sdpa")
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GemmaConfig(**shape, **ids, max_position_embeddings=8192, attn_implementation="sdpa")
+    torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32)
-    return model, load_tokenizer(str(tiny), padding_side="right"), bf16
+    return model, tok, bf16, config
 
 
-def plan_estimate(args, model, bf16) -> float:
-    """q2g's memory plan's estimate (GB) for this model and shape (q2g.memory.estimate)."""
-    from q2g.memory import GB, TrainShape, estimate
+def plan_shape(args, bf16: bool, chunk: int = 1024, label_only: bool = True):
+    """The q2g.memory.TrainShape of this run: the checkpointing and loss chunk it used."""
+    from q2g.memory import TrainShape
 
-    shape = TrainShape(
-        args.batch_size,
-        args.seq_len,
-        2 if bf16 else 4,
-        16,
-        tuple(LORA["target_modules"]),
-        args.gradient_checkpointing == "on",
+    return TrainShape(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype_bytes=2 if bf16 else 4,
+        lora_r=LORA["r"],
+        target_modules=tuple(LORA["target_modules"]),
+        gradient_checkpointing=args.gradient_checkpointing == "on",
+        label_only_loss=label_only,
+        loss_chunk_size=chunk,
     )
-    return estimate(model.config.get_text_config(), shape)["total"] / GB
+
+
+def plan_estimate(args, model, bf16, chunk: int, label_only: bool) -> float:
+    """q2g's memory plan's estimate (GB) for this model and the shape the run used."""
+    from q2g.memory import GB, estimate
+
+    return estimate(model.config.get_text_config(), plan_shape(args, bf16, chunk, label_only))["total"] / GB
+
+
+def fits(args) -> str:
+    """'' when q2g's plan says the shape fits the free CUDA memory (always on the CPU), else why not."""
+    if not (args.random_shape and args.device.startswith("cuda")):
+        return ""
+    import torch
+    from transformers import GemmaConfig
+
+    from q2g.finetune.config import FinetuneConfig
+    from q2g.memory import GB, estimate, free_memory
+
+    shape = plan_shape(args, torch.cuda.is_bf16_supported(), FinetuneConfig().loss_chunk_size)  # the chunk q2g runs
+    need = estimate(GemmaConfig(**SHAPES[args.random_shape]), shape)
+    free = free_memory(args.device)
+    if need["total"] <= free * 0.9:
+        return ""
+    return f"q2g's plan: {need['total'] / GB:.1f} GB needed, {free / GB:.1f} GB free (checkpointing {args.gradient_checkpointing})"
 
 
 def rows(n: int) -> list[dict]:
@@ -163,6 +219,7 @@ def q2g_trainer(args, model, tok, bf16, out):
         data_collator=collator,
         processing_class=tok,
         loss_chunk_size=cfg.loss_chunk_size,
+        fused=args.fused,
     ), ckpt
 
 
@@ -232,16 +289,22 @@ def worker(args) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.device.startswith("cuda"):
-        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        free, total = torch.cuda.mem_get_info()
+        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        out["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["card_used_mib_at_end"] = (total - free) / 2**20  # the CUDA context and cached blocks included
+        out["peak_gpu_mib"] = out["peak_reserved_mib"]
     if args.worker == "q2g":
-        out["plan_gb"] = plan_estimate(args, model, bf16)
         out.update(trainer.loss_info())
+        chunk = getattr(trainer, "loss_chunk_size", 1024)
+        out["plan_chunk"] = chunk
+        out["plan_gb"] = plan_estimate(args, model, bf16, chunk, out.get("loss_path") != "plain")
     return out
 
 
 def print_table(args, results: dict) -> None:
     mem = "peak_gpu_mib" if args.device.startswith("cuda") else "peak_rss_mib"
-    label = "GPU peak MiB" if mem == "peak_gpu_mib" else "peak RSS MiB"
+    label = "GPU reserved MiB" if mem == "peak_gpu_mib" else "peak RSS MiB"
     packed = " (q2g packed)" if args.packing else ""
     print(
         f"\nLoRA r16 q_proj/v_proj{packed}, {'tiny random Gemma 3' if args.tiny else args.model} on {args.device}, batch "
@@ -284,7 +347,13 @@ def main() -> int:
         "--packing", action="store_true", help="q2g packs each batch into one row (tests/helpers.py's PackedCollator)"
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
-    p.add_argument("--random-shape", choices=["gemma-7b"], help="a random bf16 model of this shape, built on --device")
+    p.add_argument(
+        "--random-shape", choices=sorted(SHAPES), help="a random bf16 model of this shape, built on --device"
+    )
+    p.add_argument("--tokenizer", help="with --random-shape: the tokenizer folder (default: the tiny test one)")
+    p.add_argument("--trainers", default="q2g,trl", help="which to run, in order (q2g, trl)")
+    p.add_argument("--fused", default="auto", choices=["auto", "liger", "never"], help="q2g's loss: Liger or not")
+    p.add_argument("--skip-unless-fits", action="store_true", help="CUDA: skip a shape q2g's plan says does not fit")
     p.add_argument("--json", help="also write both trainers' numbers to this JSON file")
     p.add_argument("--worker", choices=["q2g", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -292,20 +361,30 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.skip_unless_fits and (why := fits(args)):
+        print(f"skipped: {why}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"skipped": why}, indent=1))
+        return 0
     results = {}
-    for name in ("q2g", "trl"):
-        proc = subprocess.run(
+    env = {
+        **os.environ,
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+    }
+    for name in args.trainers.split(","):
+        proc = subprocess.run(  # stderr goes straight on (a caller's log sees it as it runs)
             [sys.executable, __file__, "--worker", name] + sys.argv[1:],
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
             timeout=args.timeout,
+            env=env,
         )
         if proc.returncode:
-            print(proc.stderr[-4000:], file=sys.stderr)
             return proc.returncode
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: done ({results[name]['s_per_step']:.3f} s/step)", file=sys.stderr, flush=True)
-    print_table(args, results)
+    if {"q2g", "trl"} <= set(results):
+        print_table(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

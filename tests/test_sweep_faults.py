@@ -8,6 +8,7 @@ process; q2g reads no test hook).
 """
 
 import random
+import weakref
 from pathlib import Path
 
 import pytest
@@ -27,19 +28,23 @@ GRID3 = "    lora_r: [4, 8, 16]\n"
 
 def test_an_out_of_memory_trial_fails_alone_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     """torch.OutOfMemoryError in one trial: that trial FAIL with the reason (study user attrs and
-    pareto.md), memory freed, the other points finish; exit 1 says which failed; a rerun retries it."""
+    pareto.md), memory freed once the failed trial's frames are gone (its model with them), the other
+    points finish; exit 1 says which failed; a rerun retries it."""
     config = t.write_config(tmp_path / "s.yaml", GRID3, student=t.fake_student(tmp_path))
-    tries, freed = [], []
+    tries, freed, models = [], [], []
 
     def train(cfg, eval_cfg):
         tries.append(cfg.lora_r)
         if cfg.lora_r == 8 and tries.count(8) == 1:
+            model = torch.nn.Linear(2, 2)  # what a trial that ran out of memory holds in its frames
+            models.append(weakref.ref(model))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return t.fake_train(cfg, eval_cfg)
 
     monkeypatch.setattr(finetune, "run_finetune", train)
     monkeypatch.setattr(sweep_cli, "evaluate_baseline", t.fake_baseline)
-    monkeypatch.setattr("q2g.sweep.trials.free_accelerator_memory", lambda: freed.append(True))
+    # freed == [True]: the cache was emptied after the exception (and the model it held) let go
+    monkeypatch.setattr("q2g.sweep.trials.free_accelerator_memory", lambda: freed.append(models[-1]() is None))
     out = tmp_path / "out"
     assert cli.call("sweep", ["--config", str(config), "--out", str(out)]) == 1
     captured = capsys.readouterr()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from contextlib import contextmanager
 from datetime import timedelta
 
 from q2g.errors import ConfigError
@@ -156,10 +157,24 @@ def _zero_stage(config) -> int | None:
     return int(stage) if str(stage).isdigit() else None
 
 
-def check_parallel_mode(trainer: dict | None, env=None) -> None:
-    """Refuse FSDP and ZeRO-3 before anything loads: evaluation runs the whole model on the main
-    process, which sharded weights do not allow. ConfigError names where the mode was asked."""
+def uses_deepspeed(trainer: dict | None, env=None) -> bool:
+    """DeepSpeed asked for in trainer: (`deepspeed`) or by accelerate's config (its env)."""
     env, trainer = os.environ if env is None else env, trainer or {}
+    return bool(trainer.get("deepspeed")) or env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1")
+
+
+def check_parallel_mode(trainer: dict | None, env=None, skip_nonfinite: bool = False) -> None:
+    """Refuse FSDP and ZeRO-3 before anything loads: evaluation runs the whole model on the main
+    process, which sharded weights do not allow. ConfigError names where the mode was asked.
+    DeepSpeed with --skip-nonfinite is refused too: accelerate's DeepSpeed wrapper runs the
+    optimizer step inside `backward`, so q2g's guard sees a non-finite loss only after the step."""
+    env, trainer = os.environ if env is None else env, trainer or {}
+    if skip_nonfinite and uses_deepspeed(trainer, env):
+        raise ConfigError(
+            "--skip-nonfinite cannot skip under DeepSpeed (ZeRO 1/2): accelerate's DeepSpeed engine steps the "
+            "optimizer inside backward, before q2g's guard sees the loss. Drop --skip-nonfinite (a non-finite "
+            "loss then stops the run) or train without DeepSpeed (DDP)"
+        )
     asked = []
     if trainer.get("fsdp") not in (None, "", False, [], "false", "False") or trainer.get("fsdp_config"):
         asked.append(f"trainer: fsdp={trainer.get('fsdp') or trainer.get('fsdp_config')!r}")
@@ -177,6 +192,27 @@ def check_parallel_mode(trainer: dict | None, env=None) -> None:
             f"{'; '.join(asked)}: sharded weights (FSDP, ZeRO-3) are not supported, because the "
             f"per-epoch evaluation runs the whole model on the main process. Supported: {SUPPORTED_MODES}"
         )
+
+
+# What torchrun / accelerate set for their process group. A vLLM engine built in such a process
+# takes them for its own (RANK=0 of WORLD_SIZE=N, the launcher's MASTER_PORT) and waits for peers
+# that never come, or clashes on the port: it is built without them.
+LAUNCHER_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+)  # fmt: skip
+
+
+@contextmanager
+def without_launcher_env():
+    """The launcher's variables (LAUNCHER_ENV) out of os.environ for the block, put back after
+    (also on an exception): for starting a vLLM engine on one process of a launched run."""
+    saved = {k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def on_main(fn, *args):

@@ -7,6 +7,8 @@
     print(p.message)                   # p.shape.gradient_checkpointing, p.shape.batch_size, p.grad_accum to run with
     free, note = free_for_training("cuda", config_dict)  # less the vLLM evaluation engine's share
     free_accelerator_memory()          # between a sweep's trials: gc + torch.cuda.empty_cache
+    allocator_defaults()               # before CUDA starts: expandable segments unless the user chose
+    util, note = vllm_share(0.5)       # cache emptied, then the vLLM engine's share of what is free
 
 The terms (bytes; b = batch, s = sequence, h = hidden, I = MLP width, V = vocabulary, L = layers):
     weights      n_params x bytes of the weights' dtype (2 for bf16, 4 for fp32)
@@ -26,6 +28,7 @@ The decision keeps 10% of the free memory as headroom (allocator fragmentation, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 GB = 1e9
@@ -47,6 +50,7 @@ class TrainShape:
 
 
 def dims(config) -> dict:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -62,8 +66,32 @@ def dims(config) -> dict:
     }
 
 
+def vision_params(config) -> int:
+    """Parameters of a multimodal model's vision side (0 for a text-only config): a SigLIP vision
+    tower (Gemma 3 4B and larger, Gemma3ForConditionalGeneration) and the projector into the text
+    width. They sit in memory beside the decoder although training never runs them."""
+    v = getattr(config, "vision_config", None)
+    if v is None:
+        return 0
+    h, inner = v.hidden_size, v.intermediate_size
+    layer = 4 * (h * h + h) + (h * inner + inner) + (inner * h + h) + 2 * 2 * h  # attention, MLP, 2 LayerNorms
+    patches = (v.image_size // v.patch_size) ** 2
+    embed = getattr(v, "num_channels", 3) * v.patch_size**2 * h + h + patches * h
+    projector = h * config.get_text_config().hidden_size + h  # Gemma 3: projection weight + soft-embedding norm
+    # SigLIP's attention-pooling head (Gemma 3's own configs turn it off): probe, attention, norm, MLP
+    head = (
+        h + 4 * (h * h + h) + 2 * h + (h * inner + inner) + (inner * h + h)
+        if getattr(v, "vision_use_head", True)
+        else 0
+    )
+    return v.num_hidden_layers * layer + embed + 2 * h + head + projector
+
+
 def count_params(config) -> int:
-    """Parameters of a Llama-style decoder (Gemma 2/3, Qwen 2, Llama) from its config."""
+    """Parameters of a Llama-style decoder (Gemma 2/3, Qwen 2, Llama) from its config, plus a
+    multimodal config's vision tower and projector (vision_params)."""
+    vision = vision_params(config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = dims(config)
     h, kind = d["h"], getattr(config, "model_type", "")
     qkv_bias = kind == "qwen2" or bool(getattr(config, "attention_bias", False))
@@ -72,7 +100,7 @@ def count_params(config) -> int:
         kind, 2 * h
     )
     embed = d["V"] * h * (1 if getattr(config, "tie_word_embeddings", True) else 2)
-    return embed + d["L"] * (attn + 3 * h * d["I"] + norms) + h
+    return embed + d["L"] * (attn + 3 * h * d["I"] + norms) + h + vision
 
 
 def lora_params(config, r: int, targets=("q_proj", "v_proj")) -> int:
@@ -110,7 +138,8 @@ def logits_bytes(config, s: TrainShape) -> int:
     if not s.label_only_loss:
         upcast = 4 if s.dtype_bytes < 4 else 0
         return int(tokens * d["V"] * (s.dtype_bytes + upcast + 4 + 4))
-    softcap = 4 if getattr(config, "final_logit_softcapping", None) else 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = 4 if getattr(text, "final_logit_softcapping", None) else 0
     rows = min(s.loss_chunk_size, tokens)
     return int(rows * d["V"] * (s.dtype_bytes + 4 + 4 + softcap) + 2 * tokens * d["h"] * s.dtype_bytes)
 
@@ -218,6 +247,43 @@ def free_for_training(device: str, settings: dict) -> tuple[int, str]:
     share = float(settings.get("vllm_gpu_memory_utilization") or 0.0)
     reserved = int(share * total_memory(device))
     return max(0, free - reserved), f"{reserved / GB:.1f} GB kept for the vLLM evaluation engine ({share:.0%})"
+
+
+def vllm_share(asked: float, device: str = "cuda") -> tuple[float, str]:
+    """(gpu_memory_utilization to start a vLLM engine with, a note when it is less than asked).
+    vLLM refuses to start when the card's free memory is below utilization x total, and after an
+    epoch of training torch's allocator still holds the training peak: first give the cached
+    blocks back (free_accelerator_memory), then take at most what the driver now has free."""
+    import torch
+
+    free_accelerator_memory()
+    if not (device.startswith("cuda") and torch.cuda.is_available()):  # (a stand-in vLLM in the tests)
+        return asked, ""
+
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    free, total = (int(x) for x in torch.cuda.mem_get_info(index))
+    fits = int(free * 0.98 / total * 1000) / 1000  # a little under what is free: vLLM measures after us
+    if asked <= fits:
+        return asked, ""
+    return fits, (
+        f"vLLM evaluation engine: gpu_memory_utilization {asked} asks for {asked * total / GB:.1f} GB, "
+        f"{free / GB:.1f} GB are free: started with {fits}"
+    )
+
+
+ALLOC_DEFAULT = "expandable_segments:True"
+
+
+def allocator_defaults(env=None) -> bool:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set it (or torch's newer
+    PYTORCH_ALLOC_CONF): training's batches change length every step, and fixed-size segments
+    fragment into memory that is reserved but unusable (the plan's headroom is sized for this).
+    Read by torch when CUDA starts, so call it first thing in a training command. True: set here."""
+    env = os.environ if env is None else env
+    if env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF"):
+        return False
+    env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_DEFAULT
+    return True
 
 
 def free_accelerator_memory() -> None:

@@ -281,6 +281,18 @@ def load_model(name: str, dtype=None, device: str = "cpu"):
     return model.to(device)
 
 
+VISION_PARTS = ("vision_tower", "multi_modal_projector")  # Gemma3ForConditionalGeneration's (and LLaVA's)
+
+
+def lora_exclude(model) -> str | None:
+    """peft's `exclude_modules` for a multimodal model (Gemma 3 4B and larger load as
+    Gemma3ForConditionalGeneration): its vision tower has q_proj/v_proj too, which a LoRA on those
+    names would also adapt, yet the student never sees an image and vLLM loads adapters for the
+    language model only. None for a text-only model."""
+    names = {part for name, _ in model.named_modules() for part in VISION_PARTS if part in name.split(".")}
+    return f"(.*\\.)?({'|'.join(sorted(names))})\\..*" if names else None
+
+
 def check_target_modules(name: str, targets: list[str]) -> None:
     """Refuse LoRA target modules the model does not have, from its config alone (a weightless
     model on the meta device), so a typo fails before the baseline evaluation, not after it."""

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from q2g import cpu_info, distributed
+from q2g import cpu_info, distributed, memory
 from q2g.config import load_yaml
 from q2g.data.loaders import resolve_data_dir
 from q2g.errors import ConfigError
@@ -55,6 +55,7 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
 def run_pipeline(config: Path, out: Path | None = None) -> int:
     """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
     the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
+    memory.allocator_defaults()  # before anything starts CUDA (the vLLM teacher, finetune)
     data = load_yaml(config)
     unknown = set(data) - {"out", *STAGES, *OTHER_SECTIONS}
     if unknown:
@@ -90,7 +91,8 @@ def preflight(gen, ft, ft_eval) -> None:
     """What can be checked before either stage runs, so a typo in finetune: fails at once, not after
     generation wrote its folder: both stages' settings (parsed by the caller), every model name
     (the student, the teacher), the trainer: fields, trackers, the parallel mode and data folders."""
-    distributed.check_parallel_mode(ft.trainer)  # FSDP / ZeRO-3: refused before the teacher loads
+    # FSDP / ZeRO-3, and DeepSpeed with --skip-nonfinite: refused before the teacher loads
+    distributed.check_parallel_mode(ft.trainer, skip_nonfinite=ft.skip_nonfinite)
     generate.check_teacher(gen)
     check_request(ft, ft_eval)
     resolve_data_dir(gen.data_dir)

@@ -10,6 +10,8 @@ the hf backend so no second BOS is added. Each problem is one request with
 problem's samples do not depend on which other problems share its batch.
 `n_tokens` is the length of each completion's token ids; `truncated` is finish_reason == 'length'.
 Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reasoning (backends).
+`close()` shuts the engine down when generation is done (generate's stage calls it), so `q2g run`'s
+finetune gets the GPU back: `del` alone does not free it (vLLM issues 1908, 3281, 6544).
 """
 
 from __future__ import annotations
@@ -34,6 +36,32 @@ def import_vllm(needed_by: str = "the vllm backend"):
     return vllm
 
 
+def new_engine(vllm, **kw):
+    """vllm.LLM(**kw), built outside a launcher's process group (q2g.distributed.without_launcher_env):
+    under torchrun the main process would otherwise hand vLLM its RANK / WORLD_SIZE / MASTER_PORT."""
+    from q2g.distributed import without_launcher_env
+
+    with without_launcher_env():
+        return vllm.LLM(**kw)
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a vllm.LLM and give its GPU memory back: `LLM.shutdown()` where vLLM has it (vllm PR
+    36283), else the V1 engine core's `llm_engine.engine_core.shutdown()` (the path that method
+    wraps); then Python's garbage and torch's cached blocks (q2g.memory.free_accelerator_memory)."""
+    from q2g.memory import free_accelerator_memory
+
+    if llm is None:
+        return
+    stop = getattr(llm, "shutdown", None)
+    if stop is None:
+        stop = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+    if stop is not None:
+        stop()
+    del llm
+    free_accelerator_memory()
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -54,7 +82,8 @@ class VLLMBackend:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.vllm = vllm
-        self.llm = vllm.LLM(
+        self.llm = new_engine(
+            vllm,
             model=resolve_model_path(teacher),
             tensor_parallel_size=tensor_parallel_size,
             dtype=vllm_dtype(resolve_precision(precision, "cuda")),  # the teacher runs on the GPU
@@ -66,6 +95,10 @@ class VLLMBackend:
         self.reasoning = reasoning
         if teacher_logprobs:  # the sampled token's log-prob and the top K (vLLM returns them anyway)
             self.sampling["logprobs"] = teacher_logprobs
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        shutdown_engine(llm)
 
     def prompt(self, problem: str) -> dict:
         return {"prompt_token_ids": teacher_prompt_ids(self.tokenizer, problem)}

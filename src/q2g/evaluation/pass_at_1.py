@@ -26,10 +26,11 @@ from pathlib import Path
 from q2g import decoding, prompts
 from q2g.answers.check import is_correct
 from q2g.answers.extract import extract_answer_with_rule
-from q2g.backends.vllm import import_vllm
+from q2g.backends.vllm import import_vllm, new_engine, shutdown_engine
 from q2g.data.sources import source_key
 from q2g.decoding.rows import Generation, cut_at_stop
 from q2g.evaluation.config import EvalConfig
+from q2g.memory import vllm_share
 from q2g.models import vllm_dtype
 from q2g.scoring import autocast, eval_mode, guarded_attention, progress_bar
 
@@ -187,8 +188,15 @@ def vllm_engine(base: str, *, dtype: str, lora_r: int, gpu_memory_utilization: f
     need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_r, VLLM_MIN_LORA_RANK)), lora_r)
     held = _ENGINES.get((base, dtype))
     if held is None or held["max_lora_rank"] < need:
-        _ENGINES.pop((base, dtype), None)
-        llm = vllm.LLM(
+        old = _ENGINES.pop((base, dtype), None)
+        if old is not None:
+            shutdown_engine(old["llm"])
+        # torch's cache still holds the training peak: emptied, then the share sized from what is free
+        gpu_memory_utilization, note = vllm_share(gpu_memory_utilization)
+        if note:
+            print(f"[eval] {note}", flush=True)
+        llm = new_engine(  # outside a launcher's RANK / WORLD_SIZE (torchrun's main process)
+            vllm,
             model=base,
             tokenizer=base,
             dtype=dtype,

@@ -80,6 +80,11 @@ def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> tuple[str, model
     check_path(cfg.out, "--out", folder_to_make=True)
     for name, flag in ((cfg.traces, "--traces"), (cfg.split, "--split"), (cfg.baseline_from, "--baseline-from")):
         check_path(name, flag)
+    if cfg.use_dora and eval_cfg.eval_backend == "vllm" and not cfg.no_eval:
+        raise ConfigError(
+            "--use-dora with --eval-backend vllm: vLLM serves LoRA adapters only and refuses a DoRA one "
+            "(its magnitude vector); evaluate with --eval-backend hf, or drop --use-dora"
+        )
     models.check_model_name(cfg.base_model)
     check_trackers(cfg.report_to)
     device = models.pick_device(cfg.device)
@@ -168,7 +173,7 @@ def fit_memory(settings: Settings, lengths: list[int]) -> None:
         attention="eager" if settings.attention == "eager" else "sdpa",
     )
     free, kept = memory.free_for_training(settings.device, settings.to_dict())  # less the vLLM engine's share
-    p = memory.plan(text_config, shape, free, cfg.grad_accum)
+    p = memory.plan(model_config, shape, free, cfg.grad_accum)  # the whole config: a vision tower counts
     padding = padding_report(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
     settings.memory_plan = {
         "action": p.action,

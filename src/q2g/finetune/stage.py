@@ -33,7 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
-from q2g import distributed, forgetting, report
+from q2g import distributed, forgetting, memory, report
 from q2g.config import load_config
 from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
@@ -130,7 +130,9 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     """Stage 2 as a function: train, evaluate every epoch, choose final/, write the report.
     Returns {"out", "rows" (metrics.jsonl), "selection", "report", "wall_s"}; raises Q2GError.
     Under `accelerate launch` every process trains; files are written by the main one."""
-    distributed.check_parallel_mode(cfg.trainer)  # FSDP / ZeRO-3: refused before anything loads
+    memory.allocator_defaults()  # expandable segments unless the user set PYTORCH_CUDA_ALLOC_CONF
+    # FSDP / ZeRO-3, and DeepSpeed with --skip-nonfinite (its step runs inside backward): refused first
+    distributed.check_parallel_mode(cfg.trainer, skip_nonfinite=cfg.skip_nonfinite)
     distributed.init(distributed.timeout_s(cfg.trainer))  # the group's timeout is ddp_timeout
     t0, main = time.time(), distributed.is_main()
     run = prepare(cfg, eval_cfg or EvalConfig())

@@ -25,7 +25,7 @@ import math
 import warnings
 from pathlib import Path
 
-from q2g import distributed, forgetting
+from q2g import distributed, forgetting, models
 from q2g.distributed import DEFAULT_TIMEOUT_S
 from q2g.errors import ConfigError
 from q2g.examples import Collator
@@ -44,12 +44,14 @@ def lora_targets(target_modules: list[str]):
     return "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
 
 
-def lora_config(cfg):
+def lora_config(cfg, exclude: str | None = None):
     """The peft LoraConfig of a run at rank `cfg.lora_r` (a retrain under reduce-rank passes a cfg
-    whose lora_r and lora_alpha are the retrain's: the rank comes in one place)."""
+    whose lora_r and lora_alpha are the retrain's: the rank comes in one place); `exclude`: modules
+    left without an adapter (models.lora_exclude: a multimodal model's vision tower)."""
     from peft import LoraConfig
 
     return LoraConfig(
+        **({"exclude_modules": exclude} if exclude else {}),
         task_type="CAUSAL_LM",
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -69,7 +71,7 @@ def build_lora_model(model, cfg, gradient_checkpointing: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return keep_initial(get_peft_model(model, lora_config(cfg)))
+        return keep_initial(get_peft_model(model, lora_config(cfg, models.lora_exclude(model))))
 
 
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
@@ -179,7 +181,9 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         )
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
-    fused = "liger" if path == "liger" else "never"
+    # "auto", not "liger": a Liger that fails at its first call (a Triton that cannot compile) then
+    # falls back to the chunked loss with a warning (finetune.loss) instead of ending the run
+    fused = "auto" if path == "liger" else "never"
     return LabelOnlyLossTrainer(
         **kw,
         loss_chunk_size=run.settings.asked.loss_chunk_size,

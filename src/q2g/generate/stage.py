@@ -111,6 +111,8 @@ def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, e
             bar.update(len(todo))
     finally:
         bar.close()
+        if backend is not None and hasattr(backend, "close"):
+            backend.close()  # vLLM: the engine goes, its GPU memory back (q2g run's finetune needs it)
 
 
 def check_teacher(args) -> None:

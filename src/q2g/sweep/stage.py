@@ -42,6 +42,7 @@ from q2g.finetune import stage as finetune
 from q2g.finetune.config import FinetuneConfig
 from q2g.generate import stage as generate
 from q2g.io import atomic_write_json, write_failed
+from q2g.memory import allocator_defaults
 from q2g.sweep.pareto import write_outputs
 from q2g.sweep.settings import load_sweep, resolved
 from q2g.sweep.storage import check_storage, describe, is_url, open_storage
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heartbeat-interval", type=int, help="RDB storage: seconds between heartbeats (60)")
     parser.add_argument("--grace-period", type=int, help="RDB storage: seconds without one before a retry (180)")
     args = parser.parse_args(argv)
+    allocator_defaults()  # expandable segments for the trials' training, unless set
     previous = stop_on_sigterm()
     try:
         result = run_sweep(

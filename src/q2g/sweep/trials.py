@@ -139,6 +139,7 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> bool:
     resume = trial.user_attrs["attempts"] > 1
     print(progress(study, sweep, number, shown) + (" (resumed)" if resume else ""), flush=True)
     beat = sweep.cfg.heartbeat_interval if is_url(sweep.cfg.storage) else None  # an RDB: Optuna watches beats
+    reason = None
     try:
         with Heartbeat(study._storage, trial._trial_id, beat):
             cfg = sweep.finetune.replace(**settings, out=str(folder), resume=resume)
@@ -151,6 +152,9 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> bool:
         raise
     except Exception as e:  # out of memory, a non-finite loss, a bug: this trial fails, the sweep goes on
         reason = fail(study, trial, number, e)
+    if reason is not None:
+        # Outside the except block: there the exception's traceback still held the failed trial's
+        # frames (its model, optimizer state, activations), which gc and empty_cache cannot free.
         free_accelerator_memory()
         print(f"[sweep] trial {number} failed: {reason}; going on with the next trial", flush=True)
         return False
