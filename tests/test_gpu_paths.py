@@ -279,7 +279,7 @@ def test_liger_failing_at_first_call_falls_back_to_the_chunked_loss(tiny_gemma_d
     monkeypatch.setattr(loss, "liger_eligible", lambda h, scale: True)  # as on CUDA with the wheel installed
     model = models.load_model(str(tiny_gemma_dir))
     tok = models.load_tokenizer(str(tiny_gemma_dir))
-    asked = types.SimpleNamespace(loss_chunk_size=16, kl_to_base=0.0)
+    asked = types.SimpleNamespace(loss_chunk_size=16, kl_to_base=0.0, distill="none", distill_weight=0.0)
     run = types.SimpleNamespace(
         settings=types.SimpleNamespace(loss_path="liger", asked=asked), examples=[], tokenizer=tok
     )
