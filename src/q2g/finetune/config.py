@@ -16,7 +16,7 @@ from q2g.finetune.lora_variants import option_errors
 from q2g.models import PRECISIONS
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
-DISTILL_MODES = ("none", "chunk-likelihood")  # on-policy modes come with issue 29
+DISTILL_MODES = ("none", "chunk-likelihood", "on-policy")  # on-policy: q2g.finetune.onpolicy
 
 
 @dataclass
@@ -123,6 +123,43 @@ class FinetuneConfig(Config):
     distill_weight: float = option(
         1.0, min=0, results="training", help="--distill: weight W of the distillation term beside the CE (0: off)"
     )
+    distill_teacher: str | None = option(
+        None,
+        results="training",
+        help="--distill on-policy: the teacher that scores the student's samples: an HF hub id or folder (loaded "
+        "in this process with its own tokenizer), or the model's name on --distill-base-url",
+    )
+    distill_base_url: str | None = option(
+        None,
+        results="training",
+        help="--distill on-policy: an OpenAI-compatible server (e.g. vLLM) that returns prompt log-probs "
+        "(completions with echo + logprobs); unset: the teacher runs in this process",
+    )
+    distill_samples: int = option(
+        4, min=1, max=64, results="training", help="--distill on-policy: solutions the student samples per problem"
+    )
+    distill_temperature: float = option(
+        1.0, gt=0, max=2.0, results="training", help="--distill on-policy: the student's sampling temperature"
+    )
+    distill_max_tokens: int = option(
+        256, min=1, max=8192, results="training", help="--distill on-policy: tokens the student samples at most"
+    )
+    distill_sft_weight: float = option(
+        0.0, min=0, results="training", help="--distill on-policy: weight of the SFT cross-entropy on the traces"
+    )
+    distill_teacher_prompt: str = option(
+        "teacher",
+        choices=("teacher", "student"),
+        results="training",
+        help="--distill on-policy: the teacher scores the sample after its own stage-1 prompt (teacher) or after "
+        "the student's prompt format rendered with the teacher's tokenizer (student)",
+    )
+    init_adapter: str | None = option(
+        None,
+        results="training",
+        help="start from this LoRA adapter folder (e.g. an SFT run's final/) instead of a fresh adapter; "
+        "its rank and target modules must be this run's",
+    )
     rehearsal_fraction: float = option(
         0.0, min=0, max=0.9, results="training", help="share of training examples that are the base model's own text"
     )
@@ -158,4 +195,9 @@ class FinetuneConfig(Config):
     )
 
     def check(self) -> list[str]:
-        return option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)
+        problems = option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)
+        if self.distill == "on-policy" and not self.distill_teacher:
+            problems.append("--distill on-policy needs --distill-teacher (an HF model, or a name on --distill-base-url)")
+        if self.distill_base_url and self.distill != "on-policy":
+            problems.append("--distill-base-url is for --distill on-policy")
+        return problems

@@ -22,6 +22,8 @@ from q2g.evaluation.config import EvalConfig
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.distill_data import add_distill, report_line
+from q2g.finetune.onpolicy import prepare_info as onpolicy_info
+from q2g.finetune.onpolicy_data import tag_problems
 from q2g.finetune.rehearsal import add_rehearsal
 from q2g.finetune.settings import Run, Settings, run_keys
 from q2g.finetune.sft_data import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
@@ -86,9 +88,12 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
     distill_info = None
-    if cfg.distill != "none":  # before the rehearsal examples: add_distill follows build_dataset's order
+    if cfg.distill == "chunk-likelihood":  # before the rehearsal examples: add_distill follows build_dataset's order
         examples, distill_info = add_distill(tokenizer, rows, examples, cfg.max_seq_len, traces_path)
         print(f"[finetune] --distill {cfg.distill}: {report_line(distill_info)}", flush=True)
+    elif cfg.distill == "on-policy":  # the problems the student samples from; the tokenizer report
+        examples = tag_problems(tokenizer, rows, examples, cfg.max_seq_len)
+        distill_info = onpolicy_info(cfg, tokenizer, rows)
     examples, stats = add_rehearsal(cfg, tokenizer, examples, stats, traces_path, device, precision)
     print(
         f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "

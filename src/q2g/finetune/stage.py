@@ -39,6 +39,7 @@ from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.subset import select_eval_subset
 from q2g.finetune.baseline import baseline
+from q2g.finetune import onpolicy
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.distill_data import report_line
 from q2g.finetune.prepare import prepare
@@ -89,6 +90,16 @@ def holdout_kind(split_file: str) -> str:
     )
 
 
+def distill_line(c: dict, run) -> str | None:
+    """The report's --distill line (on-policy: also draws onpolicy.png from the steps' rows)."""
+    if not c.get("distill_info"):
+        return None
+    if c["distill"] == "on-policy":
+        onpolicy.plot_steps(run.out, run.out)
+        return f"--distill on-policy W_sft={c['distill_sft_weight']:g}: " + onpolicy.report_line(c["distill_info"])
+    return f"--distill {c['distill']} W={c['distill_weight']:g}: " + report_line(c["distill_info"])
+
+
 def write_report(run, selection: dict, wall_s: float) -> Path:
     c = run.settings.to_dict()
     info = {
@@ -102,8 +113,7 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
         "epochs": c["epochs"],
         "lora_r": c["lora_r"],
         "loss_path": c["loss_path"],
-        "distill": c.get("distill_info")
-        and f"--distill {c['distill']} W={c['distill_weight']:g}: " + report_line(c["distill_info"]),
+        "distill": distill_line(c, run),
         "attention": c["attention"],
         "gradient_checkpointing": c["gradient_checkpointing_why"],
         "memory_plan": (c["memory_plan"] or {}).get("message"),

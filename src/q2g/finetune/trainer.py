@@ -162,6 +162,10 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         )
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.loss)
         return Trainer(**kw)
+    if cfg.distill == "on-policy":  # the student samples, the teacher scores (q2g.finetune.onpolicy)
+        from q2g.finetune import onpolicy
+
+        return onpolicy.make_trainer(run, kw, guard)
     fused = "liger" if path == "liger" else "never"
     return LabelOnlyLossTrainer(
         **kw,
@@ -175,8 +179,12 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
 
 def collator(run):
     """sft_data.Collator, with the chunks of --distill when it is on (q2g.finetune.distill_data)."""
-    base = Collator(run.tokenizer.pad_token_id)
-    return DistillCollator(base) if run.settings.asked.distill != "none" else base
+    base, mode = Collator(run.tokenizer.pad_token_id), run.settings.asked.distill
+    if mode == "on-policy":
+        from q2g.finetune.onpolicy_data import OnPolicyCollator
+
+        return OnPolicyCollator(base)
+    return DistillCollator(base) if mode == "chunk-likelihood" else base
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:

@@ -18,6 +18,7 @@ from q2g import distributed, forgetting
 from q2g.finetune import kl_anchor, probe
 from q2g.finetune.baseline import load_base
 from q2g.finetune.epochs import last_adapter, make_callback
+from q2g.finetune.init_adapter import load_init_adapter
 from q2g.finetune.trainer import build_lora_model, latest_checkpoint, make_trainer, training_arguments
 from q2g.guards import NonFiniteGuard
 from q2g.io import atomic_write_json
@@ -39,6 +40,8 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
         set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
         base = model if model is not None else load_base(run)
         peft_model = build_lora_model(base, cfg, lora_r, lora_alpha, s.gradient_checkpointing_used)
+        if cfg.init_adapter:  # e.g. an SFT run's final/, before on-policy distillation
+            load_init_adapter(peft_model, cfg.init_adapter)
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)
         steps = math.ceil(n_batches / cfg.grad_accum)
         targs = training_arguments(cfg, run_dir, run.precision.autocast, s.optim_used, steps, s.device)
