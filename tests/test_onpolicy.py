@@ -81,7 +81,9 @@ def test_sample_text_leaves_out_bytes_that_are_no_utf8():
     from q2g.alignment import token_bytes
 
     gemma = AutoTokenizer.from_pretrained(ASSETS / "tiny-gemma3")
-    lone = [i for i in range(len(gemma)) if len(token_bytes(gemma, i)) == 1 and 0x80 <= token_bytes(gemma, i)[0] < 0xC0]
+    lone = [
+        i for i in range(len(gemma)) if len(token_bytes(gemma, i)) == 1 and 0x80 <= token_bytes(gemma, i)[0] < 0xC0
+    ]
     stray = lone[0]  # a lone UTF-8 continuation byte
     ids = gemma("ab", add_special_tokens=False)["input_ids"]
     text, spans = sample_text(gemma, [stray, *ids, stray], set())
@@ -177,8 +179,9 @@ class CharServer:
                 offsets = list(range(len(tokens)))
                 logprobs = {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets, "top_logprobs": None}
                 choice = {"index": 0, "text": prompt + "!", "logprobs": logprobs, "finish_reason": "length"}
-                data = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
-                                   "choices": [choice]}).encode()
+                data = json.dumps(
+                    {"id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]}
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -208,13 +211,14 @@ def test_openai_compatible_teacher_end_to_end(tiny_gemma_dir, dataset, tmp_path)
         assert body["echo"] is True and body["logprobs"] == 1 and body["max_tokens"] == 1
     for s in scored:
         assert any(b["prompt"].endswith(s["text"]) for b in server.requests)
-        data = s["text"].encode()
-        # one teacher token per character: every student token's bytes close a chunk, so each chunk
-        # is one student token and its teacher log-prob is -0.1 x its bytes
-        for i, c in enumerate(s["chunk"]):
-            if s["student_spans"][i] is not None and s["student_spans"][i][1] > s["student_spans"][i][0]:
-                start, end = s["student_spans"][i]
-                assert s["teacher_chunk_logprobs"][c] == pytest.approx(-0.1 * len(data[start:end]))
+        # one teacher token per character: a chunk closes at every character boundary where a student
+        # token ends, and its teacher log-prob is -0.1 x its bytes
+        width = [0] * len(s["teacher_chunk_logprobs"])
+        for c, span in zip(s["chunk"], s["student_spans"]):
+            if c != NO_CHUNK:
+                width[c] += span[1] - span[0]
+        assert s["teacher_chunk_logprobs"] == pytest.approx([-0.1 * w for w in width])
+        assert sum(width) == len(s["text"].encode())  # the whole text is in chunks
     steps = rows(out / "onpolicy" / "steps.jsonl")
     assert all(r["reused"] is False and r["samples"] > 0 for r in steps)
 
@@ -231,8 +235,15 @@ def test_teacher_equal_to_student_gives_zero_advantage_and_no_update(tiny_gemma_
     monkeypatch.setattr(training, "build_lora_model", capture)
     out = tmp_path / "ck"
     args = run_argv(
-        tiny_gemma_dir, dataset, out, tiny_gemma_dir, "--distill-teacher-prompt", "student", "--no-eval",
-        "--lora-dropout", "0",
+        tiny_gemma_dir,
+        dataset,
+        out,
+        tiny_gemma_dir,
+        "--distill-teacher-prompt",
+        "student",
+        "--no-eval",
+        "--lora-dropout",
+        "0",
     )
     assert cli.call("finetune", args) == 0
     steps = rows(out / "onpolicy" / "steps.jsonl")
@@ -266,7 +277,10 @@ def test_kill_between_sampling_and_update_resumes_without_sampling_again(
     script = tmp_path / "killed_run.py"
     script.write_text(KILL_AFTER_STEP_2_SAMPLES)
     proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -276,16 +290,16 @@ def test_kill_between_sampling_and_update_resumes_without_sampling_again(
 
     drawn = []
     real_draw = onpolicy_data.draw
-    monkeypatch.setattr(onpolicy_data, "draw", lambda *a, **k: drawn.append(1) or real_draw(*a, **k))
+    monkeypatch.setattr(onpolicy_data, "draw", lambda *a, **k: drawn.append(len(a[2])) or real_draw(*a, **k))
     assert cli.call("finetune", [*args, "--resume"]) == 0
     steps = rows(out / "onpolicy" / "steps.jsonl")
     last = {(r["step"], r["micro"]): r for r in steps}
     assert [k for k, r in last.items() if r["reused"]] == [(1, 0), (2, 0)]  # replayed from the stored samples
     assert [k for k, r in last.items() if not r["reused"]] == [(3, 0), (4, 0)]
-    assert len(drawn) == 2 * 2  # steps 3 and 4 only: 2 problems each, one draw per problem
+    assert drawn == [2, 1]  # steps 3 and 4 only (epoch 2: 3 problems, batch 2)
     for name, data in before.items():
         assert (out / "onpolicy" / name).read_bytes() == data  # never rewritten
-    assert [r["epoch"] for r in rows(out / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["epoch"] for r in rows(out / "metrics.jsonl")] == [1, 2]  # --no-eval: no baseline row
 
 
 def test_forgetting_budget_stops_an_onpolicy_run(tiny_gemma_dir, tiny_qwen_dir, dataset, tmp_path, monkeypatch):
@@ -295,7 +309,12 @@ def test_forgetting_budget_stops_an_onpolicy_run(tiny_gemma_dir, tiny_qwen_dir, 
     monkeypatch.setattr(
         core,
         "perplexity",
-        lambda *a, **k: {"token_perplexity": next(values), "word_perplexity": 1.0, "bits_per_byte": 1.0, "n_tokens_scored": 8},
+        lambda *a, **k: {
+            "token_perplexity": next(values),
+            "word_perplexity": 1.0,
+            "bits_per_byte": 1.0,
+            "n_tokens_scored": 8,
+        },
     )
     out = tmp_path / "ck"
     args = run_argv(

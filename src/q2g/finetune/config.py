@@ -197,7 +197,9 @@ class FinetuneConfig(Config):
     def check(self) -> list[str]:
         problems = option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)
         if self.distill == "on-policy" and not self.distill_teacher:
-            problems.append("--distill on-policy needs --distill-teacher (an HF model, or a name on --distill-base-url)")
+            problems.append(
+                "--distill on-policy needs --distill-teacher (an HF model, or a name on --distill-base-url)"
+            )
         if self.distill_base_url and self.distill != "on-policy":
             problems.append("--distill-base-url is for --distill on-policy")
         return problems

@@ -114,7 +114,9 @@ def train_half(run, state, model, lora_r: int, alpha: float, run_dir: Path, sinc
     name = f"epoch-{epoch}"
     losses = [h["loss"] for h in state.log_history if "loss" in h and h["step"] > step0]
     tokens = state.num_input_tokens_seen - tokens0
-    rkl = [h["reverse_kl"] for h in state.log_history if "reverse_kl" in h and h["step"] > step0]  # --distill on-policy
+    rkl = [
+        h["reverse_kl"] for h in state.log_history if "reverse_kl" in h and h["step"] > step0
+    ]  # --distill on-policy
     row = {
         "epoch": epoch,
         "step": state.global_step,

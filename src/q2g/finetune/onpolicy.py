@@ -143,12 +143,23 @@ class OnPolicyTrainer(LabelOnlyLossTrainer):
         prompts = [student_prompt_ids(tok, p) for p in problems]
         step, micro = self.micro
         seed = (o.seed * 1_000_003 + step * 1009 + micro) % (2**31)
-        drawn = data.draw(unwrapped, tok, prompts, o.distill_samples, o.distill_temperature, o.distill_max_tokens, seed, self.end_ids)
+        drawn = data.draw(
+            unwrapped, tok, prompts, o.distill_samples, o.distill_temperature, o.distill_max_tokens, seed, self.end_ids
+        )
         samples = []
         for k, sampled in enumerate(drawn):
             j = k // o.distill_samples
             text, spans = data.sample_text(tok, sampled, self.end_ids)
-            samples.append({"problem_id": ids[j], "problem": problems[j], "prompt_ids": prompts[j], "ids": sampled, "text": text, "student_spans": spans})
+            samples.append(
+                {
+                    "problem_id": ids[j],
+                    "problem": problems[j],
+                    "prompt_ids": prompts[j],
+                    "ids": sampled,
+                    "text": text,
+                    "student_spans": spans,
+                }
+            )
         self.score(samples)
         return {"problem_ids": ids, "seed": seed, "teacher": o.distill_teacher, "samples": samples}
 

@@ -39,7 +39,10 @@ def tag_problems(tokenizer, rows: list[dict], examples: list[dict], max_seq_len:
     kept = [r for r in rows if len(student_prompt_ids(tokenizer, r["problem"])) < max_seq_len]
     if len(kept) != len(examples):
         raise RuntimeError(f"tag_problems: {len(kept)} traces fit but {len(examples)} examples were built")
-    return [{**ex, "problem": r["problem"], "problem_id": str(r.get("id", i))} for i, (r, ex) in enumerate(zip(kept, examples))]
+    return [
+        {**ex, "problem": r["problem"], "problem_id": str(r.get("id", i))}
+        for i, (r, ex) in enumerate(zip(kept, examples))
+    ]
 
 
 @dataclass
@@ -123,7 +126,7 @@ def sample_text(tokenizer, ids: list[int], end_ids) -> tuple[str, list]:
 
 
 def utf8_state(data: bytes) -> str:
-    """"ok" (valid UTF-8), "open" (valid but a character left unfinished at the end), or "bad"."""
+    """ "ok" (valid UTF-8), "open" (valid but a character left unfinished at the end), or "bad"."""
     try:
         data.decode("utf-8")
         return "ok"
@@ -151,7 +154,10 @@ def align(student_spans: list, teacher_spans, teacher_logprobs) -> dict:
 
 def same_vocab_chunks(teacher_logprobs) -> dict:
     """Teacher and student share the tokens: one chunk per sampled token, the end token included."""
-    return {"chunk": list(range(len(teacher_logprobs))), "teacher_chunk_logprobs": [float(x) for x in teacher_logprobs]}
+    return {
+        "chunk": list(range(len(teacher_logprobs))),
+        "teacher_chunk_logprobs": [float(x) for x in teacher_logprobs],
+    }
 
 
 def chunk_advantages(student_lp, chunk, teacher_chunk_lp):
@@ -190,7 +196,7 @@ def load_step(folder: Path, step: int, micro: int, problem_ids: list) -> dict | 
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable stored samples ({type(e).__name__}: {e}); delete it to sample again")
+        raise DataError(f"{path}: unreadable stored samples ({type(e).__name__}: {e}); delete it to sample again") from None
     if record.get("problem_ids") != list(problem_ids):
         raise DataError(
             f"{path}: stored for problems {record.get('problem_ids')}, but this step trains on {list(problem_ids)} "
