@@ -178,7 +178,10 @@ def guarded_trainer(tiny_gemma_dir, tmp_path, guard, bad, steps):
     run = SimpleNamespace(
         examples=examples(6),
         tokenizer=SimpleNamespace(pad_token_id=0),
-        settings=SimpleNamespace(loss_path="chunked", asked=SimpleNamespace(loss_chunk_size=64, kl_to_base=0.0)),
+        settings=SimpleNamespace(
+            loss_path="chunked",
+            asked=SimpleNamespace(loss_chunk_size=64, kl_to_base=0.0, distill="none", distill_weight=1.0),
+        ),
     )
     trainer = make_trainer(run, model, args, TrainerCallback(), guard)
     trainer.add_callback(inject)

