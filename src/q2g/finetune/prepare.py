@@ -14,11 +14,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-from q2g import memory, models
+from q2g import distributed, memory, models
 from q2g.batching import padding_report
 from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
+from q2g.finetune import kl_anchor
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.distill_data import add_distill, report_text
@@ -73,6 +74,7 @@ def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> None:
     models.resolve_precision(cfg.precision, device)
     training_arguments(cfg, Path(cfg.out), None, "adamw_torch", 1, device)  # a bad trainer: field, now
     models.check_target_modules(cfg.base_model, cfg.target_modules)
+    kl_anchor.check_processes(cfg.distill != "none", distributed.num_processes(), "--distill")  # before any eval
 
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
