@@ -144,6 +144,7 @@ def main() -> int:
 
     from q2g.finetune import onpolicy_data
     from q2g.loss import LabelOnlyLossTrainer
+    from q2g.prompts import student_prompt_ids
 
     tmp = Path(tempfile.mkdtemp(prefix="onpolicy_cost_"))
     try:
@@ -154,6 +155,8 @@ def main() -> int:
         tok, model, teacher, trainer = build(args, tmp)
         rows = traces(args.batch, args.data_dir)
         draw, score = Timer(onpolicy_data, "draw"), Timer(trainer, "score")
+        warm = [student_prompt_ids(tok, rows[0]["problem"])]
+        draw.real(model, tok, warm, 1, 1.0, 2, 0, trainer.end_ids)  # generate's first-call set-up, untimed
         best = {"sft": float("inf"), "onpolicy": float("inf"), "sample": 0.0, "teacher": 0.0}
         for _ in range(args.reps):
             batch = batch_of(tok, rows, args.max_seq_len, args.device)

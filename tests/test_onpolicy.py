@@ -347,3 +347,50 @@ def test_several_processes_are_refused(tiny_gemma_dir, tiny_qwen_dir, dataset, t
     args = run_argv(tiny_gemma_dir, dataset, tmp_path / "ck", tiny_qwen_dir, "--no-eval")
     assert cli.call("finetune", args) == 2
     assert "--distill runs in one process" in capsys.readouterr().err
+
+
+def saved_adapter(model_dir: Path, folder: Path, r: int = 16) -> dict:
+    """A LoRA adapter with random (non-zero) A and B, saved as an SFT run saves one."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = LoraConfig(r=r, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(folder)
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_init_adapter_starts_from_a_saved_adapter(tiny_gemma_dir, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    saved = saved_adapter(tiny_gemma_dir, tmp_path / "sft")
+    out = tmp_path / "ck"
+    args = finetune_argv(
+        tiny_gemma_dir,
+        dataset,
+        out,
+        "--init-adapter",
+        str(tmp_path / "sft"),
+        "--no-eval",
+        "--optim",
+        "adamw",
+        epochs=1,
+        lr="1e-12",
+    )
+    assert cli.call("finetune", args) == 0
+    final = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert final.keys() == saved.keys()
+    for name, tensor in saved.items():  # trained at lr 1e-12: still the loaded adapter
+        assert torch.allclose(final[name], tensor, atol=1e-7, rtol=0), name
+
+
+def test_init_adapter_of_another_rank_is_refused(tiny_gemma_dir, dataset, tmp_path, capsys):
+    saved_adapter(tiny_gemma_dir, tmp_path / "sft", r=8)
+    args = finetune_argv(
+        tiny_gemma_dir, dataset, tmp_path / "ck", "--init-adapter", str(tmp_path / "sft"), "--no-eval"
+    )
+    assert cli.call("finetune", args) == 2
+    assert "rank 8" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()  # refused before anything is written

@@ -23,6 +23,7 @@ from q2g.finetune import kl_anchor
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.distill_data import add_distill, report_text
+from q2g.finetune.init_adapter import check_init_adapter
 from q2g.finetune.onpolicy import prepare_info as onpolicy_info
 from q2g.finetune.onpolicy_data import tag_problems
 from q2g.finetune.rehearsal import add_rehearsal
@@ -75,6 +76,7 @@ def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> None:
     training_arguments(cfg, Path(cfg.out), None, "adamw_torch", 1, device)  # a bad trainer: field, now
     models.check_target_modules(cfg.base_model, cfg.target_modules)
     kl_anchor.check_processes(cfg.distill != "none", distributed.num_processes(), "--distill")  # before any eval
+    check_init_adapter(cfg.init_adapter, cfg.lora_r, cfg.target_modules)
 
 
 def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
