@@ -394,3 +394,16 @@ def test_init_adapter_of_another_rank_is_refused(tiny_gemma_dir, dataset, tmp_pa
     assert cli.call("finetune", args) == 2
     assert "rank 8" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()  # refused before anything is written
+
+
+def test_kl_anchor_and_rehearsal_with_onpolicy(tiny_gemma_dir, tiny_qwen_dir, dataset, tmp_path):
+    out = tmp_path / "ck"
+    extra = ("--kl-to-base", "0.1", "--rehearsal-fraction", "0.5", "--rehearsal-max-tokens", "8", "--no-eval")
+    assert cli.call("finetune", run_argv(tiny_gemma_dir, dataset, out, tiny_qwen_dir, *extra)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_rehearsal_examples"] > 0
+    steps = rows(out / "onpolicy" / "steps.jsonl")
+    n_examples = config["n_train_examples"]
+    assert len(steps) == -(-n_examples // 2)  # one row per micro-batch (batch 2, grad-accum 1)
+    # rehearsal examples carry their cross-entropy (weight 1) beside the policy gradient
+    assert any("sft_loss" in r for r in steps)
