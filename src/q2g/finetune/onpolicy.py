@@ -223,20 +223,24 @@ def make_trainer(run, kw: dict, guard):
 
 def prepare_info(cfg, student_tokenizer, rows: list[dict]) -> dict:
     """What config.json and the report say of the teacher; the tokenizer report is printed here,
-    before the first step (an HF teacher's tokenizer against the student's, over the traces)."""
+    before the first step (the teacher's tokenizer against the student's, over the traces; a server's
+    model where its name loads as a tokenizer here, e.g. a hub id in the cache)."""
+    from q2g import models
     from q2g.alignment import compat_report, format_compat_report
+    from q2g.errors import Q2GError
 
     info = {"mode": "on-policy", "teacher": cfg.distill_teacher, "base_url": cfg.distill_base_url}
-    if cfg.distill_base_url:
+    try:
+        teacher_tok = models.load_tokenizer(cfg.distill_teacher)
+    except (Q2GError, OSError, ValueError) as e:
+        if not cfg.distill_base_url:
+            raise
         print(
             f"[finetune] --distill on-policy: teacher {cfg.distill_teacher} at {cfg.distill_base_url}; its tokenizer "
-            "is the server's, so no tokenizer report here (the chunks of each step are in onpolicy/)",
+            f"does not load here ({type(e).__name__}), so no tokenizer report (each step's chunks are in onpolicy/)",
             flush=True,
         )
         return {**info, "compat": None, "same_vocab": False}
-    from q2g import models
-
-    teacher_tok = models.load_tokenizer(cfg.distill_teacher)
     report = compat_report(teacher_tok, student_tokenizer, [r["qwen_trace"] for r in rows[:64]])
     print(f"[finetune] --distill on-policy: teacher {cfg.distill_teacher}\n{format_compat_report(report)}", flush=True)
     return {**info, "compat": report, "same_vocab": same_vocab(teacher_tok, student_tokenizer)}
