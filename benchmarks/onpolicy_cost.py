@@ -109,8 +109,8 @@ def build(args, tmp: Path):
 
 
 def batch_of(tok, rows, max_seq_len: int, device: str) -> dict:
+    from q2g.examples import Collator, build_example
     from q2g.finetune.onpolicy_data import OnPolicyCollator
-    from q2g.finetune.sft_data import Collator, build_example
 
     examples = []
     for i, r in enumerate(rows):
@@ -143,7 +143,7 @@ def main() -> int:
     import torch
 
     from q2g.finetune import onpolicy_data
-    from q2g.loss import LabelOnlyLossTrainer
+    from q2g.finetune.loss import LabelOnlyLossTrainer
     from q2g.prompts import student_prompt_ids
 
     tmp = Path(tempfile.mkdtemp(prefix="onpolicy_cost_"))

@@ -15,8 +15,10 @@ from test_loss import lora_grads, lora_model
 from transformers import AutoTokenizer, TrainingArguments
 
 from q2g import cli
+from q2g.alignment import byte_spans
 from q2g.errors import ConfigError, DataError
-from q2g.finetune.config import FinetuneConfig
+from q2g.examples import IGNORE_INDEX, Collator, build_dataset, read_traces
+from q2g.finetune.config import FinetuneConfig, run_keys
 from q2g.finetune.distill import NO_CHUNK, binarised_kl
 from q2g.finetune.distill_data import (
     SIDE_FILE,
@@ -25,9 +27,7 @@ from q2g.finetune.distill_data import (
     aligned_chunks,
     student_trace_spans,
 )
-from q2g.finetune.settings import run_keys
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator, build_dataset, read_traces
-from q2g.loss import LabelOnlyLossTrainer
+from q2g.finetune.loss import LabelOnlyLossTrainer
 
 
 def test_aligned_chunks_by_hand():
@@ -54,7 +54,7 @@ def write_side(ds, tok, score, name="student-itself", only=None):
     rows = read_traces(ds / "traces.jsonl")[1]
     lines = []
     for r in rows[:only]:
-        spans = student_trace_spans(tok, r["qwen_trace"])
+        spans = byte_spans(tok, r["qwen_trace"])  # the side file's spans cover the stored text
         sha = hashlib.sha256(r["qwen_trace"].encode()).hexdigest()
         rec = {"id": r["id"], "tokenizer": name, "text_sha256": sha, "spans": spans, "logprobs": score(r, spans)}
         lines.append(json.dumps(rec) + "\n")
@@ -137,7 +137,7 @@ def test_an_edited_trace_is_refused(ds, tmp_path):
     rows = write_side(tmp_path, tok, lambda r, spans: [-0.5] * len(spans))
     rows[1] = {**rows[1], "qwen_trace": rows[1]["qwen_trace"] + " (edited)"}
     examples, _ = build_dataset(tok, rows, max_seq_len=1024)
-    with pytest.raises(DataError, match=f"trace {rows[1]['id']}: text_sha256 does not match"):
+    with pytest.raises(DataError, match=f"trace '{rows[1]['id']}': text_sha256 does not match"):
         add_distill(tok, rows, examples, 1024, tmp_path / "traces.jsonl")
 
 
@@ -171,7 +171,7 @@ def test_collator_pads_chunks_and_teacher():
 def own_logprobs(model, tok, rows):
     """score(row, spans) for write_side: the model's own log-probs of its trace tokens, teacher-forced
     on the training input itself (so the teacher is exactly the student)."""
-    from q2g.finetune.sft_data import build_example
+    from q2g.examples import build_example
 
     def score(row, spans):
         ex = build_example(tok, row["problem"], row["qwen_trace"], 10_000)
@@ -264,7 +264,7 @@ def real_pair():
 
 def test_aligned_chunks_equal_alignment_chunk_ids_where_both_cover_the_text(ds, real_pair):
     """On every packaged trace (same bytes on both sides) the general rule here is q2g.alignment's."""
-    from q2g.alignment import byte_spans, chunk_ids
+    from q2g.alignment import chunk_ids
 
     qwen, gemma = real_pair
     for row in read_traces(ds / "traces.jsonl")[1]:
@@ -276,8 +276,6 @@ def test_qwen_teacher_gemma_student_chunks_and_compat_report(ds, real_pair, tmp_
     """Real Qwen2 spans as the teacher's (log-prob -0.1 a token), the real Gemma 3 tokenizer as the
     student's: each teacher chunk value is -0.1 x its Qwen tokens, chunks cover nearly all trained
     bytes, and the compatibility report of the two is in the info (the teacher's tokenizer by folder)."""
-    from q2g.alignment import byte_spans
-
     qwen, gemma = real_pair
     folder = tmp_path / "qwen-tokenizer"
     qwen.save_pretrained(folder)

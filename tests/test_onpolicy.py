@@ -21,7 +21,7 @@ import torch
 from helpers import ASSETS, finetune_argv, reference_dataset
 
 from q2g import cli
-from q2g.finetune import onpolicy_data, training
+from q2g.finetune import onpolicy_data, train
 from q2g.finetune.distill import NO_CHUNK
 from q2g.finetune.onpolicy_data import align, chunk_advantages, sample_text
 from q2g.finetune.teacher_score import prompt_logprob_spans
@@ -225,14 +225,14 @@ def test_openai_compatible_teacher_end_to_end(tiny_gemma_dir, dataset, tmp_path)
 
 def test_teacher_equal_to_student_gives_zero_advantage_and_no_update(tiny_gemma_dir, dataset, tmp_path, monkeypatch):
     captured = {}
-    real = training.build_lora_model
+    real = train.build_lora_model
 
     def capture(*a, **k):
         model = real(*a, **k)
         captured["model"], captured["before"] = model, {n: p.detach().clone() for n, p in model.named_parameters()}
         return model
 
-    monkeypatch.setattr(training, "build_lora_model", capture)
+    monkeypatch.setattr(train, "build_lora_model", capture)
     out = tmp_path / "ck"
     args = run_argv(
         tiny_gemma_dir,

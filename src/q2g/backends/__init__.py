@@ -15,6 +15,10 @@ counter, so a batch regenerated after a crash gives the same samples as the firs
 | openai    | any OpenAI-compatible /chat/completions server    | pip install 'q2g[openai]'      |
 | reference | the datasets' own worked solutions, no model      | nothing                        |
 
+--teacher-logprobs K (q2g.data.teacher_logprobs): vllm asks `SamplingParams(logprobs=K)`, openai
+`logprobs=True, top_logprobs=K`, and both hand back each sample's tokens in Sample.logprobs; hf
+scores the kept traces by a forward pass (`score`); reference has no model and refuses K > 0.
+
 Heavy imports happen inside the chosen backend's module only.
 
 Thinking teachers (Qwen3, DeepSeek-R1, QwQ) write a chain of thought before their answer: in the
@@ -28,11 +32,11 @@ the final content only. Either way the final answer is read from the final conte
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass
 
-from q2g.errors import BadInput, RunFailed
+from q2g.errors import RunFailed
+from q2g.optional import require
 
 BACKENDS = ("hf", "vllm", "openai", "reference")
 # Problems per batch (the unit of one write and of resume) when --batch-size is not given.
@@ -43,8 +47,8 @@ DEFAULT_REASONING = "reasoning+answer"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # backend -> (the package it imports, the command that installs it); the others need only q2g's own.
 EXTRAS = {
-    "vllm": ("vllm", "pip install 'q2g[vllm]' (Linux with a CUDA GPU)"),
-    "openai": ("openai", "pip install 'q2g[openai]'"),
+    "vllm": "vllm",
+    "openai": "openai",
 }
 
 
@@ -55,6 +59,7 @@ class Sample:
     truncated: bool = False  # stopped by the token limit, not by the model
     answer: str | None = None  # where the final answer is read from, when not all of `text` (thinking teachers)
     error: str | None = None  # the backend could not get this sample: recorded as failed, asked again next run
+    logprobs: object = None  # --teacher-logprobs: a data.teacher_logprobs.TokenLogprobs (vllm, openai)
 
     @property
     def answer_text(self) -> str:
@@ -113,16 +118,7 @@ def api_key(args) -> str | None:
     return next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
 
 
-def is_available(package: str) -> bool:
-    """Whether `package` can be imported (found without importing it: vLLM takes seconds)."""
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a broken install, or a module without a spec
-        return False
-
-
 def check_available(name: str) -> None:
     """Refuse (BadInput, exit 2, with the pip command) a backend whose package is not installed."""
-    if name in EXTRAS and not is_available(EXTRAS[name][0]):
-        package, install = EXTRAS[name]
-        raise BadInput(f"--backend {name} needs the {package} package, which is not installed: {install}")
+    if name in EXTRAS:
+        require(EXTRAS[name], f"--backend {name}")

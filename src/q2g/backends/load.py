@@ -41,6 +41,7 @@ def load_backend(name: str, args):
             precision=args.precision,
             seed=args.seed,
             reasoning=reasoning,
+            teacher_logprobs=getattr(args, "teacher_logprobs", 0),
             **sampling,
         )
     if name == "openai":
@@ -54,6 +55,7 @@ def load_backend(name: str, args):
             timeout=args.timeout,
             max_retries=args.max_retries,
             reasoning=reasoning,
+            teacher_logprobs=getattr(args, "teacher_logprobs", 0),
             **sampling,
         )
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from q2g.backends import DEFAULT_REASONING, BackendError, Sample, stable_seed, thinking_sample
+from q2g.data.teacher_logprobs import TokenLogprobs
 from q2g.prompts import teacher_messages
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"  # vLLM's server; --base-url or $OPENAI_BASE_URL else
@@ -80,6 +82,20 @@ def tries(error, max_retries: int) -> int:
         return max_retries + 1
 
 
+def _piece(item) -> bytes:
+    raw = getattr(item, "bytes", None)
+    return bytes(raw) if raw is not None else (item.token or "").encode("utf-8")
+
+
+def choice_logprobs(choice) -> TokenLogprobs | None:
+    """A choice's `logprobs.content` (token, bytes, logprob, top_logprobs) as TokenLogprobs; None without."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    top = [[(_piece(t), t.logprob) for t in (c.top_logprobs or [])] for c in content]
+    return TokenLogprobs([_piece(c) for c in content], [c.logprob for c in content], top)
+
+
 class OpenAIBackend:
     name = "openai"
 
@@ -96,6 +112,7 @@ class OpenAIBackend:
         timeout: float = 600.0,
         max_retries: int = 6,
         reasoning: str = DEFAULT_REASONING,
+        teacher_logprobs: int = 0,
     ):
         self.openai = import_openai()
         base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
@@ -106,6 +123,8 @@ class OpenAIBackend:
         self.model, self.reasoning = model, reasoning
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         self.concurrency, self.max_retries = max(1, concurrency), max_retries
+        if teacher_logprobs:  # the sampled token's log-prob and the top K alternatives
+            self.sampling.update(logprobs=True, top_logprobs=teacher_logprobs)
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
@@ -144,7 +163,10 @@ class OpenAIBackend:
             getattr(reply.usage, "completion_tokens", None), [(r or "") + t for r, t in zip(reasoning, texts)]
         )
         return [
-            thinking_sample(t, n, c.finish_reason == "length", reasoning=r, mode=self.reasoning)
+            replace(
+                thinking_sample(t, n, c.finish_reason == "length", reasoning=r, mode=self.reasoning),
+                logprobs=choice_logprobs(c),
+            )
             for t, r, n, c in zip(texts, reasoning, tokens, reply.choices)
         ]
 

@@ -14,8 +14,13 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 
 from __future__ import annotations
 
-from q2g.backends import DEFAULT_REASONING, EXTRAS, Sample, stable_seed, thinking_sample
-from q2g.models import PRECISIONS, resolve_model_path, vllm_dtype
+from dataclasses import replace
+
+from q2g.alignment import token_bytes
+from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
+from q2g.data.teacher_logprobs import TokenLogprobs
+from q2g.models import PRECISIONS, resolve_model_path, resolve_precision, vllm_dtype
+from q2g.optional import install_hint
 from q2g.prompts import teacher_prompt_ids
 
 
@@ -25,7 +30,7 @@ def import_vllm(needed_by: str = "the vllm backend"):
     try:
         import vllm
     except ImportError:
-        raise ImportError(f"{needed_by} needs vLLM: {EXTRAS['vllm'][1]}") from None
+        raise ImportError(f"{needed_by} needs vLLM: {install_hint('vllm')}") from None
     return vllm
 
 
@@ -43,6 +48,7 @@ class VLLMBackend:
         precision: str = "auto",
         seed: int = 0,
         reasoning: str = DEFAULT_REASONING,
+        teacher_logprobs: int = 0,
     ):
         vllm = import_vllm()
         if precision not in PRECISIONS:
@@ -51,16 +57,34 @@ class VLLMBackend:
         self.llm = vllm.LLM(
             model=resolve_model_path(teacher),
             tensor_parallel_size=tensor_parallel_size,
-            dtype=vllm_dtype(precision),
+            dtype=vllm_dtype(resolve_precision(precision, "cuda")),  # the teacher runs on the GPU
             seed=seed,
             trust_remote_code=False,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         self.reasoning = reasoning
+        if teacher_logprobs:  # the sampled token's log-prob and the top K (vLLM returns them anyway)
+            self.sampling["logprobs"] = teacher_logprobs
 
     def prompt(self, problem: str) -> dict:
         return {"prompt_token_ids": teacher_prompt_ids(self.tokenizer, problem)}
+
+    def token_logprobs(self, completion) -> TokenLogprobs | None:
+        """A completion's tokens with their log-probs (vLLM: per token {id: Logprob}, top K + the sampled one)."""
+        k = self.sampling.get("logprobs")
+        if not k or completion.logprobs is None:
+            return None
+        pieces = [token_bytes(self.tokenizer, i) for i in completion.token_ids]
+        chosen = [row[i].logprob for i, row in zip(completion.token_ids, completion.logprobs)]
+        top = [
+            [
+                (token_bytes(self.tokenizer, i), lp.logprob)
+                for i, lp in sorted(row.items(), key=lambda kv: kv[1].rank)[:k]
+            ]
+            for row in completion.logprobs
+        ]
+        return TokenLogprobs(pieces, chosen, top)
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         # Greedy decoding gives k identical samples; ask for one (older vLLM refuses n > 1 there).
@@ -70,7 +94,10 @@ class VLLMBackend:
         result = []
         for out in outputs:
             samples = [
-                thinking_sample(c.text, len(c.token_ids), c.finish_reason == "length", mode=self.reasoning)
+                replace(
+                    thinking_sample(c.text, len(c.token_ids), c.finish_reason == "length", mode=self.reasoning),
+                    logprobs=self.token_logprobs(c),
+                )
                 for c in out.outputs
             ]
             result.append((samples * k)[:k] if n == 1 else samples)

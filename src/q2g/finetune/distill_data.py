@@ -19,47 +19,38 @@ Each example gets `distill_chunk` (per position, the chunk of that label, or NO_
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from q2g.alignment import byte_spans
-from q2g.data.jsonl import read_jsonl
+from q2g.data.teacher_logprobs import load_teacher_logprobs, side_path
 from q2g.errors import DataError
+from q2g.examples import IGNORE_INDEX
 from q2g.finetune.distill import NO_CHUNK
-from q2g.finetune.sft_data import IGNORE_INDEX
 from q2g.prompts import student_prompt_ids, target_trace
 
-SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs)
-SIDE_FIELDS = {"id": str, "tokenizer": str, "text_sha256": str, "spans": list, "logprobs": list}
+SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs; q2g.data.teacher_logprobs)
 
 
 def no_logprobs_message(traces_path: Path) -> str:
     return (
-        f"{traces_path.parent}: these traces carry no teacher log-probs ({SIDE_FILE} is missing or names none "
-        "of the validated traces); --distill chunk-likelihood needs them. The reference teacher writes none: "
-        "generate with a teacher that keeps them (--teacher-logprobs K), or drop --distill"
+        f"{traces_path.parent}: these traces carry no teacher log-probs ({side_path(traces_path).name} is missing or "
+        "names none of the validated traces); --distill chunk-likelihood needs them. The reference teacher writes "
+        "none: generate with a teacher that keeps them (--teacher-logprobs K), score these traces with one "
+        "(q2g generate --score-traces), or drop --distill"
     )
 
 
-def load_teacher_logprobs(traces_path: Path) -> dict[str, dict]:
-    """{trace id: record} of the side file beside `traces_path`; missing: a DataError naming the folder."""
-    side = traces_path.parent / SIDE_FILE
+def load_side(traces_path: Path, rows: list[dict]) -> dict:
+    """{trace id: TeacherLogprobs} of `rows` from the side file beside `traces_path`, checked against
+    each trace's text (q2g.data.teacher_logprobs); no file or no line for any row: a DataError."""
+    side = side_path(traces_path)
     if not side.is_file():
         raise DataError(no_logprobs_message(traces_path))
-    records = read_jsonl(side, required=SIDE_FIELDS, types=SIDE_FIELDS)
-    for lineno, r in enumerate(records, 1):
-        if len(r["spans"]) != len(r["logprobs"]):
-            raise DataError(
-                f"{side}:{lineno}: trace {r['id']}: {len(r['spans'])} spans but {len(r['logprobs'])} logprobs"
-            )
-    return {r["id"]: r for r in records}
-
-
-def check_text(record: dict, text: str, side: Path) -> None:
-    """The side file's record must be of this very trace text (a trace edited since is refused)."""
-    if hashlib.sha256(text.encode("utf-8")).hexdigest() != record["text_sha256"]:
-        raise DataError(f"{side}: trace {record['id']}: text_sha256 does not match the trace text in traces.jsonl")
+    found = load_teacher_logprobs(side, {str(r.get("id")): r["qwen_trace"] for r in rows})
+    if not found:
+        raise DataError(no_logprobs_message(traces_path))
+    return found
 
 
 def aligned_chunks(spans_t, spans_s) -> tuple[list[int], list[int], int]:
@@ -118,15 +109,15 @@ def student_trace_spans(tokenizer, trace: str) -> list[tuple[int, int]]:
     return [(s + shift, e + shift) for s, e in byte_spans(tokenizer, text)]
 
 
-def example_fields(tokenizer, example: dict, trace: str, record: dict, tally: dict | None = None) -> dict:
+def example_fields(tokenizer, example: dict, trace: str, record, tally: dict | None = None) -> dict:
     """distill_chunk (per position of the example) and distill_teacher (per chunk) of one example;
     `tally` (optional) adds up the alignment counts of chunk_report."""
     n_prompt = sum(1 for x in example["labels"] if x == IGNORE_INDEX)
-    spans_t = [tuple(s) for s in record["spans"]]
+    spans_t = record.spans
     spans_s = student_trace_spans(tokenizer, trace)[: len(example["input_ids"]) - n_prompt]
     ids_t, ids_s, n = aligned_chunks(spans_t, spans_s)
     teacher = [0.0] * n
-    for c, lp in zip(ids_t, record["logprobs"]):
+    for c, lp in zip(ids_t, record.logprobs):
         if c != NO_CHUNK:
             teacher[c] += float(lp)
     chunk = [NO_CHUNK] * len(example["input_ids"])
@@ -170,24 +161,21 @@ def chunk_report(tally: dict) -> dict:
 
 
 def add_distill(tokenizer, rows, examples, max_seq_len: int, traces_path: Path) -> tuple[list[dict], dict]:
-    """The examples (as sft_data.build_dataset made them from `rows`, in order) with their chunks,
+    """The examples (as examples.build_dataset made them from `rows`, in order) with their chunks,
     and what config.json says of them. Traces without teacher log-probs train on the CE alone."""
-    side = load_teacher_logprobs(traces_path)
     kept = [r for r in rows if len(student_prompt_ids(tokenizer, r["problem"])) < max_seq_len]  # build_dataset's rule
     if len(kept) != len(examples):
         raise RuntimeError(f"add_distill: {len(kept)} traces fit but {len(examples)} examples were built")
-    if not any(str(r.get("id")) in side for r in kept):
-        raise DataError(no_logprobs_message(traces_path))
+    side = load_side(traces_path, kept)
     out, tally, n_with = [], {}, 0
     for row, ex in zip(kept, examples):
         record = side.get(str(row.get("id")))
         if record is None:
             out.append(ex)
             continue
-        check_text(record, row["qwen_trace"], traces_path.parent / SIDE_FILE)
         out.append({**ex, **example_fields(tokenizer, ex, row["qwen_trace"], record, tally)})
         n_with += 1
-    names = sorted({side[str(r.get("id"))]["tokenizer"] for r in kept if str(r.get("id")) in side})
+    names = sorted({side[str(r.get("id"))].tokenizer for r in kept if str(r.get("id")) in side})
     texts = [r["qwen_trace"] for r in kept if str(r.get("id")) in side]
     info = {"examples": n_with, "of": len(kept), "teacher_tokenizers": names, **chunk_report(tally)}
     return out, {**info, **compat(tokenizer, names, texts)}
@@ -217,12 +205,12 @@ def report_text(info: dict) -> str:
         if info.get("compat")
         else f"no tokenizer report: {info['compat_skipped']}"
     )
-    return f"{report_line(info)}\n{extra}"
+    return f"{report_line(info, warnings=False)}\n{extra}"
 
 
-def report_line(info: dict) -> str:
-    """One line for report.md (the warnings of the compatibility report after it)."""
-    warnings = (info.get("compat") or {}).get("warnings") or []
+def report_line(info: dict, warnings: bool = True) -> str:
+    """One line for report.md (with the warnings of the compatibility report)."""
+    warnings = ((info.get("compat") or {}).get("warnings") or []) if warnings else []
     return (
         f"{info['examples']}/{info['of']} examples with teacher log-probs ({', '.join(info['teacher_tokenizers'])}); "
         f"{info['chunks']} chunks cover {info['bytes_in_chunks']:.1%} of the trained trace bytes, "
@@ -235,7 +223,7 @@ def report_line(info: dict) -> str:
 
 @dataclass
 class DistillCollator:
-    """sft_data.Collator's batch plus distill_chunk [B, T] (NO_CHUNK where none) and
+    """examples.Collator's batch plus distill_chunk [B, T] (NO_CHUNK where none) and
     distill_teacher [B, C] (NaN past each example's chunks; C >= 1)."""
 
     base: object

@@ -32,10 +32,11 @@ from pathlib import Path
 
 from q2g.finetune import onpolicy_data as data
 from q2g.finetune.kl_anchor import kl_to_base_sum
+from q2g.finetune.loss import LabelOnlyLossTrainer
 from q2g.finetune.teacher_score import label_token_logprobs, load_teacher, pad_rows, same_vocab
 from q2g.io import append_jsonl
-from q2g.loss import LabelOnlyLossTrainer, logit_transform, split_causal_lm
 from q2g.prompts import end_token_ids, student_prompt_ids
+from q2g.scoring import logit_transform, split_causal_lm
 
 STEPS_FILE = "steps.jsonl"
 

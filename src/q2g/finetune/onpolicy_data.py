@@ -33,7 +33,7 @@ SAMPLES_DIR = "onpolicy"
 
 
 def tag_problems(tokenizer, rows: list[dict], examples: list[dict], max_seq_len: int) -> list[dict]:
-    """The examples (built by sft_data.build_dataset from `rows`, in order) with their problem text and id."""
+    """The examples (built by examples.build_dataset from `rows`, in order) with their problem text and id."""
     from q2g.prompts import student_prompt_ids
 
     kept = [r for r in rows if len(student_prompt_ids(tokenizer, r["problem"])) < max_seq_len]
@@ -196,7 +196,9 @@ def load_step(folder: Path, step: int, micro: int, problem_ids: list) -> dict | 
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable stored samples ({type(e).__name__}: {e}); delete it to sample again") from None
+        raise DataError(
+            f"{path}: unreadable stored samples ({type(e).__name__}: {e}); delete it to sample again"
+        ) from None
     if record.get("problem_ids") != list(problem_ids):
         raise DataError(
             f"{path}: stored for problems {record.get('problem_ids')}, but this step trains on {list(problem_ids)} "

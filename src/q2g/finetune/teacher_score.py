@@ -26,8 +26,10 @@ import os
 
 from q2g.alignment import encode_with_spans
 from q2g.errors import ConfigError, RunFailed
-from q2g.loss import IGNORE_INDEX, decoder_hidden, logit_transform, select_label_positions, split_causal_lm
+from q2g.examples import IGNORE_INDEX
+from q2g.finetune.loss import decoder_hidden, select_label_positions
 from q2g.prompts import student_prompt, student_prompt_ids, teacher_prompt, teacher_prompt_ids
+from q2g.scoring import logit_transform, split_causal_lm
 
 Span = tuple[int, int]
 

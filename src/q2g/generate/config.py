@@ -90,11 +90,30 @@ class GenerateConfig(Config):
         results="traces",
         help="thinking teachers: the trace is <think>reasoning</think> + answer, or the answer only",
     )
+    teacher_logprobs: int = option(
+        0,
+        min=0,
+        max=20,
+        results="traces",
+        help="keep the teacher's log-prob of every trace token and its top K alternatives in teacher_logprobs.jsonl "
+        "(0 = off; hf by a forward pass, vllm and openai from the generation; reference has no model)",
+    )
+    score_traces: str | None = option(
+        None,
+        results=None,
+        help="score the traces of FILE (a traces.jsonl) with the hf teacher into --out/teacher_logprobs.jsonl, "
+        "generating nothing",
+    )
     tensor_parallel_size: int = option(1, min=1, results=None, help="vllm: GPUs per model")
     precision: str = option("auto", choices=PRECISIONS, results=None, help="hf/vllm weights")
     device: str = option("auto", results=None, help="hf: cuda, cpu, mps or auto")
 
     def check(self) -> list[str]:
+        if self.teacher_logprobs and self.backend == "reference":
+            return [
+                "--teacher-logprobs: the reference backend has no model, so no log-probs; use --backend hf, "
+                "vllm or openai, or score the reference traces afterwards with --backend hf --score-traces FILE"
+            ]
         if self.shard is not None:
             try:
                 parse_shard(self.shard)

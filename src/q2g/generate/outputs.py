@@ -16,7 +16,15 @@ from q2g.config import result_keys
 from q2g.generate.config import GenerateConfig
 from q2g.io import settings_diff
 
-OUTPUT_GLOBS = ("traces*.jsonl", "rejected*.jsonl", "summary*.json", "config.json", "split.json", "holdout.jsonl")
+OUTPUT_GLOBS = (
+    "traces*.jsonl",
+    "teacher_logprobs*.jsonl",
+    "rejected*.jsonl",
+    "summary*.json",
+    "config.json",
+    "split.json",
+    "holdout.jsonl",
+)
 
 
 def prompt_sha() -> str:

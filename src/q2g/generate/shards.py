@@ -13,10 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from q2g.backends import stable_int
+from q2g.data.teacher_logprobs import finish_side_file
 from q2g.errors import DataError
 from q2g.generate.records import read_records, write_sorted
 from q2g.generate.summary import Tally
-from q2g.io import atomic_write_json, read_input_bytes
+from q2g.io import atomic_write_json, atomic_write_text, read_input_bytes, read_jsonl_tolerant
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -35,8 +36,19 @@ def output_paths(out: Path, shard: tuple[int, int] | None) -> dict[str, Path]:
     return {
         "traces": out / f"traces{tag}.jsonl",
         "rejected": out / f"rejected{tag}.jsonl",
+        "teacher_logprobs": out / f"teacher_logprobs{tag}.jsonl",
         "summary": out / f"summary{tag}.json",
     }
+
+
+def merge_side_files(out: Path, n: int) -> None:
+    """teacher_logprobs.jsonl from the shards' side files (when --teacher-logprobs wrote them)."""
+    parts = [output_paths(out, (i, n))["teacher_logprobs"] for i in range(n)]
+    if not any(p.exists() for p in parts):
+        return
+    rows = [row for p in parts for row in read_jsonl_tolerant(p)]
+    atomic_write_text(out / "teacher_logprobs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    finish_side_file(out / "teacher_logprobs.jsonl", read_jsonl_tolerant(out / "traces.jsonl"))
 
 
 def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) -> dict | None:
@@ -66,6 +78,7 @@ def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) 
             timing[source]["timed_tokens"] += row["timed_tokens"]
             timing[source]["seconds"] += row["seconds"]
     write_sorted(out / "traces.jsonl", [r for r in records if r["validated"]], order)
+    merge_side_files(out, n)
     write_sorted(out / "rejected.jsonl", [r for r in records if not r["validated"]], order)
     tally = Tally(timing)
     tally.add_records(list({r["id"]: r for r in records}.values()))

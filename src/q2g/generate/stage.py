@@ -32,27 +32,34 @@ traces.jsonl (sorted in problem order), or run `q2g generate --merge-shards` wit
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 from q2g.backends import BackendError, check_available
 from q2g.backends import load as backend_load
 from q2g.data.splits import find_leaks, read_split, select_split, write_split
+from q2g.data.teacher_logprobs import finish_side_file
 from q2g.errors import BadInput, DataError, RunFailed
 from q2g.generate.config import parse
+from q2g.generate.logprobs import report, score_traces, side_rows
 from q2g.generate.outputs import clear_outputs, resolved_config, settings_mismatch
 from q2g.generate.records import done_problems, judge, read_records, retried, write_sorted
 from q2g.generate.shards import in_shard, merge_shards, output_paths, parse_shard
 from q2g.generate.summary import Tally, print_table
-from q2g.io import append_jsonl, atomic_write_json, check_output_path, read_input_bytes, writes_to
+from q2g.io import (
+    append_jsonl,
+    atomic_write_json,
+    check_output_path,
+    read_input_bytes,
+    read_jsonl_tolerant,
+    writes_to,
+)
 from q2g.models import check_model_name
 
 __all__ = ["main", "parse"]  # parse: run and sweep check a generate command line through this module
-DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before each batch (kill/resume test)
 
 
-def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, extra) -> None:
+def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, extra, top_k=0) -> None:
     from tqdm import tqdm
 
     done, have = done_problems(records, k), {r["id"] for r in records}
@@ -65,14 +72,13 @@ def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, e
         disable=False,
         dynamic_ncols=True,
     )
-    delay, backend = float(os.environ.get(DELAY_ENV) or 0), None
+    backend = None
     try:
         for batch in batches:
             todo = [p for p in batch if p["id"] not in done]
             if not todo:
                 continue
             backend = backend or backend_loader()  # loaded only when there is work: a finished rerun is instant
-            time.sleep(delay)
             start = time.perf_counter()
             # The whole batch, not just `todo`: a cut-short batch then gets the same samples again.
             samples = backend.generate(batch, k, seed)
@@ -86,6 +92,10 @@ def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, e
                 for r in judge(p, s, meta)
                 if r["id"] not in have
             ]
+            if top_k:  # the side file first: a trace on disk always has its log-probs line
+                append_jsonl(
+                    paths["teacher_logprobs"], side_rows(backend, batch, samples, new, top_k, meta["teacher"])
+                )
             append_jsonl(paths["traces"], [r for r in new if r["validated"]])
             append_jsonl(paths["rejected"], [r for r in new if not r["validated"]])
             tally.add_records(new)
@@ -126,6 +136,8 @@ def summary_extra(args, problems, holdout) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.score_traces:
+        return score_traces(args, backend_load.load_backend)
     shard = parse_shard(args.shard) if args.shard else None
     out = check_output_path(args.out, "--out", folder=True)
     # all input is read and checked before anything is written
@@ -203,6 +215,7 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
             meta,
             tally,
             extra,
+            args.teacher_logprobs,
         )
     except (ImportError, OSError) as e:
         raise RunFailed(f"{type(e).__name__}: {e}") from None
@@ -212,6 +225,10 @@ def write_outputs(args, out, train, holdout, settings, config, order, shard) -> 
     records = retried(read_records(paths))
     write_sorted(paths["traces"], [r for r in records if r["validated"]], order)
     write_sorted(paths["rejected"], [r for r in records if not r["validated"]], order)
+    if args.teacher_logprobs:
+        kept = read_jsonl_tolerant(paths["traces"])
+        finish_side_file(paths["teacher_logprobs"], kept)
+        report(paths["teacher_logprobs"], kept)
     failed = sorted({r["problem_id"] for r in records if r.get("reason") == "failed"})
     summary = tally.summary(complete=not failed, **extra)
     atomic_write_json(paths["summary"], summary)

@@ -1,0 +1,71 @@
+"""Stage 1's teacher log-probs (--teacher-logprobs K): the side-file lines of a batch's kept traces,
+and teacher-forced scoring of traces the teacher did not write (--score-traces FILE).
+
+    q2g generate --backend vllm --teacher-logprobs 5 ...             # beside the traces it writes
+    q2g generate --backend hf --teacher Qwen/Qwen2.5-7B-Instruct \\
+        --score-traces other_run/traces.jsonl --teacher-logprobs 5 --out scored/   # scored/teacher_logprobs.jsonl
+
+The side file's format, writer and loader are in q2g.data.teacher_logprobs. vllm and openai hand
+back the generated tokens with each sample; hf scores each kept trace by a forward pass
+(backends/hf_score.py). --score-traces works with the hf backend only: vLLM's prompt log-probs and
+an OpenAI server's `echo` are not wired up yet. It is resumable (traces already scored are skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from q2g.data.jsonl import read_jsonl
+from q2g.data.teacher_logprobs import SIDE_NAME, finish_side_file, side_entry
+from q2g.errors import BadInput
+from q2g.io import append_jsonl, check_output_path, read_jsonl_tolerant
+
+
+def side_rows(backend, batch: list[dict], samples: list[list], records: list[dict], top_k: int, name: str) -> list:
+    """Side-file lines of the kept traces among `records` (one batch's new records)."""
+    kept = [r for r in records if r["validated"]]
+    by_problem = {p["id"]: (p, s) for p, s in zip(batch, samples)}
+    if hasattr(backend, "score"):  # hf: teacher-forced over the trace text as stored
+        tokens = backend.score([(by_problem[r["problem_id"]][0], r["qwen_trace"]) for r in kept], top_k)
+    else:
+        tokens = [by_problem[r["problem_id"]][1][r["sample"]].logprobs for r in kept]
+    rows = [side_entry(r["id"], name, r["qwen_trace"], t) for r, t in zip(kept, tokens) if t is not None]
+    return [row for row in rows if row is not None]
+
+
+def report(path: Path, traces: list[dict]) -> None:
+    have = len(read_jsonl_tolerant(path)) if path.exists() else 0
+    missing = (
+        f" ({len(traces) - have} without: their text is not a run of whole teacher tokens)"
+        if have < len(traces)
+        else ""
+    )
+    print(f"teacher log-probs of {have} of {len(traces)} traces -> {path}{missing}", flush=True)
+
+
+def score_traces(args, load_backend) -> int:
+    """--score-traces FILE: the teacher's log-probs of FILE's kept traces into --out/teacher_logprobs.jsonl."""
+    if args.backend != "hf":
+        raise BadInput(
+            f"--score-traces needs --backend hf (a forward pass over each trace); --backend {args.backend} "
+            "cannot score traces it did not write yet"
+        )
+    source = Path(args.score_traces)
+    types = {"id": str, "problem": str, "qwen_trace": str}
+    traces = [r for r in read_jsonl(source, required=types, types=types) if r.get("validated", True)]
+    out = check_output_path(args.out, "--out", folder=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{SIDE_NAME}.jsonl"
+    if path.resolve() == source.resolve():
+        raise BadInput(f"--out {out} would overwrite the input {source}")
+    done = {row.get("id") for row in read_jsonl_tolerant(path, repair=True) if isinstance(row, dict)}
+    todo = [r for r in traces if r["id"] not in done]
+    backend = load_backend("hf", args) if todo else None
+    for i in range(0, len(todo), args.batch_size):
+        batch = todo[i : i + args.batch_size]
+        tokens = backend.score([(r, r["qwen_trace"]) for r in batch], args.teacher_logprobs)
+        rows = [side_entry(r["id"], args.teacher, r["qwen_trace"], t) for r, t in zip(batch, tokens)]
+        append_jsonl(path, [row for row in rows if row is not None])
+    finish_side_file(path, traces)
+    report(path, traces)
+    return 0
