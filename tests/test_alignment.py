@@ -103,6 +103,14 @@ def test_spans_are_the_tokens_bytes_under_both_real_tokenizers(qwen, gemma):
     )
 
 
+def test_a_tokenizer_that_rewrites_the_text_gets_spans_from_its_offsets(gemma):
+    # Gemma writes a space as "▁", so a real "▁" in the text is not given back by the tokens' bytes:
+    # the spans come from the character offsets there, still covering the text exactly
+    text = "a ▁x 1"
+    assert [text.encode()[s:e] for s, e in byte_spans(gemma, text)] == [b"a", b" \xe2\x96\x81", b"x", b" ", b"1"]
+    assert byte_spans(gemma, "") == []
+
+
 def test_chunks_of_a_hand_checked_text(qwen, gemma):
     text = "May.\n  H"
     # qwen: May | .\n | ' ' | ' H';  gemma: May | . | \n | '  ' | H  -> chunks May | .\n | '  H'

@@ -4,6 +4,7 @@ one), openai (the fake server with logprobs), a stand-in vLLM, shards; --score-t
 
 import importlib.machinery
 import json
+import re
 import shutil
 import sys
 import types
@@ -133,6 +134,10 @@ def test_side_file_resumes_and_merges_like_the_traces(tmp_path, scripted, monkey
     assert (sharded / "teacher_logprobs.jsonl").read_bytes() == (clean / "teacher_logprobs.jsonl").read_bytes()
 
     assert run(clean, "--batch-size", "2", "--teacher-logprobs", "3") == 2  # another K: another dataset
+    plain = tmp_path / "plain"  # off: not in config.json, like a folder written before the option
+    assert cli.call("generate", [*BASE, "--out", str(plain)]) == 0
+    assert "teacher_logprobs" not in json.loads((plain / "config.json").read_text())
+    assert not (plain / "teacher_logprobs.jsonl").exists() and run(plain) == 2
 
 
 gen_append = gen.append_jsonl
@@ -202,14 +207,35 @@ def test_score_traces_writes_the_side_file_for_traces_it_did_not_write(tmp_path,
         independent_logprobs(tiny_qwen_dir, t["problem"], t["qwen_trace"]), abs=2e-5
     )
     assert (ds / "traces.jsonl").read_bytes() == before  # its input untouched
-    assert cli.call("generate", [*argv[:4], "--backend", "openai", *argv[4:], "--out", str(tmp_path / "x")]) == 2
+    argv[1] = "reference"
+    assert cli.call("generate", [*argv, "--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------- openai: the fake server with logprobs
 
 
+WORDS = re.compile(r"\s+|\S+")
+
+
 class LogprobServer(ChatServer):
+    """Chat completions with `logprobs.content` (3-byte pieces); /completions with echo: the prompt's
+    whitespace-separated words, each -0.75, then one generated token."""
+
     def completion(self, body):
+        if "prompt" in body:
+            words = WORDS.findall(body["prompt"]) + ["X"]
+            offsets = [0]
+            for w in words[:-1]:
+                offsets.append(offsets[-1] + len(w))
+            top = [{w: -0.75, "zz": -2.0} for w in words]
+            logprobs = {
+                "tokens": words,
+                "token_logprobs": [None] + [-0.75] * (len(words) - 1),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            }
+            choice = {"index": 0, "text": body["prompt"] + "X", "logprobs": logprobs, "finish_reason": "length"}
+            return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]}
         reply = super().completion(body)
         for choice in reply["choices"]:
             text = choice["message"]["content"]
@@ -268,6 +294,9 @@ def stand_in_vllm(tokenizer_dir, requests):
             return tok
 
         def generate(self, prompts, params, use_tqdm=True):
+            if not isinstance(params, list):  # scoring: prompt log-probs of prompt + trace
+                requests.append(params.kw)
+                return [out(prompt_logprobs=prompt_logprobs(p["prompt_token_ids"])) for p in prompts]
             requests.extend(p.kw for p in params)
             rows = []
             for prompt, p in zip(prompts, params):
@@ -277,6 +306,9 @@ def stand_in_vllm(tokenizer_dir, requests):
                 completion = out(text=correct(problem), token_ids=ids, finish_reason="stop", logprobs=lps)
                 rows.append(out(outputs=[completion] * p.kw["n"]))
             return rows
+
+    def prompt_logprobs(ids):
+        return [None] + [{i: out(logprob=-0.125, rank=1), 7: out(logprob=-3.0, rank=2)} for i in ids[1:]]
 
     module = types.ModuleType("vllm")
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
@@ -328,3 +360,38 @@ def test_vllm_backend_without_k_asks_for_no_logprobs(tiny_qwen_dir, monkeypatch)
     problem = dict(GSM8K, problem=next(iter(select_split(data_dir="packaged", limit=6, seed=0)[0]))["problem"])
     [[sample]] = VLLMBackend("t", temperature=0.0, top_p=1.0, max_new_tokens=8).generate([problem], 1, 0)
     assert "logprobs" not in requests[0] and sample.logprobs is None
+
+
+def test_openai_scores_traces_by_an_echoed_completion(tmp_path, tiny_qwen_dir):
+    ds = reference_dataset(tmp_path / "ref", limit=2)
+    server = LogprobServer()
+    try:
+        argv = ["--backend", "openai", "--base-url", server.url, "--teacher", str(tiny_qwen_dir)]
+        argv += ["--score-traces", str(ds / "traces.jsonl"), "--teacher-logprobs", "2", "--out", str(tmp_path / "s")]
+        assert cli.call("generate", argv) == 0
+    finally:
+        server.close()
+    assert all(r["path"] == "/v1/completions" and r["body"]["echo"] is True for r in server.requests)
+    assert "<|im_start|>assistant" in server.requests[0]["body"]["prompt"]  # the teacher's chat template
+    traces = {t["id"]: t["qwen_trace"] for t in read(ds / "traces.jsonl")}
+    side = load_teacher_logprobs(tmp_path / "s" / "teacher_logprobs.jsonl", traces)
+    assert sorted(side) == sorted(traces)
+    for trace_id, entry in side.items():
+        assert [traces[trace_id][s:e] for s, e in entry.spans] == WORDS.findall(traces[trace_id])  # ASCII traces
+        assert set(entry.logprobs) == {-0.75} and entry.top[1][1] == (b"zz", -2.0)
+
+
+def test_vllm_scores_traces_by_prompt_logprobs(tmp_path, tiny_qwen_dir, monkeypatch):
+    requests = []
+    module, tok = stand_in_vllm(tiny_qwen_dir, requests)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    ds = reference_dataset(tmp_path / "ref", limit=2)
+    argv = ["--backend", "vllm", "--teacher", str(tiny_qwen_dir), "--score-traces", str(ds / "traces.jsonl")]
+    assert cli.call("generate", [*argv, "--out", str(tmp_path / "s")]) == 0
+    assert requests[0]["prompt_logprobs"] == 0 and requests[0]["max_tokens"] == 1
+    traces = {t["id"]: t["qwen_trace"] for t in read(ds / "traces.jsonl")}
+    side = load_teacher_logprobs(tmp_path / "s" / "teacher_logprobs.jsonl", traces)
+    assert sorted(side) == sorted(traces)
+    for trace_id, entry in side.items():
+        assert len(entry.spans) == len(tok(traces[trace_id], add_special_tokens=False)["input_ids"])
+        assert set(entry.logprobs) == {-0.125} and entry.top is None

@@ -9,6 +9,10 @@ temperature, top_p, max_tokens, n=k and a seed derived from the run seed and the
 most --concurrency in flight. Servers that ignore `n` (llama.cpp, Ollama) answer one choice; the
 rest is asked for in further requests.
 
+--teacher-logprobs K adds `logprobs=True, top_logprobs=K` and keeps each choice's tokens
+(Sample.logprobs); --score-traces asks /completions with `echo` + `logprobs` for the log-probs
+of prompt + trace (`score`), where the server supports it (vLLM's and llama.cpp's servers do).
+
 Retries and timeouts are the SDK's: --timeout seconds per attempt, --max-retries retries of
 408/409/429/5xx, timeouts and connection errors (a connection reset mid-body included), with
 exponential backoff and the server's Retry-After honoured. What is left after them:
@@ -33,7 +37,9 @@ from dataclasses import replace
 
 from q2g.backends import DEFAULT_REASONING, BackendError, Sample, stable_seed, thinking_sample
 from q2g.data.teacher_logprobs import TokenLogprobs
-from q2g.prompts import teacher_messages
+from q2g.errors import BadInput
+from q2g.models import load_tokenizer
+from q2g.prompts import teacher_messages, teacher_prompt
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"  # vLLM's server; --base-url or $OPENAI_BASE_URL else
 NO_KEY = "EMPTY"  # the SDK insists on a key; a local server ignores it (vLLM's own examples use this)
@@ -123,8 +129,47 @@ class OpenAIBackend:
         self.model, self.reasoning = model, reasoning
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         self.concurrency, self.max_retries = max(1, concurrency), max_retries
+        self.prompt_tokenizer = None  # --score-traces: the teacher's chat template, loaded when first needed
         if teacher_logprobs:  # the sampled token's log-prob and the top K alternatives
             self.sampling.update(logprobs=True, top_logprobs=teacher_logprobs)
+
+    def score(self, pairs: list[tuple[dict, str]], top_k: int = 0) -> list[TokenLogprobs | None]:
+        """Teacher-forced TokenLogprobs of each (problem, trace text): /completions with `echo` and
+        `logprobs` gives the server's log-probs of prompt + trace. The prompt is the teacher's chat
+        template applied here, so --teacher must also load as a tokenizer on this machine."""
+        if self.prompt_tokenizer is None:
+            try:
+                self.prompt_tokenizer = load_tokenizer(self.model)
+            except (OSError, ValueError) as e:
+                raise BadInput(
+                    f"scoring traces through {self.url} needs the teacher's chat template here: --teacher "
+                    f"{self.model!r} must be a local folder or a cached hub id ({str(e)[:120]})"
+                ) from None
+        return [self.echo(teacher_prompt(self.prompt_tokenizer, p["problem"]), text, top_k) for p, text in pairs]
+
+    def echo(self, prompt: str, text: str, top_k: int) -> TokenLogprobs | None:
+        """The trace's tokens from an echoed completion of prompt + text (None: the server sent no log-probs)."""
+        try:
+            reply = self.client.completions.create(
+                model=self.model,
+                prompt=prompt + text,
+                max_tokens=1,
+                temperature=0.0,
+                echo=True,
+                logprobs=max(top_k, 1),
+            )
+        except self.openai.APIError as e:
+            raise BackendError(f"{self.url.rsplit('/', 2)[0]}/completions (echo, logprobs): {detail(e)}") from None
+        lp = getattr(reply.choices[0], "logprobs", None) if reply.choices else None
+        if lp is None or not lp.tokens:
+            return None
+        keep = [i for i, off in enumerate(lp.text_offset) if len(prompt) <= off < len(prompt) + len(text)]
+        top = [sorted((lp.top_logprobs[i] or {}).items(), key=lambda kv: -kv[1])[:top_k] for i in keep]
+        return TokenLogprobs(
+            [lp.tokens[i].encode("utf-8") for i in keep],
+            [lp.token_logprobs[i] for i in keep],
+            [[(t.encode("utf-8"), x) for t, x in row] for row in top] if top_k else None,
+        )
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         pool = ThreadPoolExecutor(max_workers=self.concurrency)

@@ -75,16 +75,35 @@ class VLLMBackend:
         k = self.sampling.get("logprobs")
         if not k or completion.logprobs is None:
             return None
-        pieces = [token_bytes(self.tokenizer, i) for i in completion.token_ids]
-        chosen = [row[i].logprob for i, row in zip(completion.token_ids, completion.logprobs)]
+        return self._tokens(list(completion.token_ids), completion.logprobs, k)
+
+    def score(self, pairs: list[tuple[dict, str]], top_k: int = 0) -> list[TokenLogprobs]:
+        """Teacher-forced TokenLogprobs of each (problem, trace text): vLLM's prompt log-probs of
+        prompt + trace (one token generated and thrown away)."""
+        prompts, traces = [], []
+        for problem, text in pairs:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt_token_ids": self.prompt(problem["problem"])["prompt_token_ids"] + ids})
+            traces.append(ids)
+        params = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(top_k, 0))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for ids, out in zip(traces, outputs):
+            rows = out.prompt_logprobs[len(out.prompt_logprobs) - len(ids) :] if ids else []
+            result.append(self._tokens(ids, rows, top_k))
+        return result
+
+    def _tokens(self, ids: list[int], rows: list[dict], top_k: int) -> TokenLogprobs:
+        """TokenLogprobs of `ids` from vLLM's per-position {token id: Logprob} (top K + the chosen one)."""
         top = [
             [
                 (token_bytes(self.tokenizer, i), lp.logprob)
-                for i, lp in sorted(row.items(), key=lambda kv: kv[1].rank)[:k]
+                for i, lp in sorted(row.items(), key=lambda kv: kv[1].rank)[:top_k]
             ]
-            for row in completion.logprobs
+            for row in rows
         ]
-        return TokenLogprobs(pieces, chosen, top)
+        chosen = [row[i].logprob for i, row in zip(ids, rows)]
+        return TokenLogprobs([token_bytes(self.tokenizer, i) for i in ids], chosen, top if top_k else None)
 
     def generate(self, problems: list[dict], k: int, seed: int) -> list[list[Sample]]:
         # Greedy decoding gives k identical samples; ask for one (older vLLM refuses n > 1 there).

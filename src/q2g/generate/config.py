@@ -101,8 +101,8 @@ class GenerateConfig(Config):
     score_traces: str | None = option(
         None,
         results=None,
-        help="score the traces of FILE (a traces.jsonl) with the hf teacher into --out/teacher_logprobs.jsonl, "
-        "generating nothing",
+        help="score the traces of FILE (a traces.jsonl) with the teacher into --out/teacher_logprobs.jsonl, "
+        "generating nothing (hf: a forward pass; vllm: prompt log-probs; openai: /completions with echo)",
     )
     tensor_parallel_size: int = option(1, min=1, results=None, help="vllm: GPUs per model")
     precision: str = option("auto", choices=PRECISIONS, results=None, help="hf/vllm weights")

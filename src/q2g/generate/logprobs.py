@@ -7,8 +7,9 @@ and teacher-forced scoring of traces the teacher did not write (--score-traces F
 
 The side file's format, writer and loader are in q2g.data.teacher_logprobs. vllm and openai hand
 back the generated tokens with each sample; hf scores each kept trace by a forward pass
-(backends/hf_score.py). --score-traces works with the hf backend only: vLLM's prompt log-probs and
-an OpenAI server's `echo` are not wired up yet. It is resumable (traces already scored are skipped).
+(backends/hf_score.py). --score-traces asks the backend's `score`: hf a forward pass, vllm its
+prompt log-probs, openai an echoed /completions with logprobs. It is resumable (traces already
+scored are skipped).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def side_rows(backend, batch: list[dict], samples: list[list], records: list[dic
     """Side-file lines of the kept traces among `records` (one batch's new records)."""
     kept = [r for r in records if r["validated"]]
     by_problem = {p["id"]: (p, s) for p, s in zip(batch, samples)}
-    if hasattr(backend, "score"):  # hf: teacher-forced over the trace text as stored
+    if backend.name == "hf":  # teacher-forced over the trace text as stored; vllm / openai return them
         tokens = backend.score([(by_problem[r["problem_id"]][0], r["qwen_trace"]) for r in kept], top_k)
     else:
         tokens = [by_problem[r["problem_id"]][1][r["sample"]].logprobs for r in kept]
@@ -45,11 +46,8 @@ def report(path: Path, traces: list[dict]) -> None:
 
 def score_traces(args, load_backend) -> int:
     """--score-traces FILE: the teacher's log-probs of FILE's kept traces into --out/teacher_logprobs.jsonl."""
-    if args.backend != "hf":
-        raise BadInput(
-            f"--score-traces needs --backend hf (a forward pass over each trace); --backend {args.backend} "
-            "cannot score traces it did not write yet"
-        )
+    if args.backend == "reference":
+        raise BadInput("--score-traces needs a teacher model: --backend hf, vllm or openai, not reference")
     source = Path(args.score_traces)
     types = {"id": str, "problem": str, "qwen_trace": str}
     traces = [r for r in read_jsonl(source, required=types, types=types) if r.get("validated", True)]
@@ -60,7 +58,7 @@ def score_traces(args, load_backend) -> int:
         raise BadInput(f"--out {out} would overwrite the input {source}")
     done = {row.get("id") for row in read_jsonl_tolerant(path, repair=True) if isinstance(row, dict)}
     todo = [r for r in traces if r["id"] not in done]
-    backend = load_backend("hf", args) if todo else None
+    backend = load_backend(args.backend, args) if todo else None
     for i in range(0, len(todo), args.batch_size):
         batch = todo[i : i + args.batch_size]
         tokens = backend.score([(r, r["qwen_trace"]) for r in batch], args.teacher_logprobs)

@@ -43,6 +43,8 @@ def resolved_config(args, split_settings: dict) -> dict:
         prompt_sha=prompt_sha(),
         split=split_settings,
     )
+    if not config.get("teacher_logprobs"):  # off: absent, as in folders written before the option, which still resume
+        config.pop("teacher_logprobs", None)
     return json.loads(json.dumps(config))
 
 
