@@ -157,6 +157,18 @@ def test_hf_teacher_of_another_family_end_to_end(tiny_gemma_dir, tiny_qwen_dir, 
             assert len(s["teacher_spans"]) == len(s["teacher_logprobs"])
             n = len(s["teacher_chunk_logprobs"])
             assert sorted({c for c in s["chunk"] if c != NO_CHUNK}) == list(range(n))
+            assert len(s["student_logprobs"]) == len(s["ids"])
+    # each step's reverse KL is the chunk log-ratios of its stored samples, by hand
+    by_step = {r["step"]: r for r in rows(out / "onpolicy" / "steps.jsonl")}
+    for r in records:
+        ratio, tokens = 0.0, 0
+        for s in r["samples"]:
+            for c, t in enumerate(s["teacher_chunk_logprobs"]):
+                members = [lp for lp, k in zip(s["student_logprobs"], s["chunk"]) if k == c]
+                ratio += sum(members) - t
+                tokens += len(members)
+        assert by_step[r["step"]]["reverse_kl"] == pytest.approx(ratio / tokens, rel=1e-9)
+        assert by_step[r["step"]]["chunk_tokens"] == tokens
     assert (out / "onpolicy.png").exists() and "--distill on-policy" in (out / "report.md").read_text()
     assert (out / "final" / "adapter_model.safetensors").exists()
 

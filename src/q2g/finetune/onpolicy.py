@@ -11,9 +11,12 @@ byte-aligned chunks, and each chunk's log p_student(c) - log p_teacher(c) (a rev
 estimate) is the negative advantage of the student's tokens in it. The loss is the policy
 gradient
 
-    pg = -sum_t adv_t * log p_student(token_t) / (tokens in chunks),  adv detached,
+    pg = -sum_t adv_t * log p_student(token_t) / (tokens in chunks),
 
-through the label-only chunked projection (no [batch, seq, vocab] tensor), plus
+where the advantages come from the student's log-probs before the update (one no-grad forward in
+eval mode at sampling time, stored with the samples; so no dropout in them, and a replayed step
+has exactly the same ones), and the gradient flows through log p_student(token_t) of the training
+forward, through the label-only chunked projection (no [batch, seq, vocab] tensor), plus
 --distill-sft-weight W x the cross-entropy of the traces themselves, the cross-entropy of
 rehearsal examples (weight 1), and --kl-to-base BETA x KL(student || base) on the sampled tokens.
 With teacher = student every advantage is 0 and so is the update (with W = 0).
@@ -36,7 +39,7 @@ from q2g.finetune.loss import LabelOnlyLossTrainer
 from q2g.finetune.teacher_score import label_token_logprobs, load_teacher, pad_rows, same_vocab
 from q2g.io import append_jsonl
 from q2g.prompts import end_token_ids, student_prompt_ids
-from q2g.scoring import logit_transform, split_causal_lm
+from q2g.scoring import eval_mode, logit_transform, split_causal_lm
 
 STEPS_FILE = "steps.jsonl"
 
@@ -104,11 +107,11 @@ class OnPolicyTrainer(LabelOnlyLossTrainer):
             data.save_step(folder, step, micro, record)
         device = next(unwrapped.parameters()).device
         batch = {k: v.to(device) for k, v in self.pg_batch(record).items()}
-        chunk, teacher = chunk_tensors(record["samples"], device)
+        chunk, teacher, student = chunk_tensors(record["samples"], device)
         lp, hidden, seen = label_token_logprobs(
             model, unwrapped, batch, self.loss_chunk_size, self.drop_right_padding_mask
         )
-        adv, ratio = data.chunk_advantages(lp, chunk, teacher)
+        adv, ratio = data.chunk_advantages(student, chunk, teacher)  # the stored, sampling-time log-probs
         n = int((chunk != data.NO_CHUNK).sum())
         total = -(adv.to(lp.dtype) * lp).sum()
         if self.kl_to_base:  # the anchor on the student's own tokens
@@ -162,7 +165,22 @@ class OnPolicyTrainer(LabelOnlyLossTrainer):
                 }
             )
         self.score(samples)
+        self.sampling_logprobs(unwrapped, samples)
         return {"problem_ids": ids, "seed": seed, "teacher": o.distill_teacher, "samples": samples}
+
+    def sampling_logprobs(self, unwrapped, samples: list[dict]) -> None:
+        """Each sample's student log-probs before the update (eval mode: no dropout), stored with it:
+        the advantages are computed from these, so a replayed step has exactly the same ones."""
+        import torch
+
+        device = next(unwrapped.parameters()).device
+        batch = {k: v.to(device) for k, v in self.pg_batch({"samples": samples}).items()}
+        with torch.no_grad(), eval_mode(unwrapped):
+            lp, _, _ = label_token_logprobs(
+                unwrapped, unwrapped, batch, self.loss_chunk_size, self.drop_right_padding_mask
+            )
+        for s, part in zip(samples, torch.split(lp.float().cpu(), [len(s["ids"]) for s in samples])):
+            s["student_logprobs"] = part.tolist()
 
     def score(self, samples: list[dict]) -> None:
         """Add each sample's chunks and the teacher's chunk log-probs (and its raw scores)."""
@@ -190,17 +208,20 @@ class OnPolicyTrainer(LabelOnlyLossTrainer):
 
 
 def chunk_tensors(samples: list[dict], device):
-    """chunk [N] (every sampled token, the batch's chunks numbered across samples) and teacher [C]."""
+    """chunk [N] (every sampled token; the batch's chunks numbered across samples), teacher [C] and
+    the student's sampling-time log-probs [N]."""
     import torch
 
-    chunk, teacher, offset = [], [], 0
+    chunk, teacher, student, offset = [], [], [], 0
     for s in samples:
         chunk += [c + offset if c != data.NO_CHUNK else data.NO_CHUNK for c in s["chunk"]]
         teacher += s["teacher_chunk_logprobs"]
+        student += s["student_logprobs"]
         offset += len(s["teacher_chunk_logprobs"])
     return (
         torch.tensor(chunk, dtype=torch.long, device=device),
         torch.tensor(teacher, dtype=torch.float64, device=device),
+        torch.tensor(student, dtype=torch.float64, device=device),
     )
 
 
