@@ -24,6 +24,8 @@ Writes into --out (default checkpoints/):
     checkpoint-<step>/               Trainer state of the latest epoch (for --resume)
     rank-<r>/                        the same for a retrain under --on-forgetting reduce-rank
     final/                           the chosen adapter (selection.json says which and why)
+    onpolicy/                        --distill on-policy: each step's samples and scores (stored before
+                                     its update, replayed on --resume) and steps.jsonl; onpolicy.png
     report.md, pass_at_1.png, perplexity.png
 """
 
