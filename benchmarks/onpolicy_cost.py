@@ -194,7 +194,7 @@ def report(args, best: dict, tok, teacher, batch) -> None:
         f"{args.batch} problems; SFT on {sft_tokens} trace tokens; on-policy {args.samples} samples x "
         f"<= {args.max_tokens} tokens each; best of {args.reps}\n"
     )
-    print("| step | seconds | x SFT | of which: sampling | teacher scoring | rest: student log-probs, align, PG forward+backward |")
+    print("| step | seconds | x SFT | of which: sampling | teacher scoring | rest: student lp, align, PG fwd+bwd |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| SFT (label-only CE) | {best['sft']:.2f} | 1.0 | | | |")
     print(
