@@ -177,7 +177,7 @@ class CharServer:
     """An OpenAI-compatible completions server that tokenizes by character and gives each token
     log-prob -0.1 x its UTF-8 bytes, echoing the prompt (as vLLM does with echo + logprobs)."""
 
-    def __init__(self):
+    def __init__(self, logprobs: bool = True):
         self.requests = []
         server = self
 
@@ -190,6 +190,7 @@ class CharServer:
                 lps = [None] + [-0.1 * len(c.encode()) for c in tokens[1:]]
                 offsets = list(range(len(tokens)))
                 logprobs = {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets, "top_logprobs": None}
+                logprobs = logprobs if server.logprobs else None
                 choice = {"index": 0, "text": prompt + "!", "logprobs": logprobs, "finish_reason": "length"}
                 data = json.dumps(
                     {"id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]}
@@ -203,9 +204,35 @@ class CharServer:
             def log_message(self, *args):
                 pass
 
+        self.logprobs = logprobs
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def test_a_server_without_prompt_logprobs_is_said_so():
+    from q2g.errors import RunFailed
+    from q2g.finetune.teacher_score import OpenAITeacher
+
+    server = CharServer(logprobs=False)
+    try:
+        teacher = OpenAITeacher("qwen-teacher", server.url)
+        assert teacher.score(["Q: 1+1?\n"], [""]) == [([], [])]  # an empty sample costs no request
+        with pytest.raises(RunFailed, match="returned no prompt log-probs"):
+            teacher.score(["Q: 1+1?\n"], ["2"])
+    finally:
+        server.httpd.shutdown()
+    assert len(server.requests) == 1 and server.requests[0]["prompt"] == "Q: 1+1?\n2"
+
+
+def test_stored_samples_of_other_problems_are_refused(tmp_path):
+    from q2g.errors import DataError
+
+    onpolicy_data.save_step(tmp_path, 3, 1, {"problem_ids": ["a", "b"], "samples": []})
+    assert onpolicy_data.load_step(tmp_path, 3, 1, ["a", "b"])["step"] == 3
+    assert onpolicy_data.load_step(tmp_path, 3, 0, ["a", "b"]) is None  # never stored: sample
+    with pytest.raises(DataError, match="stored for problems"):
+        onpolicy_data.load_step(tmp_path, 3, 1, ["a", "c"])
 
 
 def test_openai_compatible_teacher_end_to_end(tiny_gemma_dir, dataset, tmp_path):
