@@ -177,6 +177,12 @@ class CharServer:
     """An OpenAI-compatible completions server that tokenizes by character and gives each token
     log-prob -0.1 x its UTF-8 bytes, echoing the prompt (as vLLM does with echo + logprobs)."""
 
+    def reply(self, prompt: str) -> dict:
+        """One token per character, each -0.1 x its bytes, and a generated "!" at the end."""
+        tokens = [*prompt, "!"]
+        lps = [None] + [-0.1 * len(c.encode()) for c in tokens[1:]]
+        return {"tokens": tokens, "token_logprobs": lps, "text_offset": list(range(len(tokens))), "top_logprobs": None}
+
     def __init__(self, logprobs: bool = True):
         self.requests = []
         server = self
@@ -186,10 +192,7 @@ class CharServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
                 prompt = body["prompt"]
-                tokens = [*prompt, "!"]
-                lps = [None] + [-0.1 * len(c.encode()) for c in tokens[1:]]
-                offsets = list(range(len(tokens)))
-                logprobs = {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets, "top_logprobs": None}
+                logprobs = server.reply(prompt)
                 logprobs = logprobs if server.logprobs else None
                 choice = {"index": 0, "text": prompt + "!", "logprobs": logprobs, "finish_reason": "length"}
                 data = json.dumps(
@@ -446,3 +449,53 @@ def test_kl_anchor_and_rehearsal_with_onpolicy(tiny_gemma_dir, tiny_qwen_dir, da
     assert len(steps) == -(-n_examples // 2)  # one row per micro-batch (batch 2, grad-accum 1)
     # rehearsal examples carry their cross-entropy (weight 1) beside the policy gradient
     assert any("sft_loss" in r for r in steps)
+
+
+class ModelServer(CharServer):
+    """An OpenAI-compatible completions server that scores the echoed prompt with a real causal LM
+    (its tokenizer's offsets and its log-softmax), as vLLM does with echo + logprobs."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        super().__init__()
+
+    def reply(self, prompt: str) -> dict:
+        enc = self.tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(self.model(ids).logits[0].float(), -1)
+        token_lps = [None] + [lp[i - 1, t].item() for i, t in enumerate(enc["input_ids"]) if i > 0]
+        tokens = self.tok.convert_ids_to_tokens(enc["input_ids"])
+        return {"tokens": tokens, "token_logprobs": token_lps, "text_offset": [s for s, _ in enc["offset_mapping"]]}
+
+
+def test_server_prompt_logprobs_equal_the_in_process_teacher(tiny_qwen_dir, monkeypatch):
+    """The same model behind a server (echo + logprobs) and in process: the same spans and log-probs."""
+    from q2g.finetune.teacher_score import HFTeacher, OpenAITeacher
+
+    server = ModelServer(tiny_qwen_dir)
+    context, texts = "Problem:\nWhat is 12 + 30?\nSolution:\n", ["So 12 + 30 = 42.", "Answer: 42 apples, é ü"]
+    try:
+        remote = OpenAITeacher("tiny-qwen", server.url).score([context] * 2, texts)
+    finally:
+        server.httpd.shutdown()
+    local = HFTeacher(str(tiny_qwen_dir), "cpu", torch.float32)
+    ctx_ids = local.tokenizer(context, add_special_tokens=False)["input_ids"]
+    for text, (spans_r, lps_r), (spans_l, lps_l) in zip(texts, remote, local.score([ctx_ids] * 2, texts)):
+        # a character split over two byte tokens has one offset on the server: its two log-probs come
+        # as one token there; at every byte where both sides end a token, the prefix sums agree
+        ends_r, ends_l = prefix_sums(spans_r, lps_r), prefix_sums(spans_l, lps_l)
+        assert set(ends_r) <= set(ends_l) and len(ends_l) - len(ends_r) == (2 if "é" in text else 0)
+        for end, total in ends_r.items():
+            assert total == pytest.approx(ends_l[end], abs=1e-5)
+
+
+def prefix_sums(spans, lps) -> dict:
+    out, total = {}, 0.0
+    for (_, end), lp in zip(spans, lps):
+        total += lp
+        out[end] = total
+    return out
