@@ -53,7 +53,7 @@ from q2g.finetune.kl_anchor import check_init
 from q2g.models import PRECISIONS
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
-DISTILL_MODES = ("none", "chunk-likelihood")  # on-policy modes come with issue 29
+DISTILL_MODES = ("none", "chunk-likelihood", "on-policy")  # on-policy: q2g.finetune.onpolicy
 
 
 @dataclass
@@ -160,6 +160,25 @@ class FinetuneConfig(Config):
     distill_weight: float = option(
         1.0, min=0, results="training", help="--distill: weight W of the distillation term beside the CE (0: off)"
     )
+    distill_teacher: str | None = option(
+        None, results="training", help="--distill on-policy: teacher (HF id or folder; its name on --distill-base-url)"
+    )
+    distill_base_url: str | None = option(
+        None, results="training", help="--distill on-policy: OpenAI-compatible server with prompt log-probs (vLLM)"
+    )
+    distill_samples: int = option(4, min=1, max=64, results="training", help="on-policy: samples per problem")
+    distill_temperature: float = option(1.0, gt=0, max=2.0, results="training", help="on-policy: sampling temperature")
+    distill_max_tokens: int = option(256, min=1, max=8192, results="training", help="on-policy: tokens per sample")
+    distill_sft_weight: float = option(0.0, min=0, results="training", help="on-policy: weight W of the traces' CE")
+    distill_teacher_prompt: str = option(
+        "teacher",
+        choices=("teacher", "student"),
+        results="training",
+        help="on-policy: whose prompt format the teacher sees",
+    )
+    init_adapter: str | None = option(
+        None, results="training", help="start from this LoRA adapter folder (e.g. an SFT run's final/); same rank"
+    )
     rehearsal_fraction: float = option(
         0.0, min=0, max=0.9, results="training", help="share of training examples that are the base model's own text"
     )
@@ -195,7 +214,14 @@ class FinetuneConfig(Config):
     )
 
     def check(self) -> list[str]:
-        return option_errors(self)  # the LoRA variant, KL and probe combinations (option_errors, below)
+        problems = option_errors(self)  # the LoRA variant, KL and probe combinations (option_errors, below)
+        if self.distill == "on-policy" and not self.distill_teacher:
+            problems.append("--distill on-policy needs --distill-teacher (an HF model or a --distill-base-url name)")
+        return problems + (
+            ["--distill-base-url is for --distill on-policy"]
+            if self.distill_base_url and self.distill != "on-policy"
+            else []
+        )
 
 
 def decided(help: str, resolves: str | None = None, factory=None):

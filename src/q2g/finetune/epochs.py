@@ -126,6 +126,9 @@ def train_half(run, state, model, lora_r: int, alpha: float, run_dir: Path, sinc
     name = f"epoch-{epoch}"
     losses = [h["loss"] for h in state.log_history if "loss" in h and h["step"] > step0]
     tokens = state.num_input_tokens_seen - tokens0
+    rkl = [
+        h["reverse_kl"] for h in state.log_history if "reverse_kl" in h and h["step"] > step0
+    ]  # --distill on-policy
     row = {
         "epoch": epoch,
         "step": state.global_step,
@@ -136,6 +139,7 @@ def train_half(run, state, model, lora_r: int, alpha: float, run_dir: Path, sinc
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / max(train_s, 1e-9),
         "train_s": train_s,
+        **({"train_reverse_kl": sum(rkl) / len(rkl)} if rkl else {}),
     }
     adapter_config = {**run.settings.to_dict(), "lora_r": lora_r, "lora_alpha": alpha, "epoch": epoch}
     save_adapter(model, run.tokenizer, run_dir / name, {**adapter_config, "step": state.global_step}, row)

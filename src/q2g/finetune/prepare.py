@@ -30,16 +30,20 @@ import json
 import os
 from pathlib import Path
 
-from q2g import cpu_info, memory, models
+from q2g import cpu_info, distributed, memory, models
 from q2g.batching import padding_report
 from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
 from q2g.examples import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
+from q2g.finetune import kl_anchor
 from q2g.finetune.baseline import read_baseline
 from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
 from q2g.finetune.distill_data import add_distill, report_text
+from q2g.finetune.init_adapter import check_init_adapter
 from q2g.finetune.loss import planned_loss_path
+from q2g.finetune.onpolicy import prepare_info as onpolicy_info
+from q2g.finetune.onpolicy_data import tag_problems
 from q2g.finetune.train import training_arguments
 from q2g.io import atomic_write_json, atomic_write_text, cache_dir, settings_diff
 from q2g.optional import require
@@ -91,6 +95,8 @@ def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> tuple[str, model
     precision = models.resolve_precision(cfg.precision, device)
     training_arguments(cfg, Path(cfg.out), None, "adamw_torch", 1, device)  # a bad trainer: field, now
     models.check_target_modules(cfg.base_model, cfg.target_modules)
+    kl_anchor.check_processes(cfg.distill != "none", distributed.num_processes(), "--distill")  # before any eval
+    check_init_adapter(cfg.init_adapter, cfg.lora_r, cfg.target_modules)
     return device, precision
 
 
@@ -106,9 +112,12 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     if not examples:
         raise BadInput(f"no trace fits --max-seq-len {cfg.max_seq_len} (all {len(rows)} prompts are longer)")
     distill_info = None
-    if cfg.distill != "none":  # before the rehearsal examples: add_distill follows build_dataset's order
+    if cfg.distill == "chunk-likelihood":  # before the rehearsal examples: add_distill follows build_dataset's order
         examples, distill_info = add_distill(tokenizer, rows, examples, cfg.max_seq_len, traces_path)
         print(f"[finetune] --distill {cfg.distill}: {report_text(distill_info)}", flush=True)
+    elif cfg.distill == "on-policy":  # the problems the student samples from; the tokenizer report
+        examples = tag_problems(tokenizer, rows, examples, cfg.max_seq_len)
+        distill_info = onpolicy_info(cfg, tokenizer, rows)
     print(
         f"[finetune] {traces_path}: {len(all_rows)} traces, {len(rows)} validated, {stats['n_train_examples']} "
         f"examples ({stats['n_train_tokens']} tokens; {stats['n_truncated']} cut at {cfg.max_seq_len}, "

@@ -24,6 +24,8 @@ Writes into --out (default checkpoints/):
     checkpoint-<step>/               Trainer state of the latest epoch (for --resume)
     rank-<r>/                        the same for a retrain under --on-forgetting reduce-rank
     final/                           the chosen adapter (selection.json says which and why)
+    onpolicy/                        --distill on-policy: each step's samples and scores (stored before
+                                     its update, replayed on --resume) and steps.jsonl; onpolicy.png
     report.md, pass_at_1.png, perplexity.png
 """
 
@@ -38,6 +40,7 @@ from q2g.config import load_config
 from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.core import select_eval_subset
+from q2g.finetune import onpolicy
 from q2g.finetune.baseline import baseline
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.distill_data import report_line
@@ -89,6 +92,16 @@ def holdout_kind(split_file: str) -> str:
     )
 
 
+def distill_line(c: dict, run) -> str | None:
+    """The report's --distill line (on-policy: also draws onpolicy.png from the steps' rows)."""
+    if not c.get("distill_info"):
+        return None
+    if c["distill"] == "on-policy":
+        onpolicy.plot_steps(run.out, run.out)
+        return f"--distill on-policy W_sft={c['distill_sft_weight']:g}: " + onpolicy.report_line(c["distill_info"])
+    return f"--distill {c['distill']} W={c['distill_weight']:g}: " + report_line(c["distill_info"])
+
+
 def write_report(run, selection: dict, wall_s: float) -> Path:
     c = run.settings.to_dict()
     info = {
@@ -102,8 +115,7 @@ def write_report(run, selection: dict, wall_s: float) -> Path:
         "epochs": c["epochs"],
         "lora_r": c["lora_r"],
         "loss_path": c["loss_path"],
-        "distill": c.get("distill_info")
-        and f"--distill {c['distill']} W={c['distill_weight']:g}: " + report_line(c["distill_info"]),
+        "distill": distill_line(c, run),
         "attention": c["attention"],
         "gradient_checkpointing": c["gradient_checkpointing_why"],
         "memory_plan": (c["memory_plan"] or {}).get("message"),

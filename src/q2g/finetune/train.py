@@ -34,6 +34,7 @@ from q2g.finetune.baseline import load_base
 from q2g.finetune.config import keep_initial, lora_kwargs
 from q2g.finetune.distill_data import DistillCollator
 from q2g.finetune.epochs import last_adapter, make_callback, probe_callbacks
+from q2g.finetune.init_adapter import load_init_adapter
 from q2g.finetune.loss import LabelOnlyLossTrainer
 from q2g.guards import NonFiniteGuard
 from q2g.io import atomic_write_json
@@ -181,6 +182,10 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         )
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
+    if cfg.distill == "on-policy":  # the student samples, the teacher scores (q2g.finetune.onpolicy)
+        from q2g.finetune import onpolicy
+
+        return onpolicy.make_trainer(run, kw, guard)
     # "auto", not "liger": a Liger that fails at its first call (a Triton that cannot compile) then
     # falls back to the chunked loss with a warning (finetune.loss) instead of ending the run
     fused = "auto" if path == "liger" else "never"
@@ -195,9 +200,13 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
 
 
 def collator(run):
-    """examples.Collator, with the chunks of --distill when it is on (q2g.finetune.distill_data)."""
-    base = Collator(run.tokenizer.pad_token_id)
-    return DistillCollator(base) if run.settings.asked.distill != "none" else base
+    """examples.Collator, with the chunks of --distill chunk-likelihood or the problems of on-policy."""
+    base, mode = Collator(run.tokenizer.pad_token_id), run.settings.asked.distill
+    if mode == "on-policy":
+        from q2g.finetune.onpolicy_data import OnPolicyCollator
+
+        return OnPolicyCollator(base)
+    return DistillCollator(base) if mode == "chunk-likelihood" else base
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -232,6 +241,8 @@ def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict
         peft_model = build_lora_model(
             base, cfg.replace(lora_r=lora_r, lora_alpha=lora_alpha), s.gradient_checkpointing_used
         )
+        if cfg.init_adapter:  # e.g. an SFT run's final/, before on-policy distillation
+            load_init_adapter(peft_model, cfg.init_adapter)
         n_batches = math.ceil(len(run.examples) / cfg.batch_size)
         steps = math.ceil(n_batches / cfg.grad_accum)
         targs = training_arguments(cfg, run_dir, run.precision.autocast, s.optim_used, steps, s.device)
