@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from q2g import forgetting
-from q2g.config import Config, option
+from q2g.config import SEED_MAX, Config, option
 from q2g.finetune.lora_variants import option_errors
 from q2g.models import PRECISIONS
 
@@ -71,7 +71,7 @@ class FinetuneConfig(Config):
     device: str = option("auto", results=None, help="auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, results=None, help="recompute activations: less memory, ~20% slower")
     resume: bool = option(False, results=None, help="continue the run in --out from its last checkpoint")
-    seed: int = option(0, results="training", help="LoRA init and data order")
+    seed: int = option(0, min=0, max=SEED_MAX, results="training", help="LoRA init and data order")
     data_dir: str | None = option(
         None,
         results="baseline",
@@ -147,4 +147,5 @@ class FinetuneConfig(Config):
     )
 
     def check(self) -> list[str]:
-        return option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)
+        steps = ["--max-steps: must be >= 1, or -1 for no limit, got 0"] if self.max_steps == 0 else []
+        return steps + option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)

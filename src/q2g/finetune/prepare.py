@@ -11,7 +11,6 @@ and (fit_memory) gradient checkpointing from q2g.memory's plan.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from q2g import memory, models
@@ -27,6 +26,7 @@ from q2g.finetune.sft_data import build_dataset, locate_traces, read_traces, ref
 from q2g.finetune.trainer import training_arguments
 from q2g.io import settings_diff
 from q2g.loss import planned_loss_path
+from q2g.out_guard import check_inputs, check_output
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
@@ -39,31 +39,32 @@ def check_trackers(report_to: list[str]) -> None:
         raise ConfigError(f"--report-to {' '.join(missing)}: not installed here: pip install {pkgs}")
 
 
-def check_path(name: str | None, flag: str, folder_to_make: bool = False) -> None:
-    """Refuse a path the file system cannot hold: a name longer than it allows, or (for a folder
-    q2g will create) a parent that is a file; said as bad input, not as an OSError later."""
-    if not name:
-        return
-    path = Path(name).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
-    try:
-        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
-    if long is not None:
-        raise BadInput(
-            f"{flag} {name}: the name {long[:40]}... is longer than this file system allows ({limit} bytes)"
-        )
-    if folder_to_make and existing != path and not existing.is_dir():
-        raise BadInput(f"{flag} {name}: {existing} is a file, so no folder can be made inside it")
+def check_out(cfg: FinetuneConfig) -> Path:
+    """--out through the output guard: never the base model, the traces, the split, the data folder,
+    the baseline cache or --baseline-from, nor inside or holding any of them."""
+    from q2g.finetune import baseline_cache
+
+    inputs = {
+        "--base-model": cfg.base_model,
+        "--traces": cfg.traces,
+        "--split": cfg.split,
+        "--data-dir": cfg.data_dir,
+        "--baseline-from": cfg.baseline_from,
+        "baseline cache": baseline_cache.folder() if baseline_cache.enabled() and not cfg.no_baseline_cache else None,
+    }
+    return check_output(cfg.out, "--out", inputs=inputs)
+
+
+def check_eval_backend(eval_cfg: EvalConfig) -> None:
+    if eval_cfg.eval_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'")
 
 
 def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> None:
     """What can be refused from the settings alone (no traces read, nothing written)."""
-    check_path(cfg.out, "--out", folder_to_make=True)
-    for name, flag in ((cfg.traces, "--traces"), (cfg.split, "--split"), (cfg.baseline_from, "--baseline-from")):
-        check_path(name, flag)
+    check_out(cfg)
+    check_inputs({"--traces": cfg.traces, "--split": cfg.split, "--baseline-from": cfg.baseline_from})
+    check_eval_backend(eval_cfg)
     models.check_model_name(cfg.base_model)
     check_trackers(cfg.report_to)
     device = models.pick_device(cfg.device)
@@ -107,7 +108,8 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
         versions=versions(),
     )
     out = Path(cfg.out)
-    check_out_dir(cfg, out, settings)
+    settings.traces_sha256 = traces_sha256(rows)
+    check_resume(cfg, out, settings)
     fit_memory(settings, [len(e["input_ids"]) for e in examples])
     if cfg.baseline_from:
         read_baseline(Path(cfg.baseline_from))
@@ -127,6 +129,9 @@ def fit_memory(settings: Settings, lengths: list[int]) -> None:
     cfg = settings.asked
     model_config = AutoConfig.from_pretrained(models.resolve_model_path(cfg.base_model), trust_remote_code=False)
     text_config = model_config.get_text_config()
+    hidden = getattr(text_config, "hidden_size", None)
+    if isinstance(hidden, int) and cfg.lora_r > hidden:
+        raise ConfigError(f"--lora-r: must be <= the model's hidden size ({hidden}), got {cfg.lora_r}")
     settings.loss_path = planned_loss_path(settings.device, text_config)[
         "loss_path"
     ]  # q2g.loss decides; any count of processes
@@ -170,9 +175,17 @@ def fit_memory(settings: Settings, lengths: list[int]) -> None:
         print(f"[finetune] WARNING: the estimate says this will not fit: {p.message}", flush=True)
 
 
-def check_out_dir(cfg: FinetuneConfig, out: Path, settings: Settings) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file, not a folder")
+def traces_sha256(rows: list[dict]) -> str:
+    """What a resume compares: the validated traces' content (not their count)."""
+    import hashlib
+    import json
+
+    text = json.dumps([[r.get("id"), r["problem"], r["qwen_trace"]] for r in rows], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_resume(cfg: FinetuneConfig, out: Path, settings: Settings) -> None:
+    """A folder holding a run is continued only with --resume and the same settings and traces."""
     if not (out / "metrics.jsonl").exists():
         return
     if not cfg.resume:
