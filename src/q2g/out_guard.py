@@ -128,21 +128,25 @@ def overlap(out: Path, given: Path) -> str | None:
     return None
 
 
-def check_output(out, flag: str = "--out", *, inputs: dict | None = None, folder: bool = True) -> Path:
-    """The output path `out` (expanded), refused when it cannot be right (see the module docstring).
-    `inputs` maps each input's flag to its path (None, or a name that is not on disk, is skipped)."""
-    path = Path(expand(out, flag))
-    check_name_lengths(path, flag)
-    check_loop(path, flag)
-    _check_shape(path, flag, folder)
-    for label, given in (inputs or {}).items():
+def input_path(given) -> Path:
+    """Where an input named on the command line lies on disk (`pypi:` models and `packaged` data included)."""
+    if str(given).startswith("pypi:"):  # a model converted into the cache (models.DEMO_MODEL)
+        from q2g.io import cache_dir
+
+        return cache_dir()
+    if str(given) == "packaged":  # --data-dir packaged: the subsets shipped inside q2g
+        from q2g.data.loaders import packaged_data_dir
+
+        return packaged_data_dir()
+    return Path(os.path.expanduser(os.path.expandvars(os.fspath(given))))
+
+
+def check_apart(path: Path, flag: str, inputs: dict) -> None:
+    """Refuse `path` when it is, lies inside or holds one of `inputs` (label -> path or None)."""
+    for label, given in inputs.items():
         if given is None or not str(given).strip():
             continue
-        source = Path(os.path.expanduser(os.path.expandvars(os.fspath(given))))
-        if str(given).startswith("pypi:"):  # a model converted into the cache (models.DEMO_MODEL)
-            from q2g.io import cache_dir
-
-            source = cache_dir()
+        source = input_path(given)
         if not os.path.lexists(source):
             continue  # a hub id, or an input that is not there (its own check says so)
         how = overlap(path, source)
@@ -150,6 +154,18 @@ def check_output(out, flag: str = "--out", *, inputs: dict | None = None, folder
             raise BadInput(
                 f"{flag} {path} {how} the {label} {source}: q2g never writes onto what it reads; choose another {flag}"
             )
+
+
+def check_output(out, flag: str = "--out", *, inputs: dict | None = None, folder: bool = True) -> Path:
+    """The output path `out` (expanded), refused when it cannot be right (see the module docstring).
+    `inputs` maps each input's flag to its path (None, or a name that is not on disk, is skipped)."""
+    path = Path(expand(out, flag))
+    check_name_lengths(path, flag)
+    check_loop(path, flag)
+    check_apart(path, flag, inputs or {})
+    _check_shape(path, flag, folder)
+    if folder:
+        refuse_if_held(path, flag)
     return path
 
 
@@ -159,6 +175,28 @@ def _holder(fd: int) -> str:
         return f"pid {text[0]} on host {text[1]}" if len(text) >= 2 else "another process"
     except OSError:
         return "another process"
+
+
+def refuse_if_held(folder: Path, flag: str = "--out", name: str = LOCK_NAME) -> None:
+    """Refuse at once (before a run spends time on its checks) a folder whose lock another run holds."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / name, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody has held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BadInput(in_use(folder, flag, fd)) from None
+    except OSError:
+        return  # a file system without flock: hold_lock says so when it matters
+    finally:
+        os.close(fd)  # (and with it the probe's own lock)
+
+
+def in_use(folder: Path, flag: str, fd: int) -> str:
+    return f"{flag} {folder} is in use by another q2g run ({_holder(fd)}); wait for it to end or choose another {flag}"
 
 
 @contextmanager
@@ -179,10 +217,7 @@ def hold_lock(folder, flag: str = "--out", name: str = LOCK_NAME):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInput(
-                f"{flag} {folder} is in use by another q2g run ({_holder(fd)}); wait for it to end or choose "
-                f"another {flag}"
-            ) from None
+            raise BadInput(in_use(folder, flag, fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
         yield folder

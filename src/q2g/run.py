@@ -55,7 +55,7 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
     return argv + ["--traces", str(out / "dataset"), "--out", str(out / "checkpoints")]
 
 
-def run_pipeline(config: Path, out: Path | None = None) -> int:
+def run_pipeline(config: Path, out: str | Path | None = None) -> int:
     """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
     the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
     data = load_yaml(config)
@@ -84,8 +84,9 @@ def run_out(config: Path, data: dict, out) -> Path:
     """The run's folder: --out, else the file's `out:`, else runs/<config name>; `~`, $VARS expanded."""
     if not isinstance(data.get("out", ""), str):
         raise ConfigError(f"{config}: out: must be a folder name, got {shown(data['out'])}")
-    label = "--out" if out else f"{config}: out"
-    return Path(expand(str(out or data.get("out") or "runs/" + config.stem), label))
+    if out is not None:
+        return Path(expand(str(out), "--out"))
+    return Path(expand(data.get("out") or "runs/" + config.stem, f"{config}: out"))
 
 
 def run_stages(config: Path, out: Path, ckpt: Path, gen_argv: list, ft_argv: list) -> int:
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="a run YAML (path, or the name of a shipped config)")
     parser.add_argument("--out", help="output folder (default: the config's `out:`)")
     args = parser.parse_args(argv)
-    return run_pipeline(resolve_config(args.config), args.out and Path(args.out))
+    return run_pipeline(resolve_config(args.config), args.out)  # --out "" is refused, not ignored
 
 
 def demo_main(argv=None) -> int:

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     try:
         result = run_sweep(
             run.resolve_config(args.config),
-            args.out and Path(args.out),
+            args.out,  # --out "" is refused (run.run_out), not ignored
             n_trials=args.n_trials,
             storage=args.storage,
             study_name=args.study_name,

@@ -90,7 +90,7 @@ class Sweep:
         return self.out / ".sweep.lock"
 
 
-def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
+def load_sweep(config: Path, out: str | Path | None = None, **overrides) -> Sweep:
     """Read and check the whole file (stages and sweep) before anything runs or is written."""
     data = load_yaml(config)
     unknown = set(data) - {"out", *run.STAGES, "sweep"}
