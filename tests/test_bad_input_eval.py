@@ -34,6 +34,16 @@ def holdout_without_solutions() -> dict:
     return {"ds/split.json": json.dumps(split), "ds/holdout.jsonl": json.dumps(rec) + "\n"}
 
 
+def torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def adapter_files(folder: str, config: dict | str | None = None, weights: bytes | None = b"@") -> dict:
     """An adapter folder: the fixture's adapter_config.json (or `config`) and weights (b"@": the fixture's)."""
     files = {f"{folder}/adapter_config.json": "@@adapter_config.json" if config is None else config}
@@ -244,6 +254,23 @@ CASES = [
         ["--out", "$TMP/f.txt/merged"],
         "--out $TMP/f.txt/merged: $TMP/f.txt is a file, not a folder",
         files={"f.txt": "keep me\n"},
+    ),  # ------------------------------------------------------------ foreign .bin adapters (issue 26)
+    C(
+        "ev-adapter-bin-not-torch",
+        "evaluate",
+        ["--adapter", "$TMP/a"],
+        "$TMP/a/adapter_model.bin: not a readable PyTorch state dict",
+        files={
+            "a/adapter_config.json": "@@adapter_config.json",
+            "a/adapter_model.bin": b"PK\x03\x04 not a torch file",
+        },
+    ),
+    C(
+        "mg-adapter-bin-not-tensors",
+        "merge",
+        ["--adapter", "$TMP/a", "--base-model", "$MODEL"],
+        "$TMP/a/adapter_model.bin: not a state dict of named tensors",
+        files={"a/adapter_config.json": "@@adapter_config.json", "a/adapter_model.bin": torch_bytes({"x": [1, 2]})},
     ),
 ]
 

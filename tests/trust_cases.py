@@ -171,6 +171,13 @@ ROWS = [
         "holdout.jsonl:2: duplicate record (id 'h1'",
         files={"ds/split.json": "@split.json", "ds/holdout.jsonl": jl(HOLDOUT, HOLDOUT)},
     ),
+    C(
+        "t-baseline-from-other-settings",
+        "finetune",
+        ["--baseline-from", "$TMP/b.json"],
+        ("--baseline-from $TMP/b.json was made with other settings (base_model",),
+        files={"b.json": '{"settings": {"base_model": "other/model"}, "row": {"epoch": 0}}'},
+    ),
     # ------------------------------------------------------------ left over: URLs, optional parts
     C(
         "t-gen-base-url-no-scheme",

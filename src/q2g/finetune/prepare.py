@@ -18,7 +18,7 @@ from q2g.batching import padding_report
 from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
-from q2g.finetune.baseline import read_baseline
+from q2g.finetune.baseline import read_baseline, refuse_other_baseline
 from q2g.finetune.config import FinetuneConfig
 from q2g.finetune.rehearsal import add_rehearsal
 from q2g.finetune.settings import Run, Settings, run_keys
@@ -111,8 +111,8 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
     settings.traces_sha256 = traces_sha256(rows)
     check_resume(cfg, out, settings)
     fit_memory(settings, [len(e["input_ids"]) for e in examples])
-    if cfg.baseline_from:
-        read_baseline(Path(cfg.baseline_from))
+    if cfg.baseline_from:  # compared now: refused before config.json is written, not after
+        refuse_other_baseline(Path(cfg.baseline_from), read_baseline(Path(cfg.baseline_from))[0], settings)
     run = Run(settings=settings, out=out, tokenizer=tokenizer, examples=examples, precision=precision)
     if not cfg.no_eval:
         run.records = splits.load_holdout(split_path)  # evaluate_model draws its fixed subsets from it
