@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import warnings
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from q2g.errors import BadInput, DataError, Q2GError, RunFailed
 
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 PROBE_BYTES = 1 << 20  # a write this size must succeed for the folder to count as writable
 # A path the user must change, not a disk that filled up: bad input (exit 2), not a failed run.
@@ -244,6 +246,18 @@ def settings_diff(path, config: dict, keys) -> list[str]:
     ]
 
 
+def expand(value, label: str) -> str:
+    """`value` with `~` and `$VAR` / `${VAR}` expanded; refused when empty or naming an unset variable."""
+    text = os.fspath(value)
+    if not text.strip():
+        raise BadInput(f"{label}: an empty path (name a file or folder)")
+    for match in _VAR.finditer(text):
+        name = match[1].strip("{}")
+        if not os.environ.get(name):
+            raise BadInput(f"{label} {text[:200]}: ${name} is not set (or empty)")
+    return os.path.expanduser(os.path.expandvars(text))
+
+
 CACHE_ENV = "Q2G_CACHE"
 
 
@@ -251,7 +265,5 @@ def cache_dir() -> Path:
     """Where q2g keeps what it can rebuild (the converted demo model, baseline rows): $Q2G_CACHE or
     ~/.cache/q2g. An empty $Q2G_CACHE counts as unset (as XDG does for $XDG_CACHE_HOME), never as
     the current folder; `~` and $VARS in it are expanded like any other path (out_guard.expand)."""
-    from q2g.out_guard import expand
-
     value = os.environ.get(CACHE_ENV, "").strip()
     return Path(expand(value, "$" + CACHE_ENV)) if value else Path.home() / ".cache" / "q2g"

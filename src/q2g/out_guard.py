@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import stat
 import time
@@ -34,22 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from q2g.errors import BadInput
+from q2g.io import cache_dir, expand, path_error, write_failed
+
+__all__ = ["check_output", "check_inputs", "expand", "hold_lock", "lock_beside", "refuse_if_held"]
+PACKAGED_DATA = Path(__file__).resolve().parent / "assets" / "data"
 
 LOCK_NAME = ".q2g.lock"
 DEFAULT_NAME_MAX, DEFAULT_PATH_MAX = 255, 4096
-_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
-
-
-def expand(value, label: str) -> str:
-    """`value` with `~` and `$VAR` / `${VAR}` expanded; refused when empty or naming an unset variable."""
-    text = os.fspath(value)
-    if not text.strip():
-        raise BadInput(f"{label}: an empty path (name a file or folder)")
-    for match in _VAR.finditer(text):
-        name = match[1].strip("{}")
-        if not os.environ.get(name):
-            raise BadInput(f"{label} {text[:200]}: ${name} is not set (or empty)")
-    return os.path.expanduser(os.path.expandvars(text))
 
 
 def check_loop(path: Path, label: str) -> None:
@@ -131,13 +121,9 @@ def overlap(out: Path, given: Path) -> str | None:
 def input_path(given) -> Path:
     """Where an input named on the command line lies on disk (`pypi:` models and `packaged` data included)."""
     if str(given).startswith("pypi:"):  # a model converted into the cache (models.DEMO_MODEL)
-        from q2g.io import cache_dir
-
         return cache_dir()
     if str(given) == "packaged":  # --data-dir packaged: the subsets shipped inside q2g
-        from q2g.data.loaders import packaged_data_dir
-
-        return packaged_data_dir()
+        return PACKAGED_DATA  # (= data.loaders.packaged_data_dir(); the guard sits below data/)
     return Path(os.path.expanduser(os.path.expandvars(os.fspath(given))))
 
 
@@ -204,8 +190,6 @@ def hold_lock(folder, flag: str = "--out", name: str = LOCK_NAME):
     """Make `folder` and hold an exclusive advisory lock on `folder/name` until the block ends;
     refused at once (BadInput naming the holder's pid and host) when another run holds it."""
     import fcntl
-
-    from q2g.io import path_error, write_failed
 
     folder = Path(folder)
     try:

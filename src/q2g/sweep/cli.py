@@ -45,7 +45,7 @@ from q2g.io import atomic_write_json, write_failed
 from q2g.sweep.pareto import write_outputs
 from q2g.sweep.settings import load_sweep, resolved
 from q2g.sweep.storage import check_storage, describe, is_url, open_storage
-from q2g.sweep.study import load_optuna, next_trial, open_study, others_running
+from q2g.sweep.study import load_optuna, next_trial, open_study, others_running, refuse_changed_settings
 from q2g.sweep.trials import ensure_baseline, evaluate_baseline, run_trial
 from q2g.sweep.workers import kill_point, locked
 
@@ -65,6 +65,7 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     optuna = load_optuna()
     sweep = load_sweep(Path(config), out, **overrides)
     check_storage(sweep.cfg.storage)
+    refuse_changed_settings(sweep)  # before the folder, the lock or the journal is touched
     if train is None or baseline is None:
         run.preflight(
             sweep.generate, sweep.finetune, sweep.eval_cfg
