@@ -19,7 +19,8 @@
 output) for the whole run. The kernel drops it when the process ends, however it ends, so a killed
 run never blocks `--resume`; a second run on the same folder is refused at once, naming the pid and
 host of the one that holds it (q2g does not wait: two runs into one folder is a mistake to fix,
-not a queue). The lock file itself stays (removing it would race a third run that opened it).
+not a queue). The lock file is removed at the end while still held; a run that opened it just before checks,
+once it holds a lock, that the file at the path is still the one it locked, else takes the new one.
 """
 
 from __future__ import annotations
@@ -185,27 +186,52 @@ def in_use(folder: Path, flag: str, fd: int) -> str:
     return f"{flag} {folder} is in use by another q2g run ({_holder(fd)}); wait for it to end or choose another {flag}"
 
 
+def _open_locked(folder: Path, flag: str, name: str) -> int:
+    """A descriptor of `folder/name` holding its exclusive lock. A lock file that the previous holder
+    removed between our open and our lock is not the lock any more: take the one now at the path."""
+    import fcntl
+
+    path = folder / name
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise (path_error(folder, e, "output folder") or write_failed(path, e)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            current = os.stat(path).st_ino
+        except BlockingIOError:
+            message = in_use(folder, flag, fd)
+            os.close(fd)
+            raise BadInput(message) from None
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)
+    raise BadInput(f"{flag} {folder}: its lock file {name} keeps changing (another run starting and stopping?)")
+
+
 @contextmanager
 def hold_lock(folder, flag: str = "--out", name: str = LOCK_NAME):
     """Make `folder` and hold an exclusive advisory lock on `folder/name` until the block ends;
-    refused at once (BadInput naming the holder's pid and host) when another run holds it."""
-    import fcntl
-
+    refused at once (BadInput naming the holder's pid and host) when another run holds it. The
+    lock file is removed at the end, while still held (a killed run leaves it, unlocked: harmless)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise (path_error(folder, e, "output folder") or write_failed(folder / name, e)) from None
+        raise (path_error(folder, e, "output folder") or write_failed(folder, e)) from None
+    fd = _open_locked(folder, flag, name)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BadInput(in_use(folder, flag, fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
         yield folder
     finally:
+        try:
+            os.unlink(folder / name)  # under the lock: a run that opened it sees it was removed, retries
+        except OSError:
+            pass
         os.close(fd)  # closing the descriptor releases the lock
 
 
