@@ -240,7 +240,7 @@ def settings_diff(path, config: dict, keys) -> list[str]:
         return [f"{path} holds a JSON {type(old).__name__}, not a q2g config (another tool's file?)"]
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples vs lists, paths)
     return [
-        f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now"
+        f"{k}: {repr(old.get(k))[:200]} there, {repr(norm(config.get(k)))[:200]} now"
         for k in keys
         if norm(old.get(k)) != norm(config.get(k))
     ]
