@@ -25,12 +25,12 @@ import json
 import time
 from pathlib import Path
 
-from q2g import models, prompts
+from q2g import decoding, models, prompts
+from q2g import scoring as forward_nll
 from q2g.data import loaders
-from q2g.evaluation import decoding, forward_nll
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import _example_batches, heldout_examples
-from q2g.evaluation.perplexity import _window_batches, q2g_windows
+from q2g.scoring import _window_batches, q2g_windows
 
 CE_CHUNK = 1024  # the old path's fp32 log-softmax slice
 
@@ -39,7 +39,7 @@ def logits_examples_nll(model, batch, pad_id) -> tuple[float, int]:
     """The old held-out path: full [B, T, V] logits, then the labelled positions' cross-entropy."""
     import torch.nn.functional as F
 
-    from q2g.finetune.sft_data import IGNORE_INDEX, Collator
+    from q2g.examples import IGNORE_INDEX, Collator
 
     cols = Collator(pad_id)(batch)
     logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"], use_cache=False).logits
@@ -108,7 +108,7 @@ def pass1_rows(model, tok, problems, args) -> list[dict]:
 def heldout_rows(model, tok, records, args) -> list[dict]:
     import torch
 
-    from q2g.finetune.sft_data import Collator
+    from q2g.examples import Collator
 
     examples, _ = heldout_examples(tok, records, 1024)
     batches = list(_example_batches(examples, args.batch_size, 4 * model.config.get_text_config().vocab_size))
@@ -145,7 +145,7 @@ def ppl_rows(model, tok, text, args) -> list[dict]:
             args.reps,
             {
                 "perplexity, kept logits": lambda: sum(logits_windows_nll(model, b) for b in batches),
-                "perplexity, forward_nll": lambda: sum(forward_nll.windows_nll(model, b) for b in batches),
+                "perplexity, forward_nll": lambda: sum(forward_nll.batch_nll(model, b) for b in batches),
             },
         )
     return [
@@ -198,9 +198,9 @@ def main() -> None:
     problems = loaders.load_gsm8k("test", "packaged")
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     warm = [prompts.student_prompt_ids(tok, "1 + 1?")]
-    decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.loss (~5 s)
+    decoding.generate(model, tok, warm, max_new_tokens=2)  # warm-up; the next one imports q2g.finetune.loss (~5 s)
     with torch.inference_mode():
-        forward_nll.windows_nll(model, [(warm[0], warm[0][1:], 1)])
+        forward_nll.batch_nll(model, [(warm[0], warm[0][1:], 1)])
     tables = {"pass1": pass1_rows(model, tok, problems[: args.problems], args)}
     print_table(
         tables["pass1"],

@@ -28,7 +28,7 @@ def checkpointed_kl_sum(hs, hb, weight, chunk_size, softcap, scale):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from q2g.fused_grads import logits
+    from q2g.finetune.fused_grads import logits
 
     def chunk(a, b):
         ls = torch.log_softmax(logits(a, weight, None, softcap, scale)[0], -1)
@@ -60,7 +60,7 @@ def main() -> int:
     from train_step import batch_ids
 
     from q2g.finetune.kl_anchor import base_hidden, chunked_kl_sum
-    from q2g.loss import chunked_linear_cross_entropy, logit_transform, split_causal_lm
+    from q2g.finetune.loss import chunked_linear_cross_entropy, logit_transform, split_causal_lm
     from q2g.models import load_model, load_tokenizer
 
     if args.threads:

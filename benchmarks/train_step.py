@@ -101,7 +101,7 @@ def gemm_probe() -> str:
 def demo_epoch_tokens(model: str, max_seq_len: int = 1024) -> tuple[int, int]:
     """(examples, tokens) of one epoch of the demo data, built exactly as finetune builds them."""
     from q2g.data.splits import select_split
-    from q2g.finetune.sft_data import build_example
+    from q2g.examples import build_example
     from q2g.models import load_tokenizer
 
     tok = load_tokenizer(model)

@@ -9,7 +9,7 @@ Both train a LoRA adapter (r16, alpha 32, dropout 0.05, q_proj/v_proj) on the pa
 problems' reference solutions (what the `reference` teacher writes), with the same batch size,
 accumulation, max length, learning rate and precision (bf16 on a GPU that has it, else fp32):
     q2g  LabelOnlyLossTrainer (label-only chunked loss) + finetune's Collator and build_dataset
-         (--packing: q2g.batching.PackedCollator instead, padding-free)
+         (--packing: tests/helpers.py's PackedCollator instead, padding-free)
     TRL  SFTTrainer with its defaults on prompt/completion rows (completion-only loss; note that
          its default is gradient checkpointing ON, q2g's is off: --gradient-checkpointing on|off
          sets both)
@@ -128,11 +128,13 @@ def common_args(args, bf16: bool) -> dict:
 def q2g_trainer(args, model, tok, bf16, out):
     """q2g's own path: finetune's config -> finetune.trainer.training_arguments / build_lora_model, the
     label-only loss trainer, length-grouped batches (its default)."""
-    from q2g.batching import PackedCollator
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import PackedCollator
+
+    from q2g.examples import Collator, build_dataset
     from q2g.finetune.config import FinetuneConfig
-    from q2g.finetune.sft_data import Collator, build_dataset
-    from q2g.finetune.trainer import build_lora_model, training_arguments
-    from q2g.loss import LabelOnlyLossTrainer
+    from q2g.finetune.loss import LabelOnlyLossTrainer
+    from q2g.finetune.train import build_lora_model, training_arguments
 
     ckpt = args.gradient_checkpointing == "on"
     cfg = FinetuneConfig(
@@ -150,7 +152,7 @@ def q2g_trainer(args, model, tok, bf16, out):
         trainer={"logging_steps": 10**6},
     )
     examples, _ = build_dataset(tok, rows(args.n_examples), args.seq_len)
-    peft_model = build_lora_model(model, cfg, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing)
+    peft_model = build_lora_model(model, cfg, cfg.gradient_checkpointing)
     targs = training_arguments(cfg, Path(out), "bf16" if bf16 else None, "adamw_torch", 10**6, args.device)
     targs.save_strategy = "no"  # no checkpoints in a benchmark (q2g's own setting, per epoch, is for --resume)
     collator = PackedCollator() if args.packing else Collator(tok.pad_token_id)
@@ -279,7 +281,7 @@ def main() -> int:
         help="default: each trainer's own (q2g off, TRL on)",
     )
     p.add_argument(
-        "--packing", action="store_true", help="q2g packs each batch into one row (q2g.batching.PackedCollator)"
+        "--packing", action="store_true", help="q2g packs each batch into one row (tests/helpers.py's PackedCollator)"
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
     p.add_argument("--random-shape", choices=["gemma-7b"], help="a random bf16 model of this shape, built on --device")

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py store|collective|loss [model_dir]
 
-store:      the group's timeout is 3 s; the main process is 6 s late (Q2G_TEST_MAIN_DELAY_S);
+store:      the group's timeout is 3 s; the main process is 6 s late (the test wraps distributed.share, tests/faults.py);
             q2g's share/wait (store polls, not collectives) still hear it. Exit 0.
 collective: the same lateness into a plain gloo broadcast: it times out (the failure q2g avoids).
 loss:       the label-only loss through a DDP-wrapped LoRA model equals the one-process loss and
@@ -44,8 +44,8 @@ def loss(model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from q2g.finetune.sft_data import IGNORE_INDEX, Collator
-    from q2g.loss import LossPath, label_only_loss
+    from q2g.examples import IGNORE_INDEX, Collator
+    from q2g.finetune.loss import LossPath, label_only_loss
 
     distributed.init(60)
     torch.manual_seed(0)

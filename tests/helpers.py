@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from q2g.data.splits import select_split, write_split
+from q2g.examples import IGNORE_INDEX
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +101,49 @@ def tiny_training_args(out, steps: int):
         remove_unused_columns=False,
         label_names=["labels"],
     )
+
+
+# Test-only batching tools (moved out of q2g.batching, issue 25; the benchmark train_vs_trl.py uses
+# PackedCollator too). Padding-free packing (`PackedCollator`): a batch's examples are concatenated into one row with
+# per-example position_ids; with no attention mask, transformers 5 reads the position resets as
+# sequence boundaries and masks attention across examples (sdpa/eager: a block-diagonal mask;
+# flash-attention: cu_seqlens), so no example sees another and no token is padding.
+
+
+def sliding_windows(config) -> list[int]:
+    """The window of every sliding-attention layer of a model config (Gemma 2/3, Qwen2 with SWA...)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    if not window or (getattr(config, "use_sliding_window", True) is False):
+        return []
+    return [window for t in types if t == "sliding_attention"]
+
+
+def fully_masked_rows(attention_mask, window: int) -> int:
+    """Query rows of a right-padded batch that see no key in a sliding layer of this window:
+    per row, the positions q >= L + window - 1 (L = real tokens)."""
+    width = attention_mask.shape[1]
+    return sum(max(0, width - (int(n) + window - 1)) for n in attention_mask.sum(1).tolist())
+
+
+class PackedCollator:
+    """The batch's examples as one row: input_ids, labels and position_ids of shape [1, total].
+
+    The first label of every example is -100: the token before it belongs to another example,
+    so nothing is trained across a boundary (the shifted loss drops position 0 of a padded row
+    the same way; the count of trained tokens is the same as with padding).
+    """
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for b in batch:
+            ids += b["input_ids"]
+            labels += [IGNORE_INDEX] + list(b["labels"][1:])
+            positions += range(len(b["input_ids"]))
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }

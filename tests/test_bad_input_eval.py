@@ -151,7 +151,7 @@ CASES = [
         "ev-vllm-missing",
         "evaluate",
         ["--eval-backend", "vllm"],
-        "--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'",
+        "--eval-backend vllm needs the vllm package, which is not installed: pip install 'q2g[vllm]'",
     ),
     C(
         "ev-vllm-missing-yaml",
@@ -422,10 +422,10 @@ def test_evaluate_model_stops_on_non_finite_metrics(tiny_gemma_dir, monkeypatch,
 
 def test_evaluate_model_stops_on_an_overflowing_perplexity(tiny_gemma_dir, monkeypatch):
     """Finite logits whose NLL overflows exp(): math.exp would raise OverflowError; it is inf, refused."""
-    from q2g.evaluation import perplexity
+    from q2g import scoring
 
     model, tok = models.load_model(str(tiny_gemma_dir)), models.load_tokenizer(str(tiny_gemma_dir))
-    monkeypatch.setattr(perplexity, "_batch_nll", lambda model, batch: 1e6)
+    monkeypatch.setattr(scoring, "batch_nll", lambda model, batch: 1e6)
     cfg = EvalConfig(ppl_max_tokens=32, ppl_max_length=32, ppl_stride=16)
     with pytest.raises(RunFailed, match="non-finite WikiText perplexity inf"):
         evaluate_model(model, tok, None, loaders.load_wikitext("packaged"), cfg, progress=False)

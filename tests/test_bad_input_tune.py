@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from faults import delay, faults_env
 from helpers import finetune_argv, reference_dataset, tiny_training_args
 from test_guards import Inject
 from test_loss import examples, lora_model
@@ -20,9 +21,9 @@ from transformers import TrainerCallback
 
 from q2g import cli
 from q2g.evaluation.core import evaluate_model
-from q2g.finetune import baseline_cache, epochs
-from q2g.finetune.epochs import EVAL_DELAY_ENV
-from q2g.finetune.trainer import make_trainer
+from q2g.finetune import baseline as baseline_cache
+from q2g.finetune import epochs
+from q2g.finetune.train import make_trainer
 from q2g.guards import NonFiniteError, NonFiniteGuard
 
 
@@ -48,7 +49,7 @@ def argv(model, ds, out, *extra, **settings):
         (("--trainer-arg", "no_such_field=1"), "'no_such_field' is not a TrainingArguments field"),
         (("--report-to", "wandb"), "pip install wandb"),
         (("--report-to", "mlflow"), "pip install mlflow"),
-        (("--report-to", "trackio", "wandb"), "pip install trackio wandb"),
+        (("--report-to", "trackio", "wandb"), "--report-to trackio needs the trackio package"),
     ],
 )
 def test_refused_before_config_json(extra, message, tiny_gemma_dir, dataset, tmp_path, capsys):
@@ -275,7 +276,8 @@ def test_sigkill_during_evaluation_keeps_the_trained_epoch(tiny_gemma_dir, datas
     """Saved first: the epoch's checkpoint exists before its evaluation, so a kill there costs the
     evaluation only; the resumed run evaluates that epoch without training it again."""
     out, log = tmp_path / "ck", tmp_path / "log.txt"
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", EVAL_DELAY_ENV: "60"}
+    slow_eval = delay("q2g.finetune.epochs", "evaluate", 60, when="(a[3:4] or [k.get('adapter_dir')])[0] is not None")
+    env = faults_env(tmp_path, slow_eval, {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     with log.open("w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "q2g.cli", "finetune", *argv(tiny_gemma_dir, dataset, out, epochs=2)],

@@ -8,20 +8,19 @@ failure and its fix are tested on the CPU in fp32.
 
 import pytest
 import torch
+from helpers import PackedCollator, fully_masked_rows, sliding_windows
 from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask, sliding_window_causal_mask_function
 
 from q2g.batching import (
     causal_inputs,
-    fully_masked_rows,
     is_right_padded,
     padding_report,
     padding_share,
-    sliding_windows,
     trainer_order,
 )
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator
+from q2g.examples import IGNORE_INDEX, Collator
 
 
 def test_padding_share_by_hand():
@@ -124,7 +123,7 @@ def test_right_padding_nans_a_strict_kernel_and_dropping_the_mask_fixes_it():
 def test_label_only_trainer_drops_the_mask_by_default(tmp_path):
     from transformers import TrainingArguments
 
-    from q2g.loss import LabelOnlyLossTrainer
+    from q2g.finetune.loss import LabelOnlyLossTrainer
 
     batch, model = padded_batch(), sliding_gemma("strict")
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", label_names=["labels"])
@@ -141,8 +140,6 @@ def test_packed_batch_equals_padded_batch(request, kind):
     """One packed row with per-example positions: the same loss and LoRA gradients as the padded
     batch (no attention across examples, sliding windows included)."""
     from test_loss import examples, lora_grads, lora_model
-
-    from q2g.batching import PackedCollator
 
     path = request.getfixturevalue("tiny_qwen_dir" if kind == "qwen2" else "tiny_gemma_dir")
     rows = examples(4)

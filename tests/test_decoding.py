@@ -1,12 +1,12 @@
-"""q2g.evaluation.decoding: the refill loop (finished rows leave, new prompts take their slots) gives the
+"""q2g.decoding: the refill loop (finished rows leave, new prompts take their slots) gives the
 same greedy tokens as one `model.generate` per batch, on tiny random Gemma3 (sliding-window
 layers, <bos>) and Qwen2 (chat template), with rows ending at end tokens, stop strings and the cap."""
 
 import pytest
 import torch
 
-from q2g import models, prompts
-from q2g.evaluation import decoding, decoding_refill
+from q2g import decoding, models, prompts
+from q2g.decoding import refill as decoding_refill
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults import delay, faults_env
 from helpers import finetune_argv, reference_dataset
 
 from q2g import cli, distributed
@@ -33,8 +34,10 @@ def torchrun(*args, env=None, timeout=600):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_late_main_process_is_waited_for_where_a_collective_times_out():
-    late = {"Q2G_TEST_MAIN_DELAY_S": "6"}  # twice the group's 3 s timeout
+def test_a_late_main_process_is_waited_for_where_a_collective_times_out(tmp_path):
+    late = faults_env(
+        tmp_path, delay("q2g.distributed", "share", 6, when="_m.is_main() and _m.num_processes() > 1")
+    )  # twice the group's 3 s timeout
     proc = torchrun(str(TESTS / "dist_worker.py"), "store", env=late)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = sorted(json.loads(line)["rank"] for line in proc.stdout.splitlines() if line.startswith("{"))
@@ -63,7 +66,13 @@ def test_two_processes_survive_an_evaluation_longer_than_ddp_timeout(tiny_gemma_
     flags = dict(batch_size=2, max_seq_len=256, eval_max_new_tokens=4, ppl_max_tokens=64, ppl_max_length=64)
     flags["eval_limit"] = 3
     argv = finetune_argv(tiny_gemma_dir, ds, out, "--trainer-arg", "ddp_timeout=5", **flags, ppl_stride=32)
-    proc = torchrun("-m", "q2g.cli", "finetune", *argv, env={"Q2G_TEST_MAIN_DELAY_S": "8"})
+    proc = torchrun(
+        "-m",
+        "q2g.cli",
+        "finetune",
+        *argv,
+        env=faults_env(tmp_path, delay("q2g.distributed", "share", 8, when="_m.is_main() and _m.num_processes() > 1")),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes (gloo), process-group timeout 5 s" in proc.stdout
     assert "[finetune] loss: chunked, label tokens only, 2 process(es)" in proc.stdout
@@ -80,8 +89,8 @@ def assert_one_process_decodes_the_same(model_dir, ds, out, row):
 
     from q2g.data.splits import load_holdout
     from q2g.evaluation.config import EvalConfig
+    from q2g.evaluation.core import select_eval_subset
     from q2g.evaluation.pass_at_1 import math_pass_at_1
-    from q2g.evaluation.subset import select_eval_subset
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / row["adapter"]))
     subset = select_eval_subset(load_holdout(ds / "split.json"), 3)
@@ -178,7 +187,7 @@ def test_q2g_run_refuses_fsdp_before_the_teacher_loads(tmp_path, tiny_gemma_dir,
 
 
 def test_shards_deal_every_nth_and_unshard_restores_the_order():
-    from q2g.evaluation.sharded import shards, unshard
+    from q2g.evaluation.core import shards, unshard
 
     items = list(range(7))
     parts = shards(items, 3)
@@ -189,7 +198,7 @@ def test_shards_deal_every_nth_and_unshard_restores_the_order():
 
 def test_one_process_is_not_sharded_and_gathers_itself(tiny_gemma_dir):
     from q2g.evaluation.config import EvalConfig
-    from q2g.evaluation.sharded import sharded_pass_at_1
+    from q2g.evaluation.core import sharded_pass_at_1
 
     assert distributed.gather({"a": 1}) == [{"a": 1}]
     assert sharded_pass_at_1(None, None, [{"id": "x"}], EvalConfig()) is None  # main decodes alone, as before

@@ -9,15 +9,14 @@ import re
 import pytest
 import torch
 
-from q2g import cli, models, prompts
+from q2g import cli, decoding, models, prompts
 from q2g.data import loaders, splits
 from q2g.data.sources import source_key
-from q2g.evaluation import decoding
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.core import metrics_row
+from q2g.evaluation.core import metrics_row, select_eval_subset
 from q2g.evaluation.pass_at_1 import math_pass_at_1
-from q2g.evaluation.perplexity import perplexity, plan_windows
-from q2g.evaluation.subset import select_eval_subset
+from q2g.evaluation.perplexity import perplexity
+from q2g.scoring import plan_windows
 
 TEXT = (
     " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "

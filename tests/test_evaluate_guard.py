@@ -13,12 +13,11 @@ import torch
 from test_batching import strict_attention  # noqa: F401  (registers the "strict" attention)
 from transformers import AutoModelForCausalLM
 
-from q2g import models
-from q2g.evaluation import decoding
+from q2g import decoding, models
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.heldout_loss import heldout_loss
 from q2g.evaluation.pass_at_1 import math_pass_at_1
-from q2g.finetune.sft_data import Collator, build_example
+from q2g.examples import Collator, build_example
 
 SOLUTIONS = ["Add them: 2 + 3 = 5.\n#### 5", "Double 21 and you get 42, the answer.\n#### 42", "#### 7"]
 RECORDS = [

@@ -13,16 +13,15 @@ import pytest
 import torch
 from helpers import finetune_argv, reference_dataset
 
+from q2g import examples as sft_data
 from q2g import models, prompts
 from q2g.data import loaders, splits
-from q2g.evaluation import decoding_vllm
+from q2g.evaluation import pass_at_1 as decoding_vllm
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.evaluation.heldout_loss import heldout_loss
 from q2g.evaluation.pass_at_1 import math_pass_at_1
-from q2g.evaluation.perplexity import perplexity
-from q2g.evaluation.wikitext import rolling_windows, wikitext_detokenize, wikitext_documents
-from q2g.finetune import sft_data
+from q2g.evaluation.perplexity import perplexity, rolling_windows, wikitext_detokenize, wikitext_documents
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -303,7 +302,7 @@ def test_vllm_backend_base_then_adapters(fake_vllm, gemma, tiny_gemma_dir, tmp_p
 
 def test_vllm_dtype_is_the_runs_precision():
     """fp32 weights under bf16 autocast compute in bf16: vLLM gets bfloat16, not the weights' float32."""
-    from q2g.evaluation.pass_at_1 import vllm_dtype
+    from q2g.models import vllm_dtype
 
     assert vllm_dtype(models.Precision(torch.float32, "bf16", "cpu bf16")) == "bfloat16"
     assert vllm_dtype(models.Precision(torch.bfloat16, "bf16", "bf16")) == "bfloat16"
@@ -313,7 +312,7 @@ def test_vllm_dtype_is_the_runs_precision():
 
 def test_vllm_engine_rebuilt_for_a_higher_rank(fake_vllm):
     for rank in (0, 16, 64, 100, 8):  # the base model first, then adapters
-        decoding_vllm.vllm_engine("m", dtype="bfloat16", lora_rank=rank, gpu_memory_utilization=0.3)
+        decoding_vllm.vllm_engine("m", dtype="bfloat16", lora_r=rank, gpu_memory_utilization=0.3)
     assert [b["max_lora_rank"] for b in fake_vllm.built] == [64, 128]
 
 

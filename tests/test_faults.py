@@ -26,7 +26,7 @@ import pytest
 from helpers import finetune_argv, reference_dataset
 
 from q2g import cli, io
-from q2g.finetune import trainer
+from q2g.finetune import train as trainer
 
 ROWS = [(0, 0, None), (1, 2, 16), (2, 4, 16)]  # (epoch, step, rank): 6 examples / batch 4 = 2 steps an epoch
 
@@ -223,7 +223,7 @@ from transformers import Trainer, TrainerState
 from q2g import cli
 from q2g.evaluation import core
 from q2g.finetune import epochs, stage
-from q2g.loss import LabelOnlyLossTrainer
+from q2g.finetune.loss import LabelOnlyLossTrainer
 
 mode, where = sys.argv[1].split(":")
 def fault():

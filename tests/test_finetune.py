@@ -14,9 +14,9 @@ from helpers import finetune_argv, reference_dataset
 from transformers import AutoTokenizer
 
 from q2g import cli
+from q2g.examples import IGNORE_INDEX, Collator, build_example
 from q2g.finetune import stage as finetune
-from q2g.finetune import training
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator, build_example
+from q2g.finetune import train as training
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PROBLEM, TRACE = "What is 2+3?", "2+3=5. The final answer is $\\boxed{5}$."
@@ -105,7 +105,7 @@ def test_precision_on_the_cpu_keeps_fp32_weights():
 def test_traces_without_split_manifest_are_refused(tmp_path):
     (tmp_path / "traces.jsonl").write_text("{}\n")
     from q2g.errors import DataError
-    from q2g.finetune.sft_data import locate_traces
+    from q2g.examples import locate_traces
 
     with pytest.raises(DataError, match="split.json: split manifest not found"):
         locate_traces(str(tmp_path), None)
@@ -251,7 +251,7 @@ def test_reduce_rank_retrains_at_half_rank(tiny_gemma_dir, dataset, tmp_path, mo
 KILL_AFTER_FIRST_SAVE = """
 import os, signal, sys
 from q2g import cli
-from q2g.finetune import training
+from q2g.finetune import train as training
 real = training.make_callback
 def make_callback(*a, **k):
     cb = real(*a, **k)

@@ -1,4 +1,4 @@
-"""q2g.evaluation.forward_nll: the held-out loss and perplexity sums without full logits equal the
+"""q2g.scoring: the held-out loss and perplexity sums without full logits equal the
 logits path (computed here from `model(...).logits`, as evaluation did before) (tiny random Gemma3 and Qwen2, a peft model, chunk sizes that split
 rows), and the prompt positions never reach the LM head."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from q2g import models
-from q2g.evaluation import forward_nll
+from q2g import scoring as forward_nll
 
 
 @pytest.fixture(scope="module", params=["gemma", "qwen"])
@@ -17,7 +17,7 @@ def model(request, tiny_gemma_dir, tiny_qwen_dir):
 
 def _logits_examples_nll(model, batch) -> tuple[float, int]:
     """The reference: full logits, shifted by one, cross-entropy over the labelled positions."""
-    from q2g.finetune.sft_data import Collator
+    from q2g.examples import Collator
 
     cols = Collator(0)(batch)
     logits = model(input_ids=cols["input_ids"], attention_mask=cols["attention_mask"]).logits.float()
@@ -49,7 +49,7 @@ def _examples(vocab: int) -> list[dict]:
 
 @pytest.mark.parametrize("chunk", [7, 256])
 def test_heldout_sum_equals_the_logits_path(model, chunk):
-    from q2g.finetune.sft_data import Collator
+    from q2g.examples import Collator
 
     batch = _examples(model.config.vocab_size)
     cols = Collator(0)(batch)
@@ -66,7 +66,7 @@ def test_perplexity_windows_equal_the_logits_path(model):
     rolling = [([2] + ids[:31], ids[:32], 0), (ids[7:39], ids[8:40], 0)]
     with torch.inference_mode():
         for batch in (q2g, rolling):
-            assert forward_nll.windows_nll(model, batch, chunk=5) == pytest.approx(
+            assert forward_nll.batch_nll(model, batch, chunk=5) == pytest.approx(
                 _logits_windows_nll(model, batch), rel=1e-5
             )
 

@@ -3,7 +3,6 @@ dedup, holdout exclusion, shards, settings refusal, resume after torn writes and
 SIGKILL, bad input, and a tiny random Qwen2 teacher whose garbage is all rejected."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from faults import delay, faults_env
 
 import q2g.generate.stage as gen
 from q2g import cli
@@ -331,7 +331,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     ]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert cli.call("generate", args[1:] + ["--out", str(clean)]) == 0
-    env = {**os.environ, gen.DELAY_ENV: "0.3"}
+    env = faults_env(tmp_path, delay("q2g.backends.reference", "ReferenceBackend.generate", 0.3))
     for lines in (12, 28):  # killed twice, the second time while resuming
         proc = subprocess.Popen(
             [sys.executable, "-m", "q2g.cli", *args, "--out", str(killed)],

@@ -8,9 +8,9 @@ from helpers import tiny_training_args
 from test_loss import examples, lora_model
 from transformers import Trainer, TrainerCallback
 
-from q2g.finetune.sft_data import Collator
+from q2g.examples import Collator
+from q2g.finetune.loss import LabelOnlyLossTrainer
 from q2g.guards import NonFiniteError, NonFiniteGuard
-from q2g.loss import LabelOnlyLossTrainer
 
 
 class Inject(TrainerCallback):

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from test_loss import examples, lora_grads, lora_model, train_one_step
 from transformers import AutoTokenizer
 
+from q2g.examples import IGNORE_INDEX, Collator
 from q2g.finetune.kl_anchor import check_init, kl_to_base_sum
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator
-from q2g.loss import LabelOnlyLossTrainer, logit_transform, split_causal_lm
+from q2g.finetune.loss import LabelOnlyLossTrainer, logit_transform, split_causal_lm
 
 TOL = 1e-5
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from q2g import cli
 from q2g.errors import ConfigError
-from q2g.finetune import epochs, trainer
-from q2g.finetune.config import FinetuneConfig
-from q2g.finetune.lora_variants import supported_inits
+from q2g.finetune import epochs
+from q2g.finetune import train as trainer
+from q2g.finetune.config import FinetuneConfig, supported_inits
 
 RANK, ALPHA = 4, 8
 
@@ -23,7 +23,7 @@ def build(folder, **options):
     cfg = FinetuneConfig(lora_r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, **options)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return trainer.build_lora_model(base, cfg, RANK, ALPHA)
+    return trainer.build_lora_model(base, cfg.replace(lora_r=RANK, lora_alpha=ALPHA))
 
 
 def train_a_little(model):

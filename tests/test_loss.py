@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from q2g.finetune.sft_data import IGNORE_INDEX, Collator
-from q2g.loss import LabelOnlyLossTrainer, chunked_linear_cross_entropy, label_only_loss_sum, split_causal_lm
+from q2g.examples import IGNORE_INDEX, Collator
+from q2g.finetune.loss import LabelOnlyLossTrainer, chunked_linear_cross_entropy, label_only_loss_sum, split_causal_lm
 
 TOL = 1e-5
 
@@ -171,7 +171,7 @@ def test_trainer_step_equals_plain_trainer_with_accumulation(request, kind, tmp_
 
 
 def test_packed_batches_train_the_same_step(tiny_gemma_dir, tmp_path):
-    from q2g.batching import PackedCollator
+    from helpers import PackedCollator
 
     want_loss, want = train_one_step(Trainer, tiny_gemma_dir, tmp_path / "plain")
     got_loss, got = train_one_step(

@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from q2g import loss
-from q2g.loss import LossPath, label_only_loss_sum
+from q2g.finetune import loss
+from q2g.finetune.loss import LossPath, label_only_loss_sum
 
 
 class Head(torch.nn.Module):
@@ -86,8 +86,8 @@ def test_liger_insisted_on_raises_instead_of_falling_back(monkeypatch):
 def test_trainer_reports_the_path_it_ran(tiny_qwen_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from q2g.finetune.sft_data import Collator
-    from q2g.loss import LabelOnlyLossTrainer
+    from q2g.examples import Collator
+    from q2g.finetune.loss import LabelOnlyLossTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
     rows = [{"input_ids": list(range(3, 12)), "labels": [-100] * 3 + list(range(6, 12))}] * 2
@@ -106,7 +106,7 @@ def test_trainer_reports_the_path_it_ran(tiny_qwen_dir, tmp_path):
 
 
 def test_planned_path_before_training(monkeypatch):
-    from q2g.loss import planned_loss_path
+    from q2g.finetune.loss import planned_loss_path
 
     cfg = types.SimpleNamespace()
     assert planned_loss_path("cpu", cfg)["loss_path"] == "chunked"

@@ -64,7 +64,7 @@ def test_count_params_matches_the_tiny_models(request, fixture):
 def test_activation_term_is_close_to_what_autograd_saves(tiny_gemma_dir):
     from peft import LoraConfig, get_peft_model
 
-    from q2g.loss import split_causal_lm
+    from q2g.finetune.loss import split_causal_lm
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.05))

@@ -10,7 +10,7 @@ from helpers import finetune_argv, reference_dataset
 
 from q2g import cli
 from q2g.data import loaders
-from q2g.finetune.probe import without_probes
+from q2g.finetune.epochs import without_probes
 
 
 @pytest.fixture(scope="module")

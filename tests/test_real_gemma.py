@@ -61,7 +61,7 @@ def test_one_lora_step_lowers_the_loss_on_its_batch(gemma):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from q2g.finetune.sft_data import Collator, build_example
+    from q2g.examples import Collator, build_example
 
     _, model, tok = gemma
     ex = build_example(tok, "What is 7 times 6?", "7 * 6 = 42. The final answer is $\\boxed{42}$.", 64)

@@ -1,6 +1,7 @@
 """--rehearsal-fraction: F=0 leaves today's dataset as it is; F>0 adds the expected number of
-examples written by the base model, every token labelled, stored beside the traces with their
-settings and reused on a rerun (and not reused when a setting changes)."""
+examples written by the base model, every token labelled, stored in q2g's cache (never in the
+input dataset's folder) with their settings and reused on a rerun (and not reused when a setting
+changes)."""
 
 import json
 from pathlib import Path
@@ -10,14 +11,15 @@ from helpers import finetune_argv, reference_dataset
 from transformers import AutoTokenizer
 
 from q2g import cli
-from q2g.finetune import rehearsal as rh
+from q2g.examples import IGNORE_INDEX, build_dataset, read_traces
+from q2g.finetune import prepare as rh
 from q2g.finetune.config import FinetuneConfig
-from q2g.finetune.sft_data import IGNORE_INDEX, build_dataset, read_traces
 from q2g.models import resolve_precision
 
 
 @pytest.fixture()
-def setup(tiny_gemma_dir, tmp_path):
+def setup(tiny_gemma_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("Q2G_CACHE", str(tmp_path / "cache"))
     ds = reference_dataset(tmp_path / "ds", limit=5)
     tok = AutoTokenizer.from_pretrained(tiny_gemma_dir)
     examples, stats = build_dataset(tok, read_traces(ds / "traces.jsonl")[1], 128)
@@ -26,7 +28,7 @@ def setup(tiny_gemma_dir, tmp_path):
 
 def add(cfg, setup):
     ds, tok, examples, stats = setup
-    return rh.add_rehearsal(cfg, tok, examples, stats, ds / "traces.jsonl", "cpu", resolve_precision("fp32", "cpu"))
+    return rh.add_rehearsal(cfg, tok, examples, stats, "cpu", resolve_precision("fp32", "cpu"))
 
 
 def test_rehearsal_count_is_the_fraction_of_all_examples():
@@ -53,7 +55,7 @@ def test_rehearsal_examples_are_labelled_everywhere_and_reused(tiny_gemma_dir, s
     assert got_stats["n_rehearsal_examples"] == n
     assert got_stats["n_train_examples"] == stats["n_train_examples"] + n
     texts = Path(got_stats["rehearsal_file"])
-    assert texts.parent == ds and texts.exists()
+    assert texts.parent == ds.parent / "cache" / "rehearsal" and texts.exists() and not list(ds.glob("rehearsal-*"))
     settings = json.loads(texts.with_suffix(".json").read_text())
     assert settings["n"] == n and settings["seed"] == 3 and settings["max_new_tokens"] == 12
     assert settings["sampling"]["do_sample"] is True
@@ -79,11 +81,13 @@ def test_sampled_texts_depend_on_the_seed(tiny_gemma_dir):
     assert len({tuple(r["input_ids"]) for r in one}) == 3  # sampled, not the same greedy text thrice
 
 
-def test_finetune_with_rehearsal_records_it(tiny_gemma_dir, tmp_path):
+def test_finetune_with_rehearsal_records_it(tiny_gemma_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("Q2G_CACHE", str(tmp_path / "cache"))
     ds = reference_dataset(tmp_path / "ds", limit=5)
     out = tmp_path / "ck"
     argv = finetune_argv(tiny_gemma_dir, ds, out, "--rehearsal-fraction", "0.2", "--no-eval", epochs=1)
     assert cli.call("finetune", argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["rehearsal_fraction"] == 0.2 and config["n_rehearsal_examples"] == 2  # 8 traces: 2 / 10
-    assert Path(config["rehearsal_file"]).parent == ds
+    assert Path(config["rehearsal_file"]).parent == tmp_path / "cache" / "rehearsal"
+    assert not list(ds.glob("rehearsal-*"))  # nothing written into the input dataset

@@ -4,8 +4,7 @@ import pytest
 
 from q2g.config import option, result_keys
 from q2g.evaluation.config import EvalConfig
-from q2g.finetune.config import FinetuneConfig
-from q2g.finetune.settings import run_keys
+from q2g.finetune.config import FinetuneConfig, run_keys
 from q2g.generate.config import GenerateConfig
 
 

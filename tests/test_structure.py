@@ -78,3 +78,75 @@ def test_no_import_cycle_counting_imports_inside_functions():
 def test_the_checker_finds_a_cycle():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+# ---------------------------------------------------------------- layers (issue 25)
+
+STAGES = ("generate", "finetune", "evaluation", "sweep")
+ENTRY_POINTS = ("q2g.cli", "q2g.run")  # the only top-level modules that may import a stage
+FOUNDATION = ("data", "answers", "backends", "decoding")  # below every stage
+
+
+def package_of(name: str, mods: dict[str, Path]) -> str | None:
+    """'finetune' for q2g.finetune.loss, None for a top-level module (q2g.models, q2g itself)."""
+    parts = name.split(".")
+    if len(parts) > 2 or mods[name].name == "__init__.py" and len(parts) == 2:
+        return parts[1]
+    return None
+
+
+def edges() -> list[tuple[str, str, str | None, str | None]]:
+    mods = modules()
+    return [
+        (n, m, package_of(n, mods), package_of(m, mods))
+        for n, p in mods.items()
+        for m in sorted(imported(p, n, set(mods), top_only=False))
+    ]
+
+
+def test_evaluation_never_imports_finetune():
+    assert [(a, b) for a, b, pa, pb in edges() if pa == "evaluation" and pb == "finetune"] == []
+
+
+def test_no_top_level_module_imports_a_stage_but_the_entry_points():
+    bad = [(a, b) for a, b, pa, pb in edges() if pa is None and pb in STAGES and a not in ENTRY_POINTS]
+    assert bad == []
+
+
+def test_the_foundation_imports_no_stage_and_data_stands_below_answers():
+    assert [(a, b) for a, b, pa, pb in edges() if pa in FOUNDATION and pb in STAGES] == []
+    assert [(a, b) for a, b, pa, pb in edges() if pa == "data" and pb == "answers"] == []
+
+
+def test_the_layer_checker_sees_an_upward_import(tmp_path, monkeypatch):
+    """The checks above are not vacuous: a lazy `from q2g.finetune import loss` inside a function
+    of an evaluation module is an edge evaluation -> finetune."""
+    pkg = tmp_path / "q2g"
+    for sub in ("evaluation", "finetune"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "finetune" / "loss.py").write_text("X = 1\n")
+    (pkg / "evaluation" / "core.py").write_text("def f():\n    from q2g.finetune import loss\n")
+    monkeypatch.setattr(__import__(__name__), "SRC", tmp_path)
+    assert [(a, b) for a, b, pa, pb in edges() if pa == "evaluation" and pb == "finetune"] == [
+        ("q2g.evaluation.core", "q2g.finetune.loss")
+    ]
+
+
+def test_ignore_index_is_assigned_once():
+    where = [
+        n
+        for n, p in modules().items()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "IGNORE_INDEX" for t in node.targets)
+    ]
+    assert where == ["q2g.examples"]
+
+
+def test_no_test_hook_is_read_by_the_product():
+    """Faults are injected by the tests (tests/faults.py, test_sweep.install_kills), not read from
+    the environment by q2g."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in modules().values())
+    for hook in ("Q2G_FINETUNE_EVAL_DELAY", "Q2G_GENERATE_BATCH_DELAY", "KILL_AT", "Q2G_TEST_", "DELAY_ENV"):
+        assert hook not in text, hook

@@ -21,10 +21,10 @@ optuna = pytest.importorskip("optuna")
 
 from q2g import cli  # noqa: E402
 from q2g.errors import ConfigError  # noqa: E402
-from q2g.sweep import cli as sweep  # noqa: E402
 from q2g.sweep import pareto, storage, workers  # noqa: E402
 from q2g.sweep import settings as sweep_settings  # noqa: E402
 from q2g.sweep import space as sweep_space  # noqa: E402
+from q2g.sweep import stage as sweep  # noqa: E402
 from q2g.sweep import study as sweep_study  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -75,7 +75,7 @@ def fake_train(cfg, eval_cfg):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "attempts.txt", "a") as f:
         f.write(f"{os.getpid()} resume={cfg.resume}\n")
-    workers.kill_point("train")  # test hook: a kill inside the trial
+    kill_at("train")  # a kill inside the trial (install_kills)
     if os.environ.get("FAKE_SLEEP"):  # a trial that takes a while (a worker is killed inside it)
         (folder / "started").touch()
         time.sleep(float(os.environ["FAKE_SLEEP"]))
@@ -117,9 +117,65 @@ def fake_baseline(cfg, eval_cfg, path):
     return row
 
 
+# ---------------------------------------------------------------- kills placed by the test (q2g reads no hook)
+
+KILL_AT = "TEST_SWEEP_KILL_AT"  # "point:n": the worker SIGKILLs itself the n-th time it reaches point
+_reached: dict[str, int] = {}
+
+
+def kill_at(point: str) -> None:
+    name, _, n = os.environ.get(KILL_AT, "").partition(":")
+    if name == point:
+        _reached[point] = _reached.get(point, 0) + 1
+        if _reached[point] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killing(f, point: str, after: bool = False):
+    """f, with the kill point `point` before (or after) each call."""
+
+    def wrapped(*a, **k):
+        if not after:
+            kill_at(point)
+        out = f(*a, **k)
+        if after:
+            kill_at(point)
+        return out
+
+    return wrapped
+
+
+def install_kills() -> None:
+    """Wrap q2g's sweep in this worker process at the kill points: generate (before stage 1), ask
+    (inside Optuna's ask), claim (before a trial is claimed), tell (before Optuna's tell), between
+    (after a trial); `baseline`, `trial` and `train` are placed around the fakes the worker passes."""
+    if not os.environ.get(KILL_AT):
+        return
+    from q2g.generate import stage as generate
+    from q2g.sweep import stage as sweep
+    from q2g.sweep import study
+
+    generate.main = killing(generate.main, "generate")
+    study.claim = killing(study.claim, "claim")
+    optuna.study.Study.tell = killing(optuna.study.Study.tell, "tell")
+    sweep.run_trial = killing(sweep.run_trial, "between", after=True)
+    hooked = study.hooked
+
+    def killing_sampler(sampler_class):
+        class Sampler(hooked(sampler_class)):
+            def before_trial(self, s, trial) -> None:
+                super().before_trial(s, trial)
+                kill_at("ask")
+
+        return Sampler
+
+    study.hooked = killing_sampler
+
+
 WORKER = (
-    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g.sweep import cli as sweep; "
-    "sweep.run_sweep({config!r}, {out!r}, train=t.fake_train, baseline=t.fake_baseline)"
+    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g.sweep import stage as sweep; "
+    "t.install_kills(); sweep.run_sweep({config!r}, {out!r}, train=t.killing(t.fake_train, 'trial'), "
+    "baseline=t.killing(t.fake_baseline, 'baseline'))"
 )
 
 

@@ -3,7 +3,8 @@ sweep killed at any moment (seeded kill points in generate, the baseline, `ask`,
 trial, the tell, between trials) resumes to every grid point finished exactly once.
 
 The trials are test_sweep's fakes (metrics made up from the settings), so each sweep takes seconds;
-the kills are placed by q2g's test hook Q2G_SWEEP_TEST_KILL_AT=point:n (workers.kill_point).
+the kills are placed by the test itself (test_sweep.install_kills wraps q2g's functions in the worker
+process; q2g reads no test hook).
 """
 
 import random
@@ -18,9 +19,8 @@ import test_sweep as t  # noqa: E402
 
 from q2g import cli  # noqa: E402
 from q2g.finetune import stage as finetune  # noqa: E402
-from q2g.sweep import cli as sweep_cli  # noqa: E402
+from q2g.sweep import stage as sweep_cli  # noqa: E402
 from q2g.sweep import study as sweep_study  # noqa: E402
-from q2g.sweep.workers import KILL_AT  # noqa: E402
 
 GRID3 = "    lora_r: [4, 8, 16]\n"
 
@@ -81,7 +81,7 @@ KILL_POINTS = ["generate", "baseline", "ask", "claim", "trial", "train", "tell",
 
 
 def run_worker(config, out, kill: str | None) -> int:
-    env = {KILL_AT: kill} if kill else {}
+    env = {t.KILL_AT: kill} if kill else {}
     worker = t.start_worker(config, out, **env)
     log = worker.communicate(timeout=120)[0]
     assert worker.returncode in (0, -9), log

@@ -23,7 +23,7 @@ optuna = pytest.importorskip("optuna")
 
 import test_sweep as t  # noqa: E402
 
-from q2g.sweep import cli as sweep  # noqa: E402
+from q2g.sweep import stage as sweep  # noqa: E402
 
 URL = os.environ.get("Q2G_TEST_POSTGRES_URL")
 REQUIRED = os.environ.get("Q2G_REQUIRE_POSTGRES") == "1"
@@ -49,7 +49,7 @@ def pg_url():
 
 
 WORKER = (
-    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g.sweep import cli as sweep; "
+    "import sys; sys.path.insert(0, {tests!r}); import test_sweep as t; from q2g.sweep import stage as sweep; "
     "sweep.run_sweep({config!r}, {out!r}, train=t.fake_train, baseline=t.fake_baseline, "
     "storage={url!r}, study_name={name!r})"
 )

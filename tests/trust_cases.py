@@ -189,6 +189,6 @@ ROWS = [
         "t-ft-eval-backend-vllm",
         "finetune",
         ["--eval-backend", "vllm"],
-        "--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'",
+        "--eval-backend vllm needs the vllm package, which is not installed: pip install",
     ),
 ]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from q2g.demo_model import resolve_model_path
 from q2g.errors import BadInput
-from q2g.models import resolve_model_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -23,18 +23,9 @@ Where a mask must stay (left-padded generation has the same fully masked rows, i
 `use_guarded_sdpa(model)` switches the model to sdpa with a mask that lets a row that sees
 nothing see everything instead (what transformers 4's `allow_torch_fix` did): those rows are
 padding, their output is never used, and it is finite.
-
-Padding-free packing (`PackedCollator`): a batch's examples are concatenated into one row with
-per-example position_ids; with no attention mask, transformers 5 reads the position resets as
-sequence boundaries and masks attention across examples (sdpa/eager: a block-diagonal mask;
-flash-attention: cu_seqlens), so no example sees another and no token is padding.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-IGNORE_INDEX = -100
 
 
 def padding_share(batches: list[list[int]]) -> float:
@@ -84,46 +75,6 @@ def causal_inputs(batch: dict) -> dict:
     if mask is None or mask.dim() != 2 or not is_right_padded(mask):
         return batch
     return {k: v for k, v in batch.items() if k != "attention_mask"}
-
-
-def sliding_windows(config) -> list[int]:
-    """The window of every sliding-attention layer of a model config (Gemma 2/3, Qwen2 with SWA...)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or []
-    if not window or (getattr(config, "use_sliding_window", True) is False):
-        return []
-    return [window for t in types if t == "sliding_attention"]
-
-
-def fully_masked_rows(attention_mask, window: int) -> int:
-    """Query rows of a right-padded batch that see no key in a sliding layer of this window:
-    per row, the positions q >= L + window - 1 (L = real tokens)."""
-    width = attention_mask.shape[1]
-    return sum(max(0, width - (int(n) + window - 1)) for n in attention_mask.sum(1).tolist())
-
-
-@dataclass
-class PackedCollator:
-    """The batch's examples as one row: input_ids, labels and position_ids of shape [1, total].
-
-    The first label of every example is -100: the token before it belongs to another example,
-    so nothing is trained across a boundary (the shifted loss drops position 0 of a padded row
-    the same way; the count of trained tokens is the same as with padding).
-    """
-
-    def __call__(self, batch: list[dict]) -> dict:
-        import torch
-
-        ids, labels, positions = [], [], []
-        for b in batch:
-            ids += b["input_ids"]
-            labels += [IGNORE_INDEX] + list(b["labels"][1:])
-            positions += range(len(b["input_ids"]))
-        return {
-            "input_ids": torch.tensor([ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-        }
 
 
 GUARDED_SDPA = "sdpa_guarded"

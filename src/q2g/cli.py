@@ -21,11 +21,11 @@ from q2g.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Q2GError
 COMMANDS = {
     "generate": ("q2g.generate.stage", "stage 1: teacher traces -> dataset/"),
     "finetune": ("q2g.finetune.stage", "stage 2: LoRA fine-tuning with per-epoch pass@1 and perplexity"),
-    "evaluate": ("q2g.evaluation.cli", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
+    "evaluate": ("q2g.evaluation.stage", "pass@1 on a holdout and WikiText perplexity of any model (+adapter)"),
     "merge": ("q2g.merge", "merge a LoRA adapter into its base model, checked on a probe input"),
     "export": ("q2g.export", "validated traces as TRL prompt/completion or chat-messages JSONL"),
     "run": ("q2g.run", "generate -> finetune -> report from one YAML config, resuming finished stages"),
-    "sweep": ("q2g.sweep.cli", "Optuna sweep of finetune settings: a Pareto front of accuracy vs forgetting"),
+    "sweep": ("q2g.sweep.stage", "Optuna sweep of finetune settings: a Pareto front of accuracy vs forgetting"),
     "demo": ("q2g.run", "the offline demo: real Gemma 3 270M, shipped data, reference teacher"),
 }
 

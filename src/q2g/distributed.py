@@ -4,7 +4,7 @@
 
 The Trainer trains on every process (DDP through accelerate). The per-epoch pass@1 decoding is
 split across the processes (`gather` brings their rows to the main one; see
-q2g.evaluation.sharded); everything else in stage 2 happens once, on the main process: the
+q2g.evaluation.core); everything else in stage 2 happens once, on the main process: the
 baseline, the held-out loss and perplexity, metrics.jsonl, adapters, final/ and the report. Its decisions (a metrics row, hence the forgetting policy's verdict) are
 shared so every process stops or goes on together. With one process every call here is a no-op,
 so nothing else in q2g needs to know.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from datetime import timedelta
 
 from q2g.errors import ConfigError
@@ -119,7 +118,6 @@ def share(obj, wait_s: int = WAIT_S):
         return obj
     store, key = _store(), _key("share")
     if is_main():
-        time.sleep(float(os.environ.get("Q2G_TEST_MAIN_DELAY_S", 0)))  # test hook: a slow evaluation
         store.set(key, pickle.dumps(obj))
         return obj
     store.wait([key], timedelta(seconds=wait_s))

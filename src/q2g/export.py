@@ -25,13 +25,12 @@ data_files=FILE)` reads either file as it is.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from q2g.config import Config, load_config, option
 from q2g.errors import DataError
-from q2g.finetune.sft_data import read_traces
+from q2g.examples import read_traces
 from q2g.io import write_jsonl
 from q2g.models import load_tokenizer
 from q2g.out_guard import check_output, hold_lock, lock_beside
@@ -67,7 +66,7 @@ def traces_file(traces: str) -> Path:
 
 def validated_traces(path: Path) -> list[dict]:
     """The validated rows of traces.jsonl, checked field by field (DataError naming file:line);
-    a file without one is refused (sft_data.read_traces): an export of nothing is a mistake."""
+    a file without one is refused (examples.read_traces): an export of nothing is a mistake."""
     return read_traces(path)[1]
 
 
@@ -127,9 +126,3 @@ def main(argv=None) -> int:
         write_jsonl(out_path, out)
     print(f"[export] {len(out)} validated traces -> {args.out} ({args.format})")
     return 0
-
-
-if __name__ == "__main__":
-    from q2g.cli import main as cli_main
-
-    sys.exit(cli_main(["export", *sys.argv[1:]]))

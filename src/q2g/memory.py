@@ -19,7 +19,7 @@ The terms (bytes; b = batch, s = sequence, h = hidden, I = MLP width, V = vocabu
                  scores. Gradient checkpointing keeps only each layer's input (h) and recomputes
                  one layer at a time.
     logits       full: b s V x (dtype + 4 fp32 upcast + 4 log-softmax + 4 its gradient), the
-                 plain `model(**batch).loss`; label-only chunked (q2g.loss): chunk V x (dtype + 4
+                 plain `model(**batch).loss`; label-only chunked (q2g.finetune.loss): chunk V x (dtype + 4
                  + 4, + 4 with a softcap) + the label rows' hidden states and their gradient.
 The decision keeps 10% of the free memory as headroom (allocator fragmentation, CUDA workspace).
 """
@@ -40,7 +40,7 @@ class TrainShape:
     lora_r: int = 16
     target_modules: tuple = ("q_proj", "v_proj")
     gradient_checkpointing: bool = False
-    label_only_loss: bool = True  # q2g.loss.LabelOnlyLossTrainer (False: the plain model loss)
+    label_only_loss: bool = True  # q2g.finetune.loss.LabelOnlyLossTrainer (False: the plain model loss)
     loss_chunk_size: int = 1024
     optim_8bit: bool = False
     attention: str = "sdpa"  # or "eager" (materialises the scores)
@@ -167,7 +167,7 @@ def plan(config, s: TrainShape, free_bytes: int, grad_accum: int = 1, n_params: 
                 f"{need / GB:.1f} GB needed, {free_bytes / GB:.1f} GB free: use --gradient-checkpointing "
                 f"--batch-size {shape.batch_size} --grad-accum {accum}",
             )
-    hint = "" if s.label_only_loss else "use the label-only loss (q2g.loss), "
+    hint = "" if s.label_only_loss else "use the label-only loss (q2g.finetune.loss), "
     return done(
         "does_not_fit",
         shape,

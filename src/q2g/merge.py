@@ -13,7 +13,6 @@ A quantized base is refused: merging into quantized weights would round the adap
 from __future__ import annotations
 
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,9 +180,3 @@ def main(argv=None) -> int:
             f"{out / 'merge_check.json'} has the numbers"
         )
     return 0
-
-
-if __name__ == "__main__":
-    from q2g.cli import main as cli_main
-
-    sys.exit(cli_main(["merge", *sys.argv[1:]]))

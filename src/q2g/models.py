@@ -18,8 +18,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.demo_model import DEMO_MODEL, demo_gemma_dir  # noqa: F401  (DEMO_MODEL: part of this API)
+from q2g.demo_model import DEMO_MODEL, demo_gemma_dir, resolve_model_path  # noqa: F401  (part of this API)
 from q2g.errors import BadInput, ConfigError
+from q2g.optional import install_hint, is_available
 
 
 def pick_device(device: str = "auto") -> str:
@@ -95,9 +96,16 @@ def resolve_precision(precision: str, device: str) -> Precision:
     return Precision(dtype, precision, f"{precision} weights + {precision} autocast")
 
 
-def vllm_dtype(precision: str) -> str:
-    """vLLM's `dtype` for a q2g precision: the weights' dtype resolve_precision decides on a GPU."""
-    return str(resolve_precision(precision, "cuda").dtype).removeprefix("torch.")
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", None: "float32"}
+
+
+def vllm_dtype(precision: Precision | None) -> str:
+    """The dtype vLLM computes in: the run's precision decision (`resolve_precision`), never the
+    parameters' dtype (fp32 weights under bf16 autocast compute in bf16); None: vLLM's own ("auto",
+    the checkpoint's dtype). The teacher and the student's vLLM evaluation both ask here."""
+    if precision is None:
+        return "auto"
+    return VLLM_DTYPES[precision.autocast]
 
 
 def storage_dtype(name: str):
@@ -119,29 +127,17 @@ def cpu_has_bf16() -> bool:
 
 def resolve_optim(name: str, device: str) -> str:
     """The Trainer `optim`; 8-bit AdamW falls back to torch AdamW (said once) where it cannot run."""
-    import importlib.util
-
     if name == "adamw":
         return "adamw_torch"
-    if importlib.util.find_spec("bitsandbytes") is None or not device.startswith("cuda"):
+    if not is_available("bitsandbytes") or not device.startswith("cuda"):
         why = (
-            "bitsandbytes is not installed: pip install 'q2g[bnb]'"
+            f"bitsandbytes is not installed: {install_hint('bitsandbytes')}"
             if device.startswith("cuda")
             else "it needs a CUDA GPU"
         )
         print(f"[q2g] note: 8-bit AdamW cannot run here ({why}); using torch AdamW instead", flush=True)
         return "adamw_torch"
     return "adamw_bnb_8bit"
-
-
-def resolve_model_path(name: str) -> str:
-    """A hub id or folder as given; `pypi:gemma3-270m` -> the converted local folder."""
-    if name == DEMO_MODEL:
-        try:
-            return str(demo_gemma_dir())
-        except ImportError as e:
-            raise BadInput(str(e)) from None
-    return name
 
 
 def model_revision(name: str) -> str:

@@ -228,7 +228,7 @@ def write_report(out_dir, metrics_rows: list[dict], info: dict) -> Path:
         f"every epoch{_backend(scored)}); {_heldout_line(scored)}{scored.get('ppl_tokens_scored', 'n/a')} "
         f"WikiText tokens scored for perplexity ({_protocol_line(scored.get('ppl_protocol'))}).",
     ]
-    if info.get("loss_path"):  # what ran (q2g.finetune.settings): loss, attention, checkpointing and why
+    if info.get("loss_path"):  # what ran (q2g.finetune.config): loss, attention, checkpointing and why
         lines.append(
             f"- Ran: loss {info['loss_path']}, attention {info.get('attention')}; gradient checkpointing "
             f"{info.get('gradient_checkpointing')}."

@@ -23,35 +23,12 @@ import re
 
 from q2g.answers.normalize import last_match, number_in
 from q2g.answers.sandbox import CHECK_TIMEOUT_S, too_deep_or_huge, worker_call
-from q2g.data.sources import SOURCES
+from q2g.data.sources import BOX_RE, SOURCES, braced, last_boxed  # noqa: F401  (last_boxed: re-exported)
 
 MV_TAIL_CHARS = 3000  # math-verify's fallback extraction reads only the end of a solution
 FLEXIBLE_RULES = ("mv_latex", "mv_expr")  # math-verify's reading: not a stated final answer
 
-# ---------------------------------------------------------------- boxes
-
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)")
-_BRACE_RE = re.compile(r"[{}]")
-_BARE_BOX_RE = re.compile(r"[ \t]+([^\s$]+)")  # `\boxed 5`: TeX takes one token
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`), else None."""
-    if not isinstance(text, str):
-        return None
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    # An unclosed last box (a generation cut off mid-answer) falls back to the one before; at most
-    # three tries keep a text made of unclosed boxes linear.
-    for start in reversed(starts[-3:]):
-        if text.startswith("{", start):
-            content = _braced(text, start)
-        else:
-            bare = _BARE_BOX_RE.match(text, start)
-            content = bare.group(1) if bare else None
-        if content is not None:
-            return content
-    return None
-
+# ---------------------------------------------------------------- boxes (last_boxed: q2g.data.sources)
 
 # What may stand between boxes that together are one answer: `\boxed{2}, \boxed{3}`,
 # `$\boxed{1}$ and $\boxed{2}$`, `\boxed{a} \quad \text{or} \quad \boxed{b}`.
@@ -70,9 +47,9 @@ def boxed_together(text: str) -> str | None:
     if not isinstance(text, str):
         return None
     spans = []
-    for m in list(_BOX_RE.finditer(text))[-_MAX_BOXES:]:
+    for m in list(BOX_RE.finditer(text))[-_MAX_BOXES:]:
         if text.startswith("{", m.end()):
-            content = _braced(text, m.end())
+            content = braced(text, m.end())
             if content is not None:
                 spans.append((m.start(), m.end() + len(content) + 2, content))
     joined = spans[-1:]
@@ -81,16 +58,6 @@ def boxed_together(text: str) -> str | None:
             break
         joined.insert(0, prev)
     return ", ".join(c.strip() for _, _, c in joined) if len(joined) > 1 else None
-
-
-def _braced(text: str, open_at: int) -> str | None:
-    """The text inside the brace group opening at `open_at`, found by counting braces."""
-    depth = 0
-    for m in _BRACE_RE.finditer(text, open_at):
-        depth += 1 if m.group() == "{" else -1
-        if depth == 0:
-            return text[open_at + 1 : m.start()]
-    return None
 
 
 # ---------------------------------------------------------------- extraction
@@ -148,7 +115,7 @@ def _gsm8k_spans(text: str):
 
 def _math_spans(text: str):
     stated = last_match(_ANSWER_IS_RE, text)
-    last_box = last_match(_BOX_RE, text)
+    last_box = last_match(BOX_RE, text)
     if (
         stated
         and stated.group(1)

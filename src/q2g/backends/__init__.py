@@ -28,11 +28,11 @@ the final content only. Either way the final answer is read from the final conte
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass
 
-from q2g.errors import BadInput, RunFailed
+from q2g.errors import RunFailed
+from q2g.optional import require
 
 BACKENDS = ("hf", "vllm", "openai", "reference")
 # Problems per batch (the unit of one write and of resume) when --batch-size is not given.
@@ -43,8 +43,8 @@ DEFAULT_REASONING = "reasoning+answer"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # backend -> (the package it imports, the command that installs it); the others need only q2g's own.
 EXTRAS = {
-    "vllm": ("vllm", "pip install 'q2g[vllm]' (Linux with a CUDA GPU)"),
-    "openai": ("openai", "pip install 'q2g[openai]'"),
+    "vllm": "vllm",
+    "openai": "openai",
 }
 
 
@@ -113,16 +113,7 @@ def api_key(args) -> str | None:
     return next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
 
 
-def is_available(package: str) -> bool:
-    """Whether `package` can be imported (found without importing it: vLLM takes seconds)."""
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a broken install, or a module without a spec
-        return False
-
-
 def check_available(name: str) -> None:
     """Refuse (BadInput, exit 2, with the pip command) a backend whose package is not installed."""
-    if name in EXTRAS and not is_available(EXTRAS[name][0]):
-        package, install = EXTRAS[name]
-        raise BadInput(f"--backend {name} needs the {package} package, which is not installed: {install}")
+    if name in EXTRAS:
+        require(EXTRAS[name], f"--backend {name}")

@@ -3,7 +3,7 @@
     q2g generate --backend hf --teacher Qwen/Qwen2.5-7B-Instruct --batch-size 32
 
 Prompts come from prompts.teacher_prompt (the chat template of an instruct teacher, the plain
-format for a base model). Generation is q2g.evaluation.decoding.generate: length-grouped batches, left
+format for a base model). Generation is q2g.decoding.generate: length-grouped batches, left
 padding, KV cache, stop at end-of-turn / EOS; bf16 on a GPU (models.resolve_precision). k samples of a
 problem are k copies of its prompt. `n_tokens` counts generated tokens including the stop token.
 Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reasoning (backends).
@@ -12,7 +12,7 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 from __future__ import annotations
 
 from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
-from q2g.evaluation.decoding import generate
+from q2g.decoding import generate
 from q2g.models import load_model, load_tokenizer, pick_device, resolve_precision
 from q2g.prompts import end_token_ids, teacher_prompt_ids
 

@@ -14,8 +14,9 @@ Inline `<think>...</think>` of a thinking teacher is kept or dropped per --reaso
 
 from __future__ import annotations
 
-from q2g.backends import DEFAULT_REASONING, EXTRAS, Sample, stable_seed, thinking_sample
-from q2g.models import PRECISIONS, resolve_model_path, vllm_dtype
+from q2g.backends import DEFAULT_REASONING, Sample, stable_seed, thinking_sample
+from q2g.models import PRECISIONS, resolve_model_path, resolve_precision, vllm_dtype
+from q2g.optional import install_hint
 from q2g.prompts import teacher_prompt_ids
 
 
@@ -25,7 +26,7 @@ def import_vllm(needed_by: str = "the vllm backend"):
     try:
         import vllm
     except ImportError:
-        raise ImportError(f"{needed_by} needs vLLM: {EXTRAS['vllm'][1]}") from None
+        raise ImportError(f"{needed_by} needs vLLM: {install_hint('vllm')}") from None
     return vllm
 
 
@@ -51,7 +52,7 @@ class VLLMBackend:
         self.llm = vllm.LLM(
             model=resolve_model_path(teacher),
             tensor_parallel_size=tensor_parallel_size,
-            dtype=vllm_dtype(precision),
+            dtype=vllm_dtype(resolve_precision(precision, "cuda")),  # the teacher runs on the GPU
             seed=seed,
             trust_remote_code=False,
         )

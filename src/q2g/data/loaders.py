@@ -25,9 +25,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from q2g.answers.extract import last_boxed
 from q2g.data.jsonl import read_jsonl_lines
-from q2g.data.sources import DEFAULT_MATH_SUBJECTS, SOURCES, parse_level, subject_slug
+from q2g.data.sources import DEFAULT_MATH_SUBJECTS, SOURCES, last_boxed, parse_level, subject_slug
 from q2g.errors import DataError
 from q2g.io import read_input_bytes
 

@@ -1,5 +1,5 @@
 """Held-out loss: mean NLL per target token of the holdout problems' reference solutions, built
-by `sft_data.build_example` (the training format and masking), teacher-forced: the training loss
+by `examples.build_example` (the training format and masking), teacher-forced: the training loss
 on problems the model never trains on. It moves with every update, where pass@1 on a few dozen
 problems moves in steps of 1/n.
 """
@@ -7,17 +7,17 @@ problems moves in steps of 1/n.
 from __future__ import annotations
 
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.forward_nll import labels_nll
-from q2g.evaluation.model_state import (
+from q2g.examples import Collator, build_example
+from q2g.scoring import (
     LOGITS_BUDGET_BYTES,
     autocast,
     bytes_per_position,
     device_of,
     eval_mode,
     guarded_attention,
+    labels_nll,
     progress_bar,
 )
-from q2g.finetune.sft_data import Collator, build_example
 
 
 def heldout_examples(tokenizer, records: list[dict], max_seq_len: int) -> tuple[list[dict], int]:
@@ -47,7 +47,7 @@ def _example_batches(examples: list[dict], max_rows: int, per_position: int):
 
 def _examples_nll(model, batch, pad_id) -> tuple[float, int]:
     """Summed NLL and count of the labelled tokens of a batch (teacher-forced, shifted by one);
-    only the labelled positions go through the LM head (forward_nll: no [B, T, V] logits)."""
+    only the labelled positions go through the LM head (q2g.scoring: no [B, T, V] logits)."""
     cols = {k: v.to(device_of(model)) for k, v in Collator(pad_id)(batch).items()}
     return labels_nll(model, cols["input_ids"], cols["attention_mask"], cols["labels"])
 

@@ -8,20 +8,30 @@ answer_format_rate: the share of generations that state a final answer within th
 an answer `answers.extract_answer_with_rule` finds by a rule that reads a stated answer, not by
 a fallback (GSM8K's last number, math-verify's `mv_expr`/`mv_latex`), which any text holding a
 number passes, so it would not show a format being learned.
+
+Student decoding on vLLM (`--eval-backend vllm`): one engine per base model for the whole
+process, with LoRA on, so each epoch's adapter comes per request and is never merged.
+
+vLLM is imported only when chosen (q2g.backends.vllm.import_vllm). Tested against a stand-in
+module (tests/test_evaluate_metrics.py), which checks the calls, not vLLM itself.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
-from q2g import prompts
+from q2g import decoding, prompts
 from q2g.answers.check import is_correct
 from q2g.answers.extract import extract_answer_with_rule
+from q2g.backends.vllm import import_vllm
 from q2g.data.sources import source_key
-from q2g.evaluation import decoding, decoding_vllm
+from q2g.decoding.rows import Generation, cut_at_stop
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.model_state import autocast, eval_mode, guarded_attention, progress_bar
+from q2g.models import vllm_dtype
+from q2g.scoring import autocast, eval_mode, guarded_attention, progress_bar
 
 
 def _score(record: dict, gen) -> dict:
@@ -96,28 +106,17 @@ def _saved_adapter(model, adapter_dir):
 
 
 # vLLM's dtype names for the run's compute precision (Precision.autocast; None: fp32).
-VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", None: "float32"}
-
-
-def vllm_dtype(precision) -> str:
-    """The dtype vLLM computes in: the run's precision (models.resolve_precision), never the
-    parameters' dtype (fp32 weights under bf16 autocast compute in bf16)."""
-    if precision is None:
-        return "auto"  # no decision passed in: vLLM's own (the checkpoint's dtype)
-    return VLLM_DTYPES[precision.autocast]
-
-
 def _vllm_generate(model, prompt_ids, cfg: EvalConfig, end_ids, adapter_dir, precision):
     base = _base_model(model)
     with _saved_adapter(model, adapter_dir) as folder:
-        engine = decoding_vllm.vllm_engine(
+        engine = vllm_engine(
             base.config.name_or_path,
             dtype=vllm_dtype(precision),
-            lora_rank=decoding_vllm.adapter_rank(folder) if folder else 0,
+            lora_r=adapter_rank(folder) if folder else 0,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.eval_seed,
         )
-        return decoding_vllm.generate_vllm(
+        return generate_vllm(
             engine,
             prompt_ids,
             max_new_tokens=cfg.eval_max_new_tokens,
@@ -167,3 +166,80 @@ def math_pass_at_1(
             )
     rows = [_score(r, g) for r, g in zip(records, gens)]
     return {**summarize(rows), "backend": cfg.eval_backend, "generations": rows}
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+# The engine is built for adapters up to this rank at least: the base model (epoch 0) comes first,
+# before any adapter says its rank, and a rebuild costs a model load.
+VLLM_MIN_LORA_RANK = 64
+_ENGINES: dict = {}  # one engine per (base model, dtype) for the whole process
+
+
+def adapter_rank(adapter_dir) -> int:
+    """The LoRA rank in a peft adapter folder's adapter_config.json."""
+    return int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
+
+
+def vllm_engine(base: str, *, dtype: str, lora_r: int, gpu_memory_utilization: float, seed: int = 0) -> dict:
+    """The process's vLLM engine for `base`, with LoRA on (adapters come per request, never
+    merged). Built once and kept across epochs; rebuilt only for an adapter of a higher rank."""
+    vllm = import_vllm("--eval-backend vllm")
+    need = next((r for r in VLLM_LORA_RANKS if r >= max(lora_r, VLLM_MIN_LORA_RANK)), lora_r)
+    held = _ENGINES.get((base, dtype))
+    if held is None or held["max_lora_rank"] < need:
+        _ENGINES.pop((base, dtype), None)
+        llm = vllm.LLM(
+            model=base,
+            tokenizer=base,
+            dtype=dtype,
+            seed=seed,
+            enable_lora=True,
+            max_lora_rank=need,
+            max_loras=1,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=False,
+        )
+        held = _ENGINES[(base, dtype)] = {"llm": llm, "max_lora_rank": need, "next_lora_id": 1}
+    return held
+
+
+def generate_vllm(
+    engine: dict,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    end_ids=(),
+    stop_strings=(),
+    adapter_dir=None,
+    seed: int = 0,
+) -> list[Generation]:
+    """Greedy continuations from a `vllm_engine`, with the LoRA adapter saved in `adapter_dir`
+    (None: the base model). Every call gets a new LoRA id: vLLM caches an adapter by its id, and
+    the same folder may hold new weights next time."""
+    vllm = import_vllm("--eval-backend vllm")
+    from vllm.lora.request import LoRARequest
+
+    params = vllm.SamplingParams(
+        temperature=0.0,
+        max_tokens=max_new_tokens,
+        stop=list(stop_strings) or None,
+        stop_token_ids=sorted(end_ids) or None,
+        seed=seed,
+    )
+    lora = None
+    if adapter_dir is not None:
+        lora_id, engine["next_lora_id"] = engine["next_lora_id"], engine["next_lora_id"] + 1
+        lora = LoRARequest(f"q2g-{lora_id}", lora_id, str(adapter_dir))
+    outputs = engine["llm"].generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora
+    )
+    results = []
+    for out in outputs:
+        c = out.outputs[0]
+        text, _ = cut_at_stop(c.text, stop_strings)  # vLLM leaves the stop string out already
+        results.append(
+            Generation(
+                text=text, n_tokens=len(c.token_ids), stopped=c.finish_reason == "stop", token_ids=list(c.token_ids)
+            )
+        )
+    return results

@@ -17,88 +17,19 @@ Perplexity, `--ppl-protocol`:
 - `lm-eval-raw`: the same without the detokenizer.
 Word/byte perplexity and bits per byte follow lm-eval: words are `len(re.split(r"\\s+", text))`
 and bytes `len(text.encode("utf-8"))` of the scored text (lm-eval: of each original article).
+
+lm-evaluation-harness's wikitext task, text side: its documents, its detokenizer, its rolling
+windows and its word count, so `--ppl-protocol lm-eval` scores what HFLM's `loglikelihood_rolling`
+scores (tests/test_evaluate_metrics.py checks the pieces against lm-eval itself).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 from q2g.errors import BadInput
-from q2g.evaluation import forward_nll
-from q2g.evaluation.model_state import (
-    LOGITS_BUDGET_BYTES,
-    autocast,
-    bytes_per_position,
-    eval_mode,
-    progress_bar,
-)
-from q2g.evaluation.wikitext import count_words, lm_eval_documents, rolling_windows
-
-# A window is (input ids, target ids, tail): the logits of the len(targets) positions that
-# end `tail` positions before the input's end predict the targets.
-
-
-def plan_windows(n_tokens: int, max_length: int, stride: int, bos: bool) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) text-token indices of each window: the model sees
-    [bos] + ids[begin:end] (or ids[begin:end]) and is scored on ids[first_scored:end]."""
-    if max_length < 2 or not 1 <= stride <= max_length - 1:
-        raise ValueError(f"need max_length >= 2 and 1 <= stride < max_length, got {max_length}, {stride}")
-    budget = max_length - 1 if bos else max_length
-    windows, begin, prev_end = [], 0, 0
-    while n_tokens:
-        end = min(begin + budget, n_tokens)
-        # Without bos a window's first token has no context, so it cannot be scored.
-        windows.append((begin, end, max(prev_end, begin + (0 if bos else 1))))
-        if end == n_tokens:
-            break
-        begin, prev_end = begin + stride, end
-    return windows
-
-
-def q2g_windows(ids: list[int], max_length: int, stride: int, bos_id) -> list[tuple[list[int], list[int], int]]:
-    prefix = [bos_id] if bos_id is not None else []
-    return [
-        (prefix + ids[b:e], ids[f:e], 1) for b, e, f in plan_windows(len(ids), max_length, stride, bos_id is not None)
-    ]
-
-
-def _window_batches(windows, max_windows: int, per_position: int):
-    """Consecutive windows of equal input length, grouped so their kept logits fit the budget."""
-    batch: list = []
-    for w in windows:
-        kept = max(len(t) + tail for _, t, tail in batch + [w])
-        too_big = (len(batch) + 1) * kept * per_position > LOGITS_BUDGET_BYTES
-        if batch and (len(w[0]) != len(batch[0][0]) or len(batch) >= max_windows or too_big):
-            yield batch
-            batch = []
-        batch.append(w)
-    if batch:
-        yield batch
-
-
-def _batch_nll(model, batch) -> float:
-    """Summed NLL of the targets of a batch of equal-length windows (forward_nll: the decoder's
-    hidden states through the LM head a chunk at a time, no [B, T, V] logits)."""
-    return forward_nll.windows_nll(model, batch)
-
-
-def windows_nll(model, windows, batch_size: int, progress=True, precision=None) -> float:
-    """Summed NLL of every window's targets, `batch_size` windows (at most) per forward."""
-    import torch
-
-    per_position = bytes_per_position(model, precision)
-    nll = 0.0
-    n_targets = sum(len(t) for _, t, _ in windows)
-    with (
-        eval_mode(model),
-        autocast(model, precision),
-        torch.inference_mode(),
-        progress_bar(progress, total=n_targets, desc="perplexity", unit="tok", unit_scale=True) as bar,
-    ):
-        for batch in _window_batches(windows, batch_size, per_position):
-            nll += _batch_nll(model, batch)
-            bar.update(sum(len(t) for _, t, _ in batch))
-    return nll
+from q2g.scoring import q2g_windows, windows_nll
 
 
 def _exp(x: float) -> float:
@@ -206,3 +137,101 @@ def lm_eval_perplexity(
         "prefix_token": tokenizer.convert_ids_to_tokens(prefix),
         "truncated": truncated,
     }
+
+
+def rolling_windows(ids: list[int], max_length: int, prefix_id: int) -> list[tuple[list[int], list[int], int]]:
+    """lm-evaluation-harness's `loglikelihood_rolling` windows (`get_rolling_token_windows` with
+    context_len=1, made disjoint, as HFLM feeds them): every token is scored once, `max_length`
+    per window; the first window is fed [prefix] + its tokens, each later one the `max_length`
+    tokens before its last (so a short last window gets a full window of context)."""
+    windows = []
+    for start in range(0, len(ids), max_length):
+        end = min(start + max_length, len(ids))
+        inputs = [prefix_id] + ids[: end - 1] if start == 0 else ids[end - max_length - 1 : end - 1]
+        windows.append((inputs, ids[start:end], 0))
+    return windows
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness's wikitext task counts them, on the document text (a
+    trailing newline adds one empty 'word' there too; kept so the numbers compare)."""
+    return len(re.split(r"\s+", text))
+
+
+def wikitext_documents(text: str) -> list[str]:
+    """The text cut into articles as EleutherAI/wikitext_document_level does: a new document
+    starts at each top-level ` = Title = ` line (`= = Section = =` lines stay inside)."""
+    docs, lines = [], []
+    for line in text.split("\n"):
+        bare = line.replace("= = =", "===").replace("= =", "==").strip()
+        if bare.startswith("= ") and bare.endswith(" ="):
+            if "\n".join(lines).strip():
+                docs.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    return docs + ["\n".join(lines)]
+
+
+# lm-eval's `wikitext_detokenizer`, in its order: plain replacements and regex substitutions.
+_DETOKENIZE = (
+    ("s '", "s'"),
+    (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" : ", ": "),
+    (" ; ", "; "),
+    (" . ", ". "),
+    (" ! ", "! "),
+    (" ? ", "? "),
+    (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
+    (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
+    (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),
+    (" \u00b0 ", "\u00b0"),
+    (" \n", "\n"),
+    ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
+)
+
+
+def wikitext_detokenize(text: str) -> str:
+    for old, new in _DETOKENIZE:
+        text = old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new)
+    return text
+
+
+def _fit_prefix(doc: str, n_tokens: int, encode) -> str:
+    """The longest prefix of `doc` cut after a run of whitespace whose encoding has <= n_tokens."""
+    cuts = [m.end() for m in re.finditer(r"\s+", doc)]
+    lo, hi = 0, len(cuts)  # cuts[:lo] fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(encode(doc[: cuts[mid - 1]])) <= n_tokens else (lo, mid - 1)
+    return doc[: cuts[lo - 1]] if lo else ""
+
+
+def lm_eval_documents(tokenizer, text: str, detokenize: bool, max_tokens: int | None) -> tuple[list, bool]:
+    """([(original document, its token ids)], truncated) as lm-eval's wikitext task scores them;
+    with `max_tokens` the documents are kept in order up to the budget, the last one cut at a word."""
+
+    # HFLM encodes with the tokenizer's own special tokens: a tokenizer that adds <bos> (Gemma)
+    # puts one before the text, and it is scored after the <bos> prefix. Kept, so numbers compare.
+    def encode(doc):
+        return tokenizer(wikitext_detokenize(doc) if detokenize else doc)["input_ids"]
+
+    out, left = [], max_tokens
+    for doc in wikitext_documents(text):
+        ids = encode(doc)
+        if left is not None and len(ids) > left:
+            doc = _fit_prefix(doc, left, encode)
+            return out + ([(doc, encode(doc))] if doc else []), True
+        out.append((doc, ids))
+        left = None if left is None else left - len(ids)
+    return out, False

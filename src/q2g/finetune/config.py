@@ -3,16 +3,53 @@
     cfg, eval_cfg = load_config((FinetuneConfig, EvalConfig), argv, prog="q2g finetune", section="finetune")
 
 The evaluation options are evaluate.EvalConfig's (the same flags as `q2g evaluate`). What a run
-decides from these (device, precision, optimizer, loss path...) is in settings.py.
+decides from these (device, precision, optimizer, loss path...) is `Settings`, below.
+
+Stage 2's resolved settings: what was asked and what the run decided from it, in one typed object.
+
+    settings = Settings(asked=cfg, eval=eval_cfg, device="cpu", precision_used="fp32", ...)
+    atomic_write_json(out / "config.json", settings.to_dict())
+    run_keys(("baseline", "training"))   # the config.json keys a resumed run must match
+
+`asked` is the FinetuneConfig as given and `eval` the EvalConfig; every other field is a decision
+(`decided(...)`), and a decision that settles an option says which (`resolves="precision"`): the
+"same run?" checks then compare the decision (precision "auto" -> "fp32") instead of the request.
+Which options matter is their own `option(results=...)` declaration (q2g.config.result_keys).
+`Run` is that object plus what the stage loaded (tokenizer, examples, holdout, metrics rows).
+
+peft's LoRA variants as finetune options: rsLoRA, DoRA and the adapter's initialisation.
+
+    q2g finetune ... --use-rslora          # scale alpha / sqrt(r) instead of alpha / r
+    q2g finetune ... --use-dora            # weight-decomposed LoRA: a trained magnitude per output
+    q2g finetune ... --init-lora-weights pissa   # (default, gaussian, pissa, pissa_niter_<n>, olora, ...)
+
+`option_errors` checks the three (and the other forgetting-control options) against the installed
+peft when the config is built, before anything loads. `lora_kwargs` is what `LoraConfig` gets.
+
+PiSSA and OLoRA rewrite the base weights (W -> W - B A at init, so the sum is unchanged). An
+adapter saved as it is would then only be right on that residual base, so `keep_initial` saves the
+adapter as initialised (in a temporary folder) and `save_kwargs` makes every epoch-N/ adapter a
+plain LoRA of rank 2r on the ORIGINAL base (peft's path_initial_model_for_weight_conversion):
+q2g's load, evaluation (vLLM too) and merge paths need no other change. Trainer checkpoints
+(for --resume) keep the residual form, which a resumed run rebuilds with the same seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import functools
+import re
+import shutil
+import tempfile
+import typing
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from q2g import forgetting
-from q2g.config import SEED_MAX, Config, option
-from q2g.finetune.lora_variants import option_errors
+from q2g.config import SEED_MAX, Config, option, result_keys
+from q2g.evaluation.config import EvalConfig
+from q2g.finetune.kl_anchor import check_init
 from q2g.models import PRECISIONS
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
@@ -148,4 +185,168 @@ class FinetuneConfig(Config):
 
     def check(self) -> list[str]:
         steps = ["--max-steps: must be >= 1, or -1 for no limit, got 0"] if self.max_steps == 0 else []
-        return steps + option_errors(self)  # the LoRA variant, KL and probe combinations (lora_variants)
+        return steps + option_errors(self)  # the LoRA variant, KL and probe combinations (option_errors, below)
+
+
+def decided(help: str, resolves: str | None = None, factory=None):
+    """A field the run decides; `resolves` names the option whose value it settles."""
+    meta = {"help": help, "resolves": resolves}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=None, metadata=meta)
+
+
+@dataclass
+class Settings:
+    """config.json: the options asked (flat, under their own names) and the decisions beside them."""
+
+    asked: FinetuneConfig
+    eval: EvalConfig
+    device: str | None = decided("the device trained and evaluated on", resolves="device")
+    precision_used: str | None = decided("the precision decided (models.resolve_precision)", resolves="precision")
+    dtype: str | None = decided("the frozen base weights' dtype")
+    amp: str | None = decided("the autocast dtype around forwards (None: none)")
+    optim_used: str | None = decided("the Trainer optimizer (8-bit AdamW falls back where it cannot run)", "optim")
+    traces_file: str | None = decided("the traces.jsonl read")
+    split_file: str | None = decided("the split manifest read", resolves="split")
+    traces_sha256: str | None = decided("a hash of the validated traces' content", resolves="traces")
+    n_train_examples: int | None = decided("examples built from the validated traces")
+    n_train_tokens: int | None = decided("tokens of those examples")
+    n_truncated: int | None = decided("examples cut at --max-seq-len")
+    n_skipped_prompt_too_long: int | None = decided("traces skipped: the prompt alone is too long")
+    n_rehearsal_examples: int | None = decided("examples of the base model's own text (--rehearsal-fraction)")
+    n_rehearsal_tokens: int | None = decided("tokens of those examples")
+    rehearsal_file: str | None = decided("the stored rehearsal texts (reused while their settings match)")
+    teachers: list = decided("(teacher, backend, n) of the traces", factory=list)
+    loss_path: str | None = decided("the training loss: chunked (label-only), liger (fused), plain (full logits)")
+    attention: str | None = decided("the attention implementation of the loaded model")
+    gradient_checkpointing_used: bool | None = decided("gradient checkpointing on", "gradient_checkpointing")
+    gradient_checkpointing_why: str | None = decided("asked, or turned on by the memory plan, or off")
+    memory_plan: dict | None = decided("q2g.memory's estimate: action, need_gb, free_gb, message")
+    padding_share: float | None = decided("share of batch tokens that are padding (this sampling)")
+    versions: dict = decided("torch / transformers / peft versions", factory=dict)
+
+    def to_dict(self) -> dict:
+        """The flat mapping written as config.json (and read back by the "same run?" checks)."""
+        out = {**self.asked.to_dict(), **self.eval.to_dict()}
+        out.update({f.name: getattr(self, f.name) for f in decisions()})
+        return out
+
+    def get(self, key: str):
+        return self.to_dict().get(key)
+
+
+def decisions() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Settings) if f.name not in ("asked", "eval")]
+
+
+def run_keys(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    """config.json keys that must match: resume (baseline + training), a reused baseline (baseline).
+    An option some decision settles is compared by that decision."""
+    settled = {f.metadata["resolves"]: f.name for f in decisions() if f.metadata.get("resolves")}
+    return tuple(settled.get(k, k) for k in result_keys(FinetuneConfig, EvalConfig, scopes=scopes))
+
+
+@dataclass
+class Run:
+    """Everything the stage shares between the baseline, the callback and the retrains."""
+
+    settings: Settings
+    out: Path
+    tokenizer: object
+    examples: list
+    precision: object  # models.Precision: the live form of settings.precision_used
+    records: list | None = None  # the holdout (evaluate_model draws its fixed subset; None: --no-eval)
+    wikitext: str | None = None
+    rows: list = field(default_factory=list)  # metrics.jsonl, in order
+
+    def baseline_ppl(self) -> float | None:
+        base = next((r for r in self.rows if r["epoch"] == 0), None)
+        return base and base.get("token_perplexity")
+
+    def find(self, lora_r, epoch) -> dict | None:
+        return next((r for r in self.rows if r.get("lora_r") == lora_r and r["epoch"] == epoch), None)
+
+
+DEFAULT_INIT = "default"  # peft's True: A Kaiming-uniform, B zero
+# Inits q2g runs as they are (no extra data or config); the rest peft offers need a calibration
+# pass (eva, corda, lora_ga) or a quantisation config (loftq).
+SUPPORTED_INITS = (DEFAULT_INIT, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "mica")
+CONVERTED_INITS = ("pissa", "olora")  # saved as a plain rank-2r LoRA on the original base
+
+
+def peft_inits() -> tuple[str, ...]:
+    """The string values the installed peft's LoraConfig.init_lora_weights accepts."""
+    from peft import LoraConfig
+
+    kind = typing.get_type_hints(LoraConfig).get("init_lora_weights")
+    values = [a for arg in typing.get_args(kind) for a in (typing.get_args(arg) or (arg,)) if isinstance(a, str)]
+    return tuple(v.replace("[number of iters]", "<n>") for v in values)
+
+
+@functools.cache  # FinetuneConfig.check runs for every sweep point
+def supported_inits() -> tuple[str, ...]:
+    offered = {DEFAULT_INIT, *peft_inits()}
+    return tuple(i for i in SUPPORTED_INITS if i in offered)
+
+
+def is_supported(init: str, supported: tuple[str, ...]) -> bool:
+    if init in supported and "<n>" not in init:
+        return True
+    return "pissa_niter_<n>" in supported and re.fullmatch(r"pissa_niter_[1-9]\d*", init) is not None
+
+
+def option_errors(cfg) -> list[str]:
+    """Problems with the LoRA-variant and forgetting-control options of a FinetuneConfig."""
+    problems = []
+    supported = supported_inits()
+    if not is_supported(cfg.init_lora_weights, supported):
+        problems.append(
+            f"--init-lora-weights {cfg.init_lora_weights!r} is not one q2g can train with the installed peft; "
+            f"choose one of {', '.join(supported)}"
+        )
+    if cfg.use_dora and str(cfg.init_lora_weights).startswith(CONVERTED_INITS):
+        problems.append(
+            f"--use-dora with --init-lora-weights {cfg.init_lora_weights}: the saved adapter is converted to a LoRA "
+            "on the original base, which DoRA's magnitude (a norm of the residual weight) does not survive"
+        )
+    kl = check_init(cfg.kl_to_base, cfg.init_lora_weights)
+    if kl:
+        problems.append(kl)
+    if cfg.forgetting_check_steps and cfg.no_eval:
+        problems.append("--forgetting-check-steps needs the WikiText evaluation (drop --no-eval)")
+    return problems
+
+
+def lora_kwargs(cfg) -> dict:
+    """The LoraConfig fields of the variant options."""
+    init = True if cfg.init_lora_weights == DEFAULT_INIT else cfg.init_lora_weights
+    return {"use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "init_lora_weights": init}
+
+
+def keep_initial(peft_model):
+    """After get_peft_model: for PiSSA/OLoRA, save the adapter as initialised (for the conversion)."""
+    init = peft_model.peft_config["default"].init_lora_weights
+    if isinstance(init, str) and init.startswith(CONVERTED_INITS):
+        folder = tempfile.mkdtemp(prefix="q2g-initial-adapter-")
+        weakref.finalize(peft_model, shutil.rmtree, folder, ignore_errors=True)
+        peft_model.peft_config["default"].init_lora_weights = True  # saved as a plain LoRA start
+        peft_model.save_pretrained(folder)
+        peft_model.peft_config["default"].init_lora_weights = init
+        peft_model.q2g_initial_adapter = folder
+    return peft_model
+
+
+def save_adapter_files(model, folder) -> None:
+    """model.save_pretrained(folder), a PiSSA/OLoRA adapter converted to a plain LoRA on the original
+    base. peft's conversion loads the initial adapter beside the trained one and then warns that
+    PiSSA/OLoRA "should not be used with other adapters": its own step, so that warning is hidden."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* changes the base weights of the model", category=UserWarning)
+        model.save_pretrained(folder, **save_kwargs(model))
+
+
+def save_kwargs(model) -> dict:
+    """Extra save_pretrained arguments: convert a PiSSA/OLoRA adapter to a LoRA on the original base."""
+    folder = getattr(model, "q2g_initial_adapter", None)
+    return {"path_initial_model_for_weight_conversion": folder} if folder else {}

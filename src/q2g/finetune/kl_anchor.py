@@ -4,9 +4,9 @@
 
 The base is the same peft model with its adapter disabled (`with model.disable_adapter():`, under
 no_grad), run in the same step: no second model is kept in memory. Only the positions whose
-shifted label is a trace token are compared (as q2g.loss's label-only cross-entropy selects them),
+shifted label is a trace token are compared (as q2g.finetune.loss's label-only cross-entropy selects them),
 and the [N, vocab] log-probabilities of student and base are built one chunk of positions at a
-time, the chunk's gradient taken in the forward (as q2g.loss's cross-entropy does), so no
+time, the chunk's gradient taken in the forward (as q2g.finetune.loss's cross-entropy does), so no
 [B, T, V] tensor exists and each block is built once (not again for the backward).
 
 KL(p_s || p_b) = sum_v p_s(v) (log p_s(v) - log p_b(v)) per position, summed over positions; the
@@ -17,9 +17,9 @@ different model, so `check_init` refuses that combination.
 
 from __future__ import annotations
 
-from q2g import fused_grads
 from q2g.errors import ConfigError
-from q2g.finetune.sft_data import IGNORE_INDEX
+from q2g.examples import IGNORE_INDEX
+from q2g.finetune import fused_grads
 
 # LoRA inits that replace the base weight by a residual: with the adapter disabled that is not the base.
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
@@ -51,7 +51,7 @@ def _kl_function():
 
     class ChunkedKL(torch.autograd.Function):
         """sum_i KL(softmax(f(hs_i W^T)) || softmax(f(hb_i W^T))) with d/dhs (and d/dW, d/db when they
-        need it) computed chunk by chunk in the forward, as q2g.loss's chunked cross-entropy does:
+        need it) computed chunk by chunk in the forward, as q2g.finetune.loss's chunked cross-entropy does:
         each [chunk, V] block is built once, and the backward only scales the saved gradients.
 
         With l = log_softmax(z_s), q = log_softmax(z_b), p = exp(l) and k_i = sum_v p (l - q):
@@ -110,7 +110,7 @@ def kl_to_base_sum(peft_model, decoder, batch, hidden, labels, head, transform=(
 
     `hidden`: the student's last hidden states [B, T, H] of `batch` (with grad); `head`: the lm_head
     whose weight both share (the frozen base head, as in the label-only cross-entropy); `transform`:
-    (softcap, scale) of the final logits, q2g.loss.logit_transform(config)."""
+    (softcap, scale) of the final logits, q2g.scoring.logit_transform(config)."""
     keep = labels[:, 1:] != IGNORE_INDEX
     if not keep.any():
         return hidden.sum() * 0.0

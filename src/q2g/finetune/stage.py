@@ -9,12 +9,13 @@ with split.json beside it), refusing any trace whose problem is in the holdout. 
 from the one student format (`prompts.student_prompt_ids` + `student_target_ids`), so the model
 is trained on exactly what `evaluate` prompts it with. Before training and after every epoch a
 TrainerCallback scores pass@1 on a fixed holdout subset and WikiText perplexity, and applies the
-forgetting budget (see forgetting.py). The stage reads in folder order: config.py (the options)
--> prepare.py (checks and decisions: settings.py) -> baseline.py -> training.py (trainer.py,
-epochs.py) -> this module (final/ and the report).
+forgetting budget (see forgetting.py). The stage reads in folder order: config.py (the options
+and the decided Settings) -> prepare.py (checks, decisions, rehearsal) -> baseline.py (epoch 0) ->
+train.py (LoRA model, Trainer, runs; loss.py, kl_anchor.py, fused_grads.py) -> epochs.py (each
+epoch's adapter, evaluation and probes) -> this module (final/ and the report).
 
 Writes into --out (default checkpoints/):
-    config.json                      the settings asked and decided (settings.Settings)
+    config.json                      the settings asked and decided (config.Settings)
     metrics.jsonl                    one row per evaluation (epoch 0 = the base model)
     epoch-N/                         LoRA adapter (safetensors), tokenizer, q2g_config.json (the
                                      settings again; not named config.json, which transformers would
@@ -29,21 +30,20 @@ Writes into --out (default checkpoints/):
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from q2g import cli, distributed, forgetting, report
+from q2g import distributed, forgetting, report
 from q2g.config import load_config
 from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
-from q2g.evaluation.subset import select_eval_subset
+from q2g.evaluation.core import select_eval_subset
 from q2g.finetune.baseline import baseline
 from q2g.finetune.config import FinetuneConfig
+from q2g.finetune.epochs import without_probes
 from q2g.finetune.prepare import prepare
-from q2g.finetune.probe import without_probes
-from q2g.finetune.training import train_all
+from q2g.finetune.train import train_all
 from q2g.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant, writes_to
 from q2g.out_guard import hold_lock
 
@@ -138,7 +138,7 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
         if main:
             atomic_write_json(run.out / "config.json", run.settings.to_dict())
         rows = without_probes(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True)) if main else None
-        run.rows = distributed.share(rows)  # (probe rows: see q2g.finetune.probe)
+        run.rows = distributed.share(rows)  # (probe rows: see q2g.finetune.epochs)
         train_all(run, baseline(run))
         selection = report_path = None
         if main:
@@ -169,7 +169,3 @@ def parse(argv=None) -> tuple[FinetuneConfig, EvalConfig]:
 def main(argv=None) -> int:
     run_finetune(*parse(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run_entry(main, sys.argv[1:]))

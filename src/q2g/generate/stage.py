@@ -32,7 +32,6 @@ traces.jsonl (sorted in problem order), or run `q2g generate --merge-shards` wit
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -50,7 +49,6 @@ from q2g.models import check_model_name
 from q2g.out_guard import LOCK_NAME, check_output, hold_lock
 
 __all__ = ["main", "parse"]  # parse: run and sweep check a generate command line through this module
-DELAY_ENV = "Q2G_GENERATE_BATCH_DELAY"  # test hook: seconds to sleep before each batch (kill/resume test)
 
 
 def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, extra) -> None:
@@ -66,14 +64,13 @@ def run_batches(backend_loader, batches, paths, records, k, seed, meta, tally, e
         disable=False,
         dynamic_ncols=True,
     )
-    delay, backend = float(os.environ.get(DELAY_ENV) or 0), None
+    backend = None
     try:
         for batch in batches:
             todo = [p for p in batch if p["id"] not in done]
             if not todo:
                 continue
             backend = backend or backend_loader()  # loaded only when there is work: a finished rerun is instant
-            time.sleep(delay)
             start = time.perf_counter()
             # The whole batch, not just `todo`: a cut-short batch then gets the same samples again.
             samples = backend.generate(batch, k, seed)

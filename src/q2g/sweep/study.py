@@ -15,7 +15,7 @@ import warnings
 from q2g.errors import BadInput, RunFailed
 from q2g.sweep.settings import OBJECTIVES, Sweep, study_settings
 from q2g.sweep.storage import describe, is_url, quiet
-from q2g.sweep.workers import claim, kill_point, orphaned, unclaimed
+from q2g.sweep.workers import claim, orphaned, unclaimed
 
 MAX_DUPLICATES = 50  # proposals in a row that repeat a trial before the sampler is taken to be done
 ENUMERATE_AFTER = 3  # ... or, in a finite space, before its untried points are enumerated instead
@@ -33,14 +33,9 @@ def load_optuna():
 
 def hooked(sampler_class):
     """An Optuna sampler minus the stop of Grid/BruteForce samplers when the space is done (that
-    calls study.stop(), which raises outside study.optimize: the sweep stops itself), plus the
-    test kill point inside `ask`."""
+    calls study.stop(), which raises outside study.optimize: the sweep stops itself)."""
 
     class Sampler(sampler_class):
-        def before_trial(self, study, trial) -> None:
-            super().before_trial(study, trial)
-            kill_point("ask")
-
         def after_trial(self, study, trial, state, values) -> None:
             pass
 
@@ -206,7 +201,6 @@ def next_trial(optuna, study, sweep: Sweep):
         study.enqueue_trial(failed.params, user_attrs={"retry_of": failed.number}, skip_if_exists=False)
         with quiet(optuna):
             trial = study.ask(dists)
-        kill_point("claim")
         claim(trial)
         return trial
     for attempt in range(MAX_DUPLICATES):
@@ -223,7 +217,6 @@ def next_trial(optuna, study, sweep: Sweep):
         if trial is None:
             print("[sweep] every grid point has run", flush=True)
             return None
-        kill_point("claim")
         same = earlier_same(study, trial)
         if same is None:
             claim(trial)

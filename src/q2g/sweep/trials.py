@@ -23,7 +23,7 @@ from q2g.sweep.settings import Sweep
 from q2g.sweep.space import shown_settings, trial_settings
 from q2g.sweep.storage import is_url
 from q2g.sweep.study import RETRIED
-from q2g.sweep.workers import Heartbeat, kill_point, locked
+from q2g.sweep.workers import Heartbeat, locked
 
 EPOCH_KEYS = ("epoch", "lora_r", "pass@1", "heldout_loss", "ppl_change", "train_loss", "flagged")
 
@@ -51,7 +51,6 @@ def ensure_baseline(sweep: Sweep, cfg, baseline) -> Path:
     with locked(sweep.lock):  # one worker scores it, the others wait and reuse it
         if not path.exists():
             print(f"[sweep] baseline of {cfg.base_model} -> {path}", flush=True)
-            kill_point("baseline")
             baseline(cfg, sweep.eval_cfg, path)
     row = json.loads(path.read_text(encoding="utf-8"))["row"]
     if "heldout_loss" in sweep.cfg.objectives and "heldout_loss" not in row:
@@ -144,7 +143,6 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> bool:
         with Heartbeat(study._storage, trial._trial_id, beat):
             cfg = sweep.finetune.replace(**settings, out=str(folder), resume=resume)
             cfg = cfg.replace(baseline_from=str(ensure_baseline(sweep, cfg, baseline)))
-            kill_point("trial")
             row = trial_row(number, folder, shown, train(cfg, sweep.eval_cfg), sweep.cfg.objectives)
     except KeyboardInterrupt:
         trial.set_user_attr("worker", {"released": True})  # the next run takes it over and resumes it
@@ -157,7 +155,6 @@ def run_trial(study, sweep: Sweep, trial, train, baseline) -> bool:
         print(f"[sweep] trial {number} failed: {reason}; going on with the next trial", flush=True)
         return False
     trial.set_user_attr("row", row)
-    kill_point("tell")
     study.tell(trial, [row["values"][name] for name in sweep.cfg.objectives])
     with locked(sweep.lock):
         write_outputs(study, sweep)

@@ -11,26 +11,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import socket
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-
-KILL_AT = "Q2G_SWEEP_TEST_KILL_AT"  # test hook: "point:n" SIGKILLs this process the n-th time it reaches point
-_reached: dict[str, int] = {}
-
-
-def kill_point(point: str) -> None:
-    """Tests place a kill deterministically: generate, baseline, ask, claim, trial, tell, between."""
-    spec = os.environ.get(KILL_AT)
-    if not spec:
-        return
-    name, _, n = spec.partition(":")
-    if name == point:
-        _reached[point] = _reached.get(point, 0) + 1
-        if _reached[point] == int(n or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager

@@ -9,8 +9,6 @@ writes eval.json (settings, precision, every number) and generations.jsonl (one 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 from q2g import models
@@ -21,17 +19,8 @@ from q2g.errors import BadInput
 from q2g.evaluation.config import EvalConfig, EvaluateConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.io import atomic_write_json, write_jsonl
+from q2g.optional import require
 from q2g.out_guard import check_output, hold_lock
-
-
-def _vllm_installed() -> bool:
-    """Whether vLLM can be imported, asked without importing it (seconds, and GPU probing)."""
-    if "vllm" in sys.modules:  # imported already (or set to None, as tests hide it)
-        return sys.modules["vllm"] is not None
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def check_paths(args: EvaluateConfig, cfg: EvalConfig) -> None:
@@ -39,8 +28,8 @@ def check_paths(args: EvaluateConfig, cfg: EvalConfig) -> None:
     holdout = Path(args.split).parent / "holdout.jsonl"
     inputs = {"--model": args.model, "--adapter": args.adapter, "--split": args.split, "holdout": holdout}
     check_output(args.out, "--out", inputs={**inputs, "--data-dir": args.data_dir})
-    if cfg.eval_backend == "vllm" and not args.no_math and not _vllm_installed():
-        raise BadInput("--eval-backend vllm needs vLLM, which is not installed: pip install 'q2g[vllm]'")
+    if cfg.eval_backend == "vllm" and not args.no_math:
+        require("vllm", "--eval-backend vllm")
     models.check_model_name(args.model)
     if args.adapter:
         read_adapter_config(args.adapter)
@@ -70,8 +59,7 @@ def _load_inputs(args: EvaluateConfig, cfg: EvalConfig) -> tuple[list[dict] | No
     return holdout, text
 
 
-def _load_model(args: EvaluateConfig, precision):
-    device = models.pick_device(args.device)
+def _load_model(args: EvaluateConfig, device: str, precision):
     model = models.load_model(args.model, precision.dtype, device)
     tokenizer = models.load_tokenizer(args.model, padding_side="left")
     if args.adapter:
@@ -117,9 +105,10 @@ def main(argv=None) -> int:
     )
     check_paths(args, cfg)
     holdout, text = _load_inputs(args, cfg)  # all input is read and checked before the model loads
-    precision = models.resolve_precision(args.precision, models.pick_device(args.device))
+    device = models.pick_device(args.device)  # decided once for the run
+    precision = models.resolve_precision(args.precision, device)
     out = Path(args.out)
-    model, tokenizer = _load_model(args, precision)
+    model, tokenizer = _load_model(args, device, precision)
     result = evaluate_model(model, tokenizer, holdout, text, cfg, precision=precision, adapter_dir=args.adapter)
     generations = result["math"].pop("generations") if result["math"] else []
     with hold_lock(out):  # evaluate writes only here, at its end (nothing at all when it fails)
@@ -141,9 +130,3 @@ def write_outputs(out: Path, generations: list[dict], args, cfg, precision, resu
             **result,
         },
     )
-
-
-if __name__ == "__main__":
-    from q2g.cli import main as cli_main
-
-    sys.exit(cli_main(["evaluate", *sys.argv[1:]]))

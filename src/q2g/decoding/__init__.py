@@ -15,8 +15,8 @@ gives the same text. A batch there runs until its longest row ends; for greedy d
 the same tokens as the refill loop (tests/test_decoding.py) and is kept as the reference and
 for benchmarks/eval_speed.py.
 
-Either way a row ends as q2g.evaluation.decoding_rows says; results come back in input order.
-The refill loop is in decoding_refill.py, the shared row logic in decoding_rows.py.
+Either way a row ends as q2g.decoding.rows says; results come back in input order.
+The refill loop is in decoding/refill.py, the shared row logic in decoding/rows.py.
 
 Speed (Gemma 3 270M, fp32 CPU, batch 8; profiled for issue 21): a decode step is weight-bandwidth
 bound: ~80% of the time is the 127 matmuls of a step, which read all 1.07 GB of weights for 8
@@ -28,8 +28,8 @@ for Gemma's tokenizer); the refill loop checks the decoded tail of each row inst
 
 from __future__ import annotations
 
-from q2g.evaluation.decoding_refill import generate_refill
-from q2g.evaluation.decoding_rows import (
+from q2g.decoding.refill import generate_refill
+from q2g.decoding.rows import (
     Generation,
     cut_at_stop,
     end_and_pad,

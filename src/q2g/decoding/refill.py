@@ -1,8 +1,8 @@
-"""Greedy decoding that refills finished slots (`generate_refill`; see q2g.evaluation.decoding)."""
+"""Greedy decoding that refills finished slots (`generate_refill`; see q2g.decoding)."""
 
 from __future__ import annotations
 
-from q2g.evaluation.decoding_rows import Generation, end_and_pad, finish_row, has_stop, left_pad, length_batches
+from q2g.decoding.rows import Generation, end_and_pad, finish_row, has_stop, left_pad, length_batches
 
 # Refill once this share of the slots is free (or all are): each refill is one prefill forward,
 # so refilling every single freed slot would add nearly a forward per prompt.

@@ -1,25 +1,41 @@
 """The LoRA model and the Trainer, each built in one function (the hooks for other losses go here).
 
-    peft_model = build_lora_model(model, cfg, lora_r=16, lora_alpha=32, gradient_checkpointing=False)
+    peft_model = build_lora_model(model, cfg, gradient_checkpointing=False)   # at cfg.lora_r, cfg.lora_alpha
     trainer = make_trainer(run, peft_model, targs, callback, guard)
 
 `lora_config` is the one place peft's `r` appears: everywhere else the rank is `lora_r`.
 `make_trainer` builds the loss path the settings name (settings.loss_path): the label-only
-chunked or fused loss (q2g.loss.LabelOnlyLossTrainer) with one process, the Trainer's own with
+chunked or fused loss (q2g.finetune.loss.LabelOnlyLossTrainer) with one process, the Trainer's own with
 several. `training_arguments` merges q2g's options with the user's `trainer:` fields.
+
+The training runs of stage 2: the first at --lora-r, then (reduce-rank) retrains at half the rank.
+
+    train_all(run, base_model_or_None)
+
+Each run trains into its folder (the run's --out, or rank-<r>/ for a retrain), resumes from its
+checkpoint under --resume, and is marked done by train_done.json. The per-epoch work is the
+callback's (epochs.py); the model and the Trainer are built above.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import warnings
 from pathlib import Path
 
+from q2g import distributed, forgetting
 from q2g.distributed import DEFAULT_TIMEOUT_S
 from q2g.errors import ConfigError
-from q2g.finetune import lora_variants
-from q2g.finetune.sft_data import Collator
-from q2g.loss import LabelOnlyLossTrainer
+from q2g.examples import Collator
+from q2g.finetune import kl_anchor
+from q2g.finetune.baseline import load_base
+from q2g.finetune.config import keep_initial, lora_kwargs
+from q2g.finetune.epochs import last_adapter, make_callback, probe_callbacks
+from q2g.finetune.loss import LabelOnlyLossTrainer
+from q2g.guards import NonFiniteGuard
+from q2g.io import atomic_write_json
 
 
 def lora_targets(target_modules: list[str]):
@@ -27,22 +43,23 @@ def lora_targets(target_modules: list[str]):
     return "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
 
 
-def lora_config(cfg, lora_r: int, lora_alpha: float):
-    """The peft LoraConfig of a run at rank `lora_r` (a retrain under reduce-rank passes a smaller one)."""
+def lora_config(cfg):
+    """The peft LoraConfig of a run at rank `cfg.lora_r` (a retrain under reduce-rank passes a cfg
+    whose lora_r and lora_alpha are the retrain's: the rank comes in one place)."""
     from peft import LoraConfig
 
     return LoraConfig(
         task_type="CAUSAL_LM",
-        r=lora_r,
-        lora_alpha=lora_alpha,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_targets(cfg.target_modules),
-        **lora_variants.lora_kwargs(cfg),  # rsLoRA, DoRA, the init (PiSSA, OLoRA, ...)
+        **lora_kwargs(cfg),  # rsLoRA, DoRA, the init (PiSSA, OLoRA, ...)
     )
 
 
-def build_lora_model(model, cfg, lora_r: int, lora_alpha: float, gradient_checkpointing: bool = False):
-    """Wrap the base model with a LoRA adapter; only the adapter is trainable (and kept in fp32).
+def build_lora_model(model, cfg, gradient_checkpointing: bool = False):
+    """Wrap the base model with a LoRA adapter at cfg.lora_r; only the adapter is trainable (and kept in fp32).
     `gradient_checkpointing` is the decided value (settings.gradient_checkpointing_used)."""
     from peft import get_peft_model
 
@@ -51,7 +68,7 @@ def build_lora_model(model, cfg, lora_r: int, lora_alpha: float, gradient_checkp
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with warnings.catch_warnings():  # peft reads a property transformers 5 renamed; harmless, and noisy
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return lora_variants.keep_initial(get_peft_model(model, lora_config(cfg, lora_r, lora_alpha)))
+        return keep_initial(get_peft_model(model, lora_config(cfg)))
 
 
 def training_arguments(cfg, run_dir: Path, amp, optim: str, steps_per_epoch: int, device: str):
@@ -143,7 +160,7 @@ def check_trainer_types(user: dict) -> None:
 
 def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
     """The Trainer of `run.settings.loss_path`, holding each q2g callback once (`extra_callbacks`:
-    the mid-epoch forgetting probe, q2g.finetune.probe)."""
+    the mid-epoch forgetting probe, q2g.finetune.epochs)."""
     from transformers import Trainer
 
     kw = dict(
@@ -155,7 +172,7 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         processing_class=run.tokenizer,
     )
     path = run.settings.loss_path
-    if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.loss)
+    if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
     fused = "liger" if path == "liger" else "never"
     return LabelOnlyLossTrainer(
@@ -179,3 +196,74 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
     done = [p for p in run_dir.glob("checkpoint-*") if complete(p)]
     return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
+def train_run(run, model, lora_r: int, lora_alpha: float, run_dir: Path) -> dict:
+    """One LoRA training run at rank `lora_r` into `run_dir` (resumed from its checkpoint with --resume)."""
+    from transformers import set_seed
+
+    s, cfg = run.settings, run.settings.asked
+    done_file = run_dir / "train_done.json"
+    if done_file.exists():
+        print(f"[finetune] rank {lora_r}: trained already ({done_file})", flush=True)
+        return json.loads(done_file.read_text())
+    stopped = cfg.on_forgetting != "flag" and any(r["flagged"] for r in run.rows if r.get("lora_r") == lora_r)
+    if not stopped:  # (a stopped run killed before writing train_done.json must not train on)
+        kl_anchor.check_processes(cfg.kl_to_base, distributed.num_processes())
+        set_seed(cfg.seed)  # the same LoRA init for a resumed or repeated run
+        base = model if model is not None else load_base(run)
+        peft_model = build_lora_model(
+            base, cfg.replace(lora_r=lora_r, lora_alpha=lora_alpha), s.gradient_checkpointing_used
+        )
+        n_batches = math.ceil(len(run.examples) / cfg.batch_size)
+        steps = math.ceil(n_batches / cfg.grad_accum)
+        targs = training_arguments(cfg, run_dir, run.precision.autocast, s.optim_used, steps, s.device)
+        guard = NonFiniteGuard(
+            skip=cfg.skip_nonfinite,
+            max_consecutive=cfg.max_nonfinite_skips,
+            last_good_adapter=last_adapter(run, lora_r),
+        )
+        callback = make_callback(run, lora_r, lora_alpha, run_dir, guard)
+        trainer = make_trainer(run, peft_model, targs, callback, guard, probe_callbacks(run, lora_r))
+        callback.trainer = trainer
+        resume = latest_checkpoint(run_dir) if cfg.resume else None
+        if resume:
+            print(f"[finetune] resuming rank {lora_r} from {resume}", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
+        del trainer, peft_model
+    rows = [r for r in run.rows if r.get("lora_r") == lora_r]
+    result = {
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "epochs": [r["epoch"] for r in rows],
+        "over_budget": any(r["flagged"] for r in rows),
+    }
+    if distributed.is_main():
+        atomic_write_json(done_file, result)
+    distributed.wait()
+    return result
+
+
+def train_all(run, model) -> None:
+    """The first run, then (reduce-rank) retrains at half the rank while over budget. `model` is
+    the base model if the baseline loaded it, else None (each run loads its own)."""
+    cfg = run.settings.asked
+    lora_r, alpha = cfg.lora_r, cfg.lora_alpha
+    while True:
+        run_dir = run.out if lora_r == cfg.lora_r else run.out / f"rank-{lora_r}"
+        print(f"[finetune] training rank {lora_r} (alpha {alpha:g}) -> {run_dir}", flush=True)
+        result = train_run(run, model, lora_r, alpha, run_dir)
+        model = None
+        gc.collect()
+        if cfg.on_forgetting != "reduce-rank" or not result["over_budget"]:
+            return
+        new_r = forgetting.next_rank(lora_r, cfg.min_rank)
+        if new_r is None:
+            print(
+                f"[finetune] rank {lora_r} is over budget and {lora_r // 2} < --min-rank {cfg.min_rank}: "
+                "no retrain left",
+                flush=True,
+            )
+            return
+        print(f"[finetune] rank {lora_r} forgot too much: retraining from scratch at rank {new_r}", flush=True)
+        alpha, lora_r = forgetting.scaled_alpha(alpha, lora_r, new_r), new_r

@@ -25,23 +25,12 @@ import warnings
 import torch
 from transformers import Trainer
 
-from q2g import fused_grads
 from q2g.batching import causal_inputs
+from q2g.examples import IGNORE_INDEX
+from q2g.finetune import fused_grads
 from q2g.finetune.kl_anchor import kl_to_base_sum
-
-IGNORE_INDEX = -100
-
-
-def logit_transform(config) -> tuple[float | None, float]:
-    """(softcap, scale) of the model's final logits: logits = cap * tanh(scale * z / cap).
-
-    Gemma 2 (and Gemma 3 configs that set it) cap with `final_logit_softcapping`; Cohere multiplies
-    by `logit_scale`, Granite divides by `logits_scaling`. Unknown models: (None, 1.0).
-    """
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
-    return (float(cap) if cap else None), scale
+from q2g.optional import install_hint, is_available
+from q2g.scoring import logit_transform, split_causal_lm
 
 
 def select_label_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,20 +76,14 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCE.apply(h, weight, bias, targets, chunk_size, softcap, scale)
 
 
-def is_liger_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def liger_linear_cross_entropy(h, weight, targets, bias=None, softcap: float | None = None) -> torch.Tensor:
     """Liger Kernel's fused linear cross-entropy (CUDA), summed. ImportError says what is wrong."""
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
-        if is_liger_available():  # installed, but it (or its Triton) does not import
+        if is_available("liger_kernel"):  # installed, but it (or its Triton) does not import
             raise ImportError(f"liger_kernel is installed but does not import ({e}); check its Triton") from e
-        raise ImportError("the fused loss needs Liger Kernel: pip install liger-kernel") from e
+        raise ImportError(f"the fused loss needs Liger Kernel: {install_hint('liger_kernel')}") from e
     kwargs = {"softcap": softcap} if softcap is not None else {}
     out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)(
         weight, h, targets, bias
@@ -128,7 +111,7 @@ def planned_loss_path(device: str, config, fused: str = "auto") -> dict:
     the chunked path. The Trainer's `loss_info()` says what did run (a first-call failure falls back)."""
     path = LossPath(fused)
     _, scale = logit_transform(config)
-    if fused == "never" or not device.startswith("cuda") or scale != 1.0 or not is_liger_available():
+    if fused == "never" or not device.startswith("cuda") or scale != 1.0 or not is_available("liger_kernel"):
         path.path = "chunked"
         return path.info()
     try:
@@ -142,7 +125,7 @@ def planned_loss_path(device: str, config, fused: str = "auto") -> dict:
 
 def liger_eligible(h: torch.Tensor, scale: float) -> bool:
     """Liger's kernel runs on CUDA, for models without a logit scale (it has a softcap only)."""
-    return h.is_cuda and scale == 1.0 and is_liger_available()
+    return h.is_cuda and scale == 1.0 and is_available("liger_kernel")
 
 
 def _fused_or_none(h, lm_head, targets, softcap, scale, path: LossPath):
@@ -184,20 +167,6 @@ def label_only_loss_sum(
         return out, n
     path.path = "chunked"
     return chunked_linear_cross_entropy(h, lm_head.weight, targets, lm_head.bias, chunk_size, softcap, scale), n
-
-
-def split_causal_lm(model):
-    """(decoder that returns last_hidden_state, lm_head, config) of a CausalLM, peft-wrapped or not."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if decoder is None or decoder is lm:
-        decoder = getattr(lm, "model", None)
-    head = lm.get_output_embeddings()
-    if decoder is None or head is None:
-        raise TypeError(
-            f"{type(lm).__name__}: cannot find the decoder and lm_head of this model for the label-only loss"
-        )
-    return decoder, head, lm.config
 
 
 def keeps_logits(model) -> bool:

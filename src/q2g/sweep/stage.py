@@ -47,7 +47,7 @@ from q2g.sweep.settings import load_sweep, resolved
 from q2g.sweep.storage import check_storage, describe, is_url, open_storage
 from q2g.sweep.study import load_optuna, next_trial, open_study, others_running, refuse_changed_settings
 from q2g.sweep.trials import ensure_baseline, evaluate_baseline, run_trial
-from q2g.sweep.workers import kill_point, locked
+from q2g.sweep.workers import locked
 
 
 def make_out(out: Path) -> None:
@@ -84,7 +84,6 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
         except OSError as e:
             raise write_failed(sweep.out / "sweep_config.yaml", e) from None
         atomic_write_json(sweep.out / "sweep.json", resolved(sweep, describe(sweep.cfg.storage, sweep.out)))
-        kill_point("generate")
         generate.main(sweep.gen_argv)
     if not set(result_keys(FinetuneConfig, scopes=("baseline",))) & set(sweep.dims):
         ensure_baseline(sweep, sweep.finetune, baseline or evaluate_baseline)  # one for all, before the first trial
@@ -97,7 +96,6 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
             time.sleep(sweep.cfg.heartbeat_interval)  # a trial of another worker may be re-queued
             continue
         run_trial(study, sweep, trial, train or finetune.run_finetune, baseline or evaluate_baseline)
-        kill_point("between")
     with locked(sweep.lock):
         result = write_outputs(study, sweep)
     print(
