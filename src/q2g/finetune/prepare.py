@@ -35,6 +35,7 @@ from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
 from q2g.examples import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
+from q2g.finetune import baseline
 from q2g.finetune.baseline import read_baseline, refuse_other_baseline
 from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
 from q2g.finetune.loss import planned_loss_path
@@ -56,15 +57,13 @@ def check_trackers(report_to: list[str]) -> None:
 def check_out(cfg: FinetuneConfig) -> Path:
     """--out through the output guard: never the base model, the traces, the split, the data folder,
     the baseline cache or --baseline-from, nor inside or holding any of them."""
-    from q2g.finetune import baseline_cache
-
     inputs = {
         "--base-model": cfg.base_model,
         "--traces": cfg.traces,
         "--split": cfg.split,
         "--data-dir": cfg.data_dir,
         "--baseline-from": cfg.baseline_from,
-        "baseline cache": baseline_cache.folder() if baseline_cache.enabled() and not cfg.no_baseline_cache else None,
+        "baseline cache": baseline.folder() if baseline.enabled() and not cfg.no_baseline_cache else None,
     }
     return check_output(cfg.out, "--out", inputs=inputs)
 
