@@ -212,9 +212,9 @@ CASES = [
     C(
         "export-out-is-folder",
         "export",
-        ["--out", "$TMP/ds"],
-        "--out $TMP/ds is a folder, not a file",
-        files=traces(jl(TRACE)),
+        ["--out", "$TMP/d"],
+        "--out $TMP/d is a folder, not a file",
+        files={**traces(jl(TRACE)), "d/keep.txt": "keep me\n"},
     ),
     C(
         "export-traces-latin1",
