@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import reference_dataset
 from refusal import GSM, TRACE, assert_refused, fill, jl, snapshot, write_files
+from trust_cases import ROWS as TRUST_ROWS
 
 from q2g import cli
 
@@ -711,6 +712,7 @@ CASES = [
     ),
     C("run-yaml-list", "run", [], "c.yaml: expected a mapping of option: value", yaml="- generate\n"),
 ]
+CASES += [Case(**row) for row in TRUST_ROWS]  # issue 26's kinds (tests/trust_cases.py)
 
 
 # ---------------------------------------------------------------- fixtures and the runner

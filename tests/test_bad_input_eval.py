@@ -34,6 +34,16 @@ def holdout_without_solutions() -> dict:
     return {"ds/split.json": json.dumps(split), "ds/holdout.jsonl": json.dumps(rec) + "\n"}
 
 
+def torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def adapter_files(folder: str, config: dict | str | None = None, weights: bytes | None = b"@") -> dict:
     """An adapter folder: the fixture's adapter_config.json (or `config`) and weights (b"@": the fixture's)."""
     files = {f"{folder}/adapter_config.json": "@@adapter_config.json" if config is None else config}
@@ -157,7 +167,12 @@ CASES = [
         "--out $TMP/f.txt/eval: $TMP/f.txt is a file, not a folder",
         files={"f.txt": "keep me\n"},
     ),
-    C("ev-out-name-too-long", "evaluate", ["--out", "$TMP/" + "o" * 300], ("--out $TMP/ooo", "File name too long")),
+    C(
+        "ev-out-name-too-long",
+        "evaluate",
+        ["--out", "$TMP/" + "o" * 300],
+        ("--out $TMP/ooo", "bytes (the file system allows"),
+    ),
     # ------------------------------------------------------------ merge: damaged or foreign adapters
     C(
         "mg-adapter-config-list",
@@ -218,22 +233,44 @@ CASES = [
     C("mg-adapter-foreign-size", "merge", ["--adapter", "$WIDE", "--base-model", "$MODEL"], SHAPE),
     C("mg-adapter-foreign-arch", "merge", ["--adapter", "$GPT2", "--base-model", "$MODEL"], ARCH),
     # ------------------------------------------------------------ merge: an --out that would replace its input
-    C("mg-out-is-adapter", "merge", ["--out", "$ADAPTER"], "--out $ADAPTER holds the --adapter $ADAPTER"),
+    C("mg-out-is-adapter", "merge", ["--out", "$ADAPTER"], "--out $ADAPTER is the --adapter $ADAPTER"),
     C(
         "mg-out-holds-adapter",
         "merge",
         ["--adapter", "$TMP/ck/final", "--out", "$TMP/ck", "--base-model", "$MODEL"],
-        "--out $TMP/ck holds the --adapter $TMP/ck/final: merging would replace its own input",
+        "--out $TMP/ck holds the --adapter $TMP/ck/final: q2g never writes onto what it reads",
         files={**adapter_files("ck/final"), "ck/config.json": "{}"},
     ),
     C("mg-adapter-name-too-long", "merge", ["--adapter", "$TMP/" + "a" * 300], ("--adapter $TMP/aaa", "too long")),
-    C("mg-out-name-too-long", "merge", ["--out", "$TMP/" + "m" * 300], ("--out $TMP/mmm", "File name too long")),
+    C(
+        "mg-out-name-too-long",
+        "merge",
+        ["--out", "$TMP/" + "m" * 300],
+        ("--out $TMP/mmm", "bytes (the file system allows"),
+    ),
     C(
         "mg-out-parent-is-file",
         "merge",
         ["--out", "$TMP/f.txt/merged"],
         "--out $TMP/f.txt/merged: $TMP/f.txt is a file, not a folder",
         files={"f.txt": "keep me\n"},
+    ),  # ------------------------------------------------------------ foreign .bin adapters (issue 26)
+    C(
+        "ev-adapter-bin-not-torch",
+        "evaluate",
+        ["--adapter", "$TMP/a"],
+        "$TMP/a/adapter_model.bin: not a readable PyTorch state dict",
+        files={
+            "a/adapter_config.json": "@@adapter_config.json",
+            "a/adapter_model.bin": b"PK\x03\x04 not a torch file",
+        },
+    ),
+    C(
+        "mg-adapter-bin-not-tensors",
+        "merge",
+        ["--adapter", "$TMP/a", "--base-model", "$MODEL"],
+        "$TMP/a/adapter_model.bin: not a state dict of named tensors",
+        files={"a/adapter_config.json": "@@adapter_config.json", "a/adapter_model.bin": torch_bytes({"x": [1, 2]})},
     ),
 ]
 

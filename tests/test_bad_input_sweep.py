@@ -64,7 +64,7 @@ CASES = [
     Case(
         "out-parent-is-a-file",
         ["--out", "$TMP/afile/sub"],
-        ("--out", "afile", "is a file, so no folder can be made inside it"),
+        ("--out", "afile", "is a file, not a folder"),
         files=("afile",),
     ),
     Case(

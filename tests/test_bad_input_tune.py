@@ -66,13 +66,13 @@ def test_refused_before_config_json(extra, message, tiny_gemma_dir, dataset, tmp
 @pytest.mark.parametrize(
     "make,flag,message",
     [
-        (lambda t: t / "afile" / "ck", "--out", "is a file, so no folder can be made inside it"),
-        (lambda t: t / "afile" / "deeper" / "ck", "--out", "is a file, so no folder can be made inside it"),
-        (lambda t: t / ("x" * 300), "--out", "is longer than this file system allows"),
-        (lambda t: t / "ok" / ("y" * 260) / "ck", "--out", "is longer than this file system allows"),
-        (lambda t: t / ("z" * 300), "--traces", "is longer than this file system allows"),
-        (lambda t: t / ("s" * 300), "--split", "is longer than this file system allows"),
-        (lambda t: t / ("b" * 300), "--baseline-from", "is longer than this file system allows"),
+        (lambda t: t / "afile" / "ck", "--out", "is a file, not a folder"),
+        (lambda t: t / "afile" / "deeper" / "ck", "--out", "is a file, not a folder"),
+        (lambda t: t / ("x" * 300), "--out", "bytes (the file system allows"),
+        (lambda t: t / "ok" / ("y" * 260) / "ck", "--out", "bytes (the file system allows"),
+        (lambda t: t / ("z" * 300), "--traces", "bytes (the file system allows"),
+        (lambda t: t / ("s" * 300), "--split", "bytes (the file system allows"),
+        (lambda t: t / ("b" * 300), "--baseline-from", "bytes (the file system allows"),
     ],
 )
 def test_paths_the_file_system_cannot_hold(make, flag, message, tiny_gemma_dir, dataset, tmp_path, capsys):

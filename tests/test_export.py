@@ -71,9 +71,12 @@ def test_messages_format_keeps_only_validated_traces_and_datasets_reads_it(datas
 
 
 def test_no_validated_trace_is_an_error_naming_the_file(tmp_path, capsys):
-    (tmp_path / "traces.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "traces.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
     assert (
-        cli.call("export", ["--traces", str(tmp_path), "--format", "messages", "--out", str(tmp_path / "x.jsonl")])
+        cli.call(
+            "export", ["--traces", str(tmp_path / "ds"), "--format", "messages", "--out", str(tmp_path / "x.jsonl")]
+        )
         == 2
     )
     assert "traces.jsonl: none of the 1 traces is marked `validated: true`" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from refusal import snapshot
 
 optuna = pytest.importorskip("optuna")
 
@@ -428,6 +429,10 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, capsys):
     other = write_config(tmp_path / "o.yaml", "    lora_r: [2, 4]\n")
     with pytest.raises(Exception, match=r"made with other sweep settings \(space\); use another --out"):
         sweep.run_sweep(other, tmp_path / "out", train=fake_train, baseline=fake_baseline)
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(Exception, match=r"made with other sweep settings \(space\); use another --out"):
+        sweep.run_sweep(other, tmp_path / "out", train=fake_train, baseline=fake_baseline)
+    assert snapshot(tmp_path / "out") == before  # refused before the journal or sweep.json is touched
 
 
 def test_heldout_loss_objective_needs_the_metric(tmp_path):

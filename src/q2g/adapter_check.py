@@ -78,6 +78,22 @@ def _lora_shapes(weights: Path) -> dict[str, list[int]]:
         raise BadInput(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def _bin_lora_shapes(weights: Path) -> dict[str, list[int]]:
+    """{key: shape} of the LoRA matrices in a PyTorch .bin adapter, unpickled with weights_only=True
+    (tensors and plain containers only: a foreign or hostile pickle is refused, never run)."""
+    import torch
+
+    try:
+        state = torch.load(str(weights), map_location="meta", weights_only=True)
+    except Exception as e:  # not a torch file, a pickle of other objects, a truncated file
+        raise BadInput(f"{weights}: not a readable PyTorch state dict ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise BadInput(f"{weights}: not a state dict of named tensors (an adapter of another tool?)")
+    return {k: list(v.shape) for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
 def _meta_modules(base: str) -> dict | None:
     """{name: module} of `base` built on the meta device from its config; None when it cannot be built."""
     import torch
@@ -99,9 +115,13 @@ def _find(modules: dict, name: str):
 
 def check_adapter_fits(folder, base: str) -> None:
     weights = Path(folder) / WEIGHT_FILES[0]
-    if not weights.is_file():
-        return  # a .bin adapter: its shapes cannot be read without unpickling it; loading checks them
-    shapes = _lora_shapes(weights)
+    if weights.is_file():
+        shapes = _lora_shapes(weights)
+    elif (Path(folder) / WEIGHT_FILES[1]).is_file():
+        weights = Path(folder) / WEIGHT_FILES[1]
+        shapes = _bin_lora_shapes(weights)
+    else:
+        return
     modules = _meta_modules(base) if shapes else None
     if modules is None:
         return

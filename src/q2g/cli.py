@@ -36,7 +36,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+INTERRUPTED = "interrupted: finished work is kept; rerun the same command to resume"
+MAX_MESSAGE_CHARS = 4000  # a message echoes values cut to 200 characters; this bounds the rest
+
+
 def main(argv=None) -> int:
+    """The console entry: Ctrl-C at any moment (a stage's imports included) exits 130 with one line."""
+    try:
+        return dispatch(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def dispatch(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -67,12 +80,14 @@ def run_entry(entry, argv) -> int:
     try:
         return int(entry(argv) or 0)
     except Q2GError as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = str(e)
+        text = text if len(text) <= MAX_MESSAGE_CHARS else f"{text[:MAX_MESSAGE_CHARS]}... ({len(text):,} characters)"
+        print(f"error: {text}", file=sys.stderr)
         return e.exit_code
     except SystemExit as e:  # argparse's own refusal (it has printed the message)
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -24,9 +24,14 @@ import difflib
 import math
 import types
 import typing
-from pathlib import Path
 
-from q2g.errors import ConfigError
+from q2g.errors import BadInput, ConfigError
+from q2g.yaml_strict import load_yaml, shown, spelling, yaml_section
+
+# Options whose value is a path: `~` and $VARS are expanded (q2g.out_guard.expand) and an empty one
+# refused, the same for a flag (where the shell expands them) and a YAML value (where nothing would).
+PATH_FIELDS = ("out", "traces", "split", "data_dir", "adapter", "baseline_from", "model", "base_model", "teacher")
+SEED_MAX = 2**32 - 1  # seeds are in [0, 2^32): what numpy, torch and vLLM accept
 
 _MISSING = dataclasses.MISSING
 
@@ -139,21 +144,35 @@ def value_problem(value, hint, meta) -> str | None:
         return None if optional else "must be given (null is not allowed)"
     if kind is dict:
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
-        return None if ok else f"must be a mapping of name: value, got {value!r}"
+        if not ok:
+            return f"must be a mapping of name: value, got {shown(value)}"
+        bad = next((k for k, v in value.items() if not _finite(v)), None)
+        return None if bad is None else f"{bad}: must be a finite number, got {shown(value[bad])}"
     items = value if is_list else [value]
     if is_list and (not isinstance(value, (list, tuple)) or not value):
         return f"must be a non-empty list of {kind.__name__}"
     for item in items:
         if not _type_ok(item, kind):
             article = "a list of " if is_list else "an " if kind.__name__[0] in "aeiou" else "a "
-            return f"must be {article}{kind.__name__}, got {item!r}{_yaml_number_hint(item, kind)}"
+            return f"must be {article}{kind.__name__}, got {shown(item)}{_yaml_number_hint(item, kind)}"
         if meta["choices"] and item not in meta["choices"]:
-            close = difflib.get_close_matches(str(item), [str(c) for c in meta["choices"]], n=1)
+            close = difflib.get_close_matches(str(item)[:200], [str(c) for c in meta["choices"]], n=1)
             hint_text = f" (did you mean {close[0]!r}?)" if close else ""
-            return f"{item!r} is not one of {', '.join(map(str, meta['choices']))}{hint_text}"
+            return f"{shown(item)} is not one of {', '.join(map(str, meta['choices']))}{hint_text}"
         if kind in (int, float) and (why := _range_problem(item, meta)):
             return f"{why}, got {item!r}"
     return None
+
+
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere in a value (a float in a `trainer:` field, a list of them...)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _yaml_number_hint(item, kind) -> str:
@@ -184,62 +203,6 @@ def field_problems(cls, values: dict, labels: dict) -> list[str]:
         if name in values and (why := value_problem(values[name], hint, f.metadata)):
             problems.append(f"{labels.get(name, name)}: {why}")
     return problems
-
-
-# ---------------------------------------------------------------- YAML
-
-
-def _unique_key_loader():
-    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the
-    last silently: a second `finetune:` section would replace the first whole)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                if key in seen:
-                    raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
-                seen.add(key)
-            return super().construct_mapping(node, deep)
-
-    return Loader
-
-
-def load_yaml(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    try:
-        loader = _unique_key_loader()(path.read_text(encoding="utf-8"))
-        loader.name = str(path)
-        try:
-            data = loader.get_single_data() or {}
-        finally:
-            loader.dispose()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except OSError as e:  # a folder, no permission...
-        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
-    return data
-
-
-def yaml_section(data: dict, section: str | None, path="config") -> tuple[dict, str]:
-    """The stage's own mapping of a `q2g run` file (its `section`), or a flat file's scalar keys."""
-    if section and section in data:
-        if not isinstance(data[section], dict):
-            raise ConfigError(
-                f"{path}: {section}: must be a mapping of option: value, got {type(data[section]).__name__}"
-            )
-        return data[section], f"{section}."
-    return {k: v for k, v in data.items() if not isinstance(v, dict)}, ""
 
 
 # ---------------------------------------------------------------- command line
@@ -275,8 +238,11 @@ def _key_value(text: str) -> tuple[str, object]:
 
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value) if value else ""
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {shown(text)}")
+    try:
+        return key.strip(), yaml.safe_load(value) if value else ""
+    except (yaml.YAMLError, RecursionError):
+        raise argparse.ArgumentTypeError(f"{key.strip()}: the value is not a YAML scalar: {shown(value)}") from None
 
 
 def build_parser(classes, prog: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -290,14 +256,16 @@ def build_parser(classes, prog: str, description: str | None = None) -> argparse
 
 
 def normalise_keys(data: dict, known: set, path, prefix: str, prog: str) -> dict:
-    out = {}
+    out, given = {}, {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        name = spelling(key)
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path}: unknown option {prefix + str(key)!r} for {prog}{hint}")
-        out[name] = value
+            raise ConfigError(f"{path}: unknown option {prefix + str(key)[:200]!r} for {prog}{hint}")
+        if name in out:
+            raise ConfigError(f"{path}: {prefix}{key} is given twice (also as {prefix}{given[name]})")
+        out[name], given[name] = value, key
     return out
 
 
@@ -312,7 +280,7 @@ def load_config(classes, argv=None, *, prog: str, description: str | None = None
     path = given.pop("config", None)
     values, labels = {}, {name: _flag(name, f) for cls in classes for name, (f, _) in fields_of(cls).items()}
     if path:
-        data, prefix = yaml_section(load_yaml(path), section, path)
+        data, prefix = yaml_section(load_yaml(path), section, path, set(labels))
         values = normalise_keys(data, set(labels), path, prefix, prog)
         labels.update({k: f"{path}: {prefix}{k}" for k in values})
     for name, value in given.items():  # flags win; KEY=VALUE flags add to the file's mapping
@@ -322,11 +290,24 @@ def load_config(classes, argv=None, *, prog: str, description: str | None = None
             else value
         )
     labels.update({k: _flag(k, fields_of_any(classes, k)) for k in given})
+    expand_paths(values, labels)
     problems = [p for cls in classes for p in field_problems(cls, values, labels)]
     if problems:
         raise ConfigError("; ".join(problems))
     built = tuple(_build(cls, values, labels) for cls in classes)
     return built[0] if single else built
+
+
+def expand_paths(values: dict, labels: dict) -> None:
+    """`~` and $VARS in every path option expanded in place; an empty path refused (ConfigError)."""
+    from q2g.out_guard import expand
+
+    for name in PATH_FIELDS:
+        if isinstance(values.get(name), str):
+            try:
+                values[name] = expand(values[name], labels.get(name, name))
+            except BadInput as e:
+                raise ConfigError(str(e)) from None
 
 
 def fields_of_any(classes, name: str) -> dataclasses.Field:

@@ -37,7 +37,17 @@ _timeout = {"s": None}
 
 def launched() -> bool:
     """Started by a launcher with more than one process (WORLD_SIZE > 1)?"""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
+
+
+def world_size() -> int:
+    """$WORLD_SIZE as set by a launcher (1 when unset); junk is bad input, not a traceback."""
+    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"$WORLD_SIZE must be a whole number >= 1 (set by torchrun / accelerate), got {text[:200]!r}"
+        )
+    return int(text)
 
 
 def timeout_s(trainer: dict | None) -> int:
@@ -45,7 +55,7 @@ def timeout_s(trainer: dict | None) -> int:
     value = (trainer or {}).get("ddp_timeout", DEFAULT_TIMEOUT_S)
     try:
         seconds = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"trainer: ddp_timeout must be a number of seconds, got {value!r}") from None
     if seconds < 1:
         raise ConfigError(f"trainer: ddp_timeout must be >= 1 second, got {seconds}")

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from q2g.data.jsonl import read_jsonl
+from q2g.data.jsonl import read_jsonl_lines
+from q2g.data.schema import check_rows
 from q2g.data.sources import SOURCES
 from q2g.data.splits import find_leaks
 from q2g.errors import DataError
@@ -43,7 +44,7 @@ def locate_traces(traces: str, split: str | None) -> tuple[Path, Path]:
 
 def read_traces(path: Path) -> tuple[list[dict], list[dict]]:
     """(all rows, validated rows); a bad or empty file is a DataError naming the file (and line)."""
-    rows = read_jsonl(path, required=TRACE_FIELDS, types=TRACE_TYPES)
+    rows = check_rows(path, read_jsonl_lines(path, required=TRACE_FIELDS, types=TRACE_TYPES), "traces")
     if not rows:
         raise DataError(f"{path}: no traces (the file is empty)")
     for lineno, row in enumerate(rows, 1):

@@ -25,15 +25,15 @@ data_files=FILE)` reads either file as it is.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from q2g.config import Config, load_config, option
-from q2g.errors import BadInput, DataError
+from q2g.errors import DataError
 from q2g.examples import read_traces
-from q2g.io import check_output_path, write_jsonl
+from q2g.io import write_jsonl
 from q2g.models import load_tokenizer
+from q2g.out_guard import check_output, hold_lock, lock_beside
 from q2g.prompts import has_chat_template, student_prompt, student_target, target_trace
 
 FORMATS = ("trl", "messages")
@@ -70,12 +70,14 @@ def validated_traces(path: Path) -> list[dict]:
     return read_traces(path)[1]
 
 
-def check_out(out: str, traces: Path) -> Path:
-    """--out, refused when it is the traces file itself (also through a link or another spelling)."""
-    path = check_output_path(out, "--out", folder=False)
-    if path.exists() and os.path.samefile(path, traces) or Path(os.path.realpath(path)) == traces.resolve():
-        raise BadInput(f"--out {out} is the traces file being exported ({traces}): choose another file")
-    return path
+def check_out(args: ExportConfig, traces: Path) -> Path:
+    """--out through the output guard: never the traces file, its folder, or the student's folder."""
+    return check_output(
+        args.out,
+        "--out",
+        inputs={"--traces": args.traces, "--base-model": args.base_model},
+        folder=False,
+    )
 
 
 def trl_prompt(tokenizer, problem: str) -> str:
@@ -115,10 +117,12 @@ def export_rows(rows: list[dict], fmt: str, tokenizer=None) -> list[dict]:
 def main(argv=None) -> int:
     args = load_config(ExportConfig, argv, prog="q2g export", section="export", description=__doc__.split("\n\n")[0])
     traces = traces_file(args.traces)
-    out_path = check_out(args.out, traces)
+    out_path = check_out(args, traces)
     rows = validated_traces(traces)
     tokenizer = load_tokenizer(args.base_model) if args.format == "trl" else None
     out = export_rows(rows, args.format, tokenizer)
-    write_jsonl(out_path, out)
+    folder, lock = lock_beside(out_path)
+    with hold_lock(folder, name=lock):
+        write_jsonl(out_path, out)
     print(f"[export] {len(out)} validated traces -> {args.out} ({args.format})")
     return 0

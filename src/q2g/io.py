@@ -12,8 +12,9 @@ the writes of libraries (Trainer checkpoints, safetensors, plots) under an outpu
 A path that cannot be used at all (a name longer than the file system allows, a parent that is a
 file, a folder where a file is expected, no permission) is bad input, not a failed run:
 `path_error` turns such an OSError into a BadInput (exit 2) naming the path, `read_input_bytes`
-reads an input file that way, and `check_output_path` refuses an output path before anything is
-written.
+reads an input file that way. Whether an output path may be used at all (never onto an input, never
+a device, never a folder another run holds) is q2g.out_guard's one decision; `atomic_write_text`
+also refuses to rename over anything but a regular file (or a link, which is replaced, not followed).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from q2g.errors import BadInput, DataError, Q2GError, RunFailed
 
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 PROBE_BYTES = 1 << 20  # a write this size must succeed for the folder to count as writable
 # A path the user must change, not a disk that filled up: bad input (exit 2), not a failed run.
@@ -40,7 +44,6 @@ PATH_ERRNOS = {
     errno.ELOOP: "too many symbolic links",
     errno.ENOENT: "no such file or folder",
 }
-DEFAULT_NAME_MAX, DEFAULT_PATH_MAX = 255, 4096
 
 
 def path_error(path, error: OSError, what: str = "file") -> BadInput | None:
@@ -60,47 +63,6 @@ def read_input_bytes(path) -> bytes:
         raise DataError(f"{path}: file not found") from None
     except OSError as e:  # a folder, no permission, a name too long...
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _path_limit(existing: Path, name: str, default: int) -> int:
-    try:
-        return os.pathconf(existing, name)
-    except (OSError, ValueError, AttributeError):
-        return default
-
-
-def check_output_path(path, flag: str = "--out", folder: bool = True) -> Path:
-    """Refuse (BadInput naming `flag`) an output path that cannot be created, before anything is
-    written: a name longer than the file system allows, a parent that is a file, a folder where a
-    file goes (`folder=False`) or a file where a folder goes, a parent that cannot be written."""
-    path = Path(path)
-    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("."))
-    folder_there = existing if existing.is_dir() else existing.parent
-    limit = _path_limit(folder_there, "PC_NAME_MAX", DEFAULT_NAME_MAX)
-    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
-    if long is not None:
-        raise BadInput(
-            f"{flag} {path}: the name {long[:40]}... is {len(os.fsencode(long))} bytes (the file system allows {limit})"
-        )
-    whole, path_max = (
-        len(os.fsencode(os.path.abspath(path))),
-        _path_limit(folder_there, "PC_PATH_MAX", DEFAULT_PATH_MAX),
-    )
-    if whole >= path_max:
-        raise BadInput(
-            f"{flag} {str(path)[:60]}...: the path is {whole} bytes (the file system allows {path_max - 1})"
-        )
-    if existing != path and not existing.is_dir():
-        raise BadInput(f"{flag} {path}: {existing} is a file, not a folder")
-    if existing == path and folder and not path.is_dir():
-        raise BadInput(f"{flag} {path} is a file, not a folder")
-    if existing == path and not folder and path.is_dir():
-        raise BadInput(f"{flag} {path} is a folder, not a file")
-    writable = existing if existing.is_dir() else existing.parent
-    if existing != path or not folder:
-        if not os.access(writable, os.W_OK | os.X_OK):
-            raise BadInput(f"{flag} {path}: {writable} is not writable (permission denied)")
-    return path
 
 
 class WriteFailed(RunFailed):
@@ -124,8 +86,21 @@ def _write_all(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
+def refuse_special(path: Path) -> None:
+    """A rename replaces what is at `path`: allowed for a regular file or a link, never a device or pipe."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there (or not reachable: the write itself says why)
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise BadInput(
+            f"output file {path} is a folder, device or other special file: q2g replaces only regular files"
+        )
+
+
 def atomic_write_text(path, text: str) -> None:
     path = Path(path)
+    refuse_special(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,15 +240,30 @@ def settings_diff(path, config: dict, keys) -> list[str]:
         return [f"{path} holds a JSON {type(old).__name__}, not a q2g config (another tool's file?)"]
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples vs lists, paths)
     return [
-        f"{k}: {old.get(k)!r} there, {norm(config.get(k))!r} now"
+        f"{k}: {repr(old.get(k))[:200]} there, {repr(norm(config.get(k)))[:200]} now"
         for k in keys
         if norm(old.get(k)) != norm(config.get(k))
     ]
+
+
+def expand(value, label: str) -> str:
+    """`value` with `~` and `$VAR` / `${VAR}` expanded; refused when empty or naming an unset variable."""
+    text = os.fspath(value)
+    if not text.strip():
+        raise BadInput(f"{label}: an empty path (name a file or folder)")
+    for match in _VAR.finditer(text):
+        name = match[1].strip("{}")
+        if not os.environ.get(name):
+            raise BadInput(f"{label} {text[:200]}: ${name} is not set (or empty)")
+    return os.path.expanduser(os.path.expandvars(text))
 
 
 CACHE_ENV = "Q2G_CACHE"
 
 
 def cache_dir() -> Path:
-    """Where q2g keeps what it can rebuild (the converted demo model, baseline rows): $Q2G_CACHE or ~/.cache/q2g."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "q2g")).expanduser()
+    """Where q2g keeps what it can rebuild (the converted demo model, baseline rows): $Q2G_CACHE or
+    ~/.cache/q2g. An empty $Q2G_CACHE counts as unset (as XDG does for $XDG_CACHE_HOME), never as
+    the current folder; `~` and $VARS in it are expanded like any other path (out_guard.expand)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    return Path(expand(value, "$" + CACHE_ENV)) if value else Path.home() / ".cache" / "q2g"

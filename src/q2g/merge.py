@@ -30,7 +30,7 @@ from q2g.models import (
     resolve_model_path,
     storage_dtype,
 )
-from q2g.out_folder import check_out_folder
+from q2g.out_guard import check_output, hold_lock, lock_beside
 from q2g.prompts import student_prompt_ids
 
 DEFAULT_ATOL = {"fp32": 1e-3, "bf16": 0.5}
@@ -71,16 +71,10 @@ def adapter_base(adapter: Path, base_model: str | None) -> str:
     return base_model or adapter_base_model(adapter, config)
 
 
-def check_out(out: Path, adapter: Path) -> None:
-    """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge),
-    never the adapter or a folder holding it, and its parent must be a folder."""
-    check_out_folder(out)
-    try:
-        inside = adapter.resolve() == out.resolve() or out.resolve() in adapter.resolve().parents
-    except OSError as e:  # a name longer than the file system allows, a loop of links
-        raise MergeError(f"--out {out}: {e.strerror or e}") from None
-    if inside:
-        raise MergeError(f"--out {out} holds the --adapter {adapter}: merging would replace its own input")
+def check_out(out: Path, adapter: Path, base: str) -> None:
+    """--out is replaced whole, so it must be new, empty, or a model folder (a previous merge), and
+    (the output guard) never the adapter or the base model, nor a folder holding or inside either."""
+    check_output(out, "--out", inputs={"--adapter": adapter, "base model": base})
     if (
         out.is_dir()
         and any(out.iterdir())
@@ -141,8 +135,8 @@ def main(argv=None) -> int:
         description="Merge a LoRA adapter into its base model, checked on a probe.",
     )
     adapter, out = Path(args.adapter), Path(args.out)
-    check_out(out, adapter)
     base = adapter_base(adapter, args.base_model)
+    check_out(out, adapter, base)
     check_model_name(base)
     check_adapter_weights(adapter)
     check_adapter_fits(adapter, base)
@@ -155,7 +149,8 @@ def main(argv=None) -> int:
     has_tokenizer = (adapter / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     print(f"[merge] {adapter} into {base} at {args.precision} on {device}", flush=True)
-    with writes_to(out, hint="free some space, then rerun the same command"):
+    folder, lock = lock_beside(out)  # beside: --out itself is replaced whole
+    with hold_lock(folder, name=lock), writes_to(out, hint="free some space, then rerun the same command"):
         ids, reference = merge(adapter, base, out, dtype, device, tokenizer)
         merged = load_model(str(out), dtype, device)  # check what was written, not what is in memory
         diff = (probe_logits(merged, ids) - reference).abs().max().item()

@@ -13,8 +13,9 @@ after a crash or Ctrl-C continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from q2g import cpu_info, distributed, memory
@@ -25,6 +26,8 @@ from q2g.finetune import stage as finetune
 from q2g.finetune.prepare import check_request
 from q2g.generate import stage as generate
 from q2g.io import write_failed
+from q2g.out_guard import check_output, expand, hold_lock
+from q2g.yaml_strict import read_once, shown
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = "demo_gemma3-270m_reference.yaml"
@@ -52,7 +55,7 @@ def stage_argv(stage: str, config: Path, out: Path) -> list[str]:
     return argv + ["--traces", str(out / "dataset"), "--out", str(out / "checkpoints")]
 
 
-def run_pipeline(config: Path, out: Path | None = None) -> int:
+def run_pipeline(config: Path, out: str | Path | None = None) -> int:
     """generate -> finetune -> report. Each stage decides for itself whether its outputs are from
     the same settings (io.settings_diff): then it resumes or skips, else it refuses (exit 2)."""
     memory.allocator_defaults()  # before anything starts CUDA (the vLLM teacher, finetune)
@@ -62,20 +65,38 @@ def run_pipeline(config: Path, out: Path | None = None) -> int:
         raise ConfigError(
             f"{config}: unknown top-level key(s) {sorted(unknown)}; expected out, {', '.join(STAGES + OTHER_SECTIONS)}"
         )
-    if not isinstance(data.get("out", ""), str):
-        raise ConfigError(f"{config}: out: must be a folder name, got {data['out']!r}")
-    out = Path(out or data.get("out") or "runs/" + config.stem)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+    out = run_out(config, data, out)
     ckpt = out / "checkpoints"
     gen_argv, ft_argv = stage_argv("generate", config, out), stage_argv("finetune", config, out)
-    preflight(generate.parse(gen_argv), *finetune.parse(ft_argv))
+    gen, ft, ft_eval = generate.parse(gen_argv), *finetune.parse(ft_argv)
+    inputs = {
+        "generate: data_dir": gen.data_dir,
+        "finetune: data_dir": ft.data_dir,
+        "finetune: base_model": ft.base_model,
+    }
+    check_output(out, "--out", inputs={**inputs, "generate: teacher": gen.teacher})
+    preflight(gen, ft, ft_eval)
+    # the stages lock their own folders too; this one keeps a second `q2g run` out (main process only)
+    with hold_lock(out) if os.environ.get("RANK", "0") in ("", "0") else nullcontext():
+        return run_stages(config, out, ckpt, gen_argv, ft_argv)
+
+
+def run_out(config: Path, data: dict, out) -> Path:
+    """The run's folder: --out, else the file's `out:`, else runs/<config name>; `~`, $VARS expanded."""
+    if not isinstance(data.get("out", ""), str):
+        raise ConfigError(f"{config}: out: must be a folder name, got {shown(data['out'])}")
+    if out is not None:
+        return Path(expand(str(out), "--out"))
+    return Path(expand(data.get("out") or "runs/" + config.stem, f"{config}: out"))
+
+
+def run_stages(config: Path, out: Path, ckpt: Path, gen_argv: list, ft_argv: list) -> int:
     timings, t0 = {}, time.time()
     print(f"[q2g run] stage 1/2 generate -> {out / 'dataset'}", flush=True)
     distributed.init(distributed.timeout_s(finetune.parse(ft_argv)[0].trainer))
     distributed.on_main(generate.main, gen_argv)  # under a launcher: one process generates, the others wait
-    try:
-        shutil.copy(config, out / "run_config.yaml")
+    try:  # the bytes read at the start (the file may be a pipe, or have changed since)
+        (out / "run_config.yaml").write_bytes(read_once(config))
     except OSError as e:
         raise write_failed(out / "run_config.yaml", e) from None
     timings["generate"], t1 = time.time() - t0, time.time()
@@ -118,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="a run YAML (path, or the name of a shipped config)")
     parser.add_argument("--out", help="output folder (default: the config's `out:`)")
     args = parser.parse_args(argv)
-    return run_pipeline(resolve_config(args.config), args.out and Path(args.out))
+    return run_pipeline(resolve_config(args.config), args.out)  # --out "" is refused, not ignored
 
 
 def demo_main(argv=None) -> int:

@@ -48,6 +48,8 @@ def _jsonl_row(path, lineno: int, line: str, required: tuple, types: dict) -> di
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a q2g record") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in required if k not in row]

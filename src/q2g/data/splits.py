@@ -20,8 +20,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from q2g.data.jsonl import read_jsonl
+from q2g.data.jsonl import read_jsonl_lines
 from q2g.data.loaders import load_problems, resolve_data_dir
+from q2g.data.schema import check_rows
 from q2g.data.sources import DEFAULT_MATH_SUBJECTS, SOURCES, source_key, subject_slug
 from q2g.errors import DataError
 from q2g.io import atomic_write_text, read_input_bytes
@@ -122,7 +123,8 @@ def load_holdout(split_path) -> list[dict]:
     manifest = read_split(split_path)
     if not manifest["holdout"]:
         raise DataError(f"{split_path}: the holdout has no problems (nothing to evaluate on; a larger --limit?)")
-    records = read_jsonl(split_path.parent / "holdout.jsonl", required=("id", "problem", "answer", "source"))
+    holdout = split_path.parent / "holdout.jsonl"
+    records = check_rows(holdout, read_jsonl_lines(holdout), "holdout")
     expected = {e["id"]: e["hash"] for e in manifest["holdout"]}
     got = {r["id"]: problem_hash(r["problem"]) for r in records}
     if got != expected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from q2g.config import Config, option
+from q2g.config import SEED_MAX, Config, option
 from q2g.models import PRECISIONS
 
 PPL_PROTOCOLS = ("q2g", "lm-eval", "lm-eval-raw")
@@ -22,7 +22,11 @@ class EvalConfig(Config):
     eval_max_new_tokens: int = option(512, min=1, results="baseline", help="generation cap per holdout problem")
     eval_batch_size: int = option(8, min=1, results=None, help="problems (or perplexity windows) per forward")
     eval_seed: int = option(
-        0, results="baseline", help="seed of the fixed eval subset (the same problems every epoch)"
+        0,
+        min=0,
+        max=SEED_MAX,
+        results="baseline",
+        help="seed of the fixed eval subset (the same problems every epoch)",
     )
     eval_backend: str = option(
         "hf",

@@ -20,12 +20,14 @@ from q2g.evaluation.config import EvalConfig, EvaluateConfig
 from q2g.evaluation.core import evaluate_model
 from q2g.io import atomic_write_json, write_jsonl
 from q2g.optional import require
-from q2g.out_folder import check_out_folder
+from q2g.out_guard import check_output, hold_lock
 
 
 def check_paths(args: EvaluateConfig, cfg: EvalConfig) -> None:
     """The output folder, model, adapter and optional parts, checked before anything loads or is written."""
-    check_out_folder(args.out)
+    holdout = Path(args.split).parent / "holdout.jsonl"
+    inputs = {"--model": args.model, "--adapter": args.adapter, "--split": args.split, "holdout": holdout}
+    check_output(args.out, "--out", inputs={**inputs, "--data-dir": args.data_dir})
     if cfg.eval_backend == "vllm" and not args.no_math:
         require("vllm", "--eval-backend vllm")
     models.check_model_name(args.model)
@@ -105,10 +107,18 @@ def main(argv=None) -> int:
     holdout, text = _load_inputs(args, cfg)  # all input is read and checked before the model loads
     device = models.pick_device(args.device)  # decided once for the run
     precision = models.resolve_precision(args.precision, device)
+    out = Path(args.out)
     model, tokenizer = _load_model(args, device, precision)
     result = evaluate_model(model, tokenizer, holdout, text, cfg, precision=precision, adapter_dir=args.adapter)
     generations = result["math"].pop("generations") if result["math"] else []
-    out = Path(args.out)
+    with hold_lock(out):  # evaluate writes only here, at its end (nothing at all when it fails)
+        write_outputs(out, generations, args, cfg, precision, result)
+    print_table(result)
+    print(f"wrote {out / 'eval.json'} and {out / 'generations.jsonl'} ({len(generations)} rows)")
+    return 0
+
+
+def write_outputs(out: Path, generations: list[dict], args, cfg, precision, result: dict) -> None:
     write_jsonl(out / "generations.jsonl", generations)
     atomic_write_json(
         out / "eval.json",
@@ -122,6 +132,3 @@ def main(argv=None) -> int:
             **result,
         },
     )
-    print_table(result)
-    print(f"wrote {out / 'eval.json'} and {out / 'generations.jsonl'} ({len(generations)} rows)")
-    return 0

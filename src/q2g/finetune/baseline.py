@@ -68,12 +68,17 @@ def read_baseline(path: Path) -> tuple[dict, dict]:
         raise DataError(f"--baseline-from {path}: not a saved baseline ({type(e).__name__}: {e})") from None
 
 
+def refuse_other_baseline(path: Path, saved: dict, settings) -> None:
+    """A --baseline-from made with other settings: refused (prepare calls this before any write)."""
+    diff = [k for k in run_keys(("baseline",)) if saved.get(k) != settings.get(k)]
+    if diff:
+        raise BadInput(f"--baseline-from {path} was made with other settings ({', '.join(diff)})")
+
+
 def reuse_baseline(run, path: Path) -> dict:
     """The baseline row saved at `path` (by `save_baseline`) if it was made with these settings."""
     settings, row = read_baseline(path)
-    diff = [k for k in run_keys(("baseline",)) if settings.get(k) != run.settings.get(k)]
-    if diff:
-        raise BadInput(f"--baseline-from {path} was made with other settings ({', '.join(diff)})")
+    refuse_other_baseline(path, settings, run.settings)
     print(f"[finetune] baseline: reused from {path}", flush=True)
     return {**row, "reused_from": str(path)}
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from q2g import forgetting
-from q2g.config import Config, option, result_keys
+from q2g.config import SEED_MAX, Config, option, result_keys
 from q2g.evaluation.config import EvalConfig
 from q2g.finetune.kl_anchor import check_init
 from q2g.models import PRECISIONS
@@ -109,7 +109,7 @@ class FinetuneConfig(Config):
     device: str = option("auto", results=None, help="auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, results=None, help="recompute activations: less memory, ~20% slower")
     resume: bool = option(False, results=None, help="continue the run in --out from its last checkpoint")
-    seed: int = option(0, results="training", help="LoRA init and data order")
+    seed: int = option(0, min=0, max=SEED_MAX, results="training", help="LoRA init and data order")
     data_dir: str | None = option(
         None,
         results="baseline",
@@ -214,13 +214,22 @@ class FinetuneConfig(Config):
     )
 
     def check(self) -> list[str]:
-        problems = option_errors(self)  # the LoRA variant, KL and probe combinations (option_errors, below)
+        steps = ["--max-steps: must be >= 1, or -1 for no limit, got 0"] if self.max_steps == 0 else []
+        problems = steps + option_errors(self)  # the LoRA variant, KL and probe combinations (option_errors, below)
         if self.distill == "on-policy" and not self.distill_teacher:
             problems.append("--distill on-policy needs --distill-teacher (an HF model or a --distill-base-url name)")
-        return problems + (
-            ["--distill-base-url is for --distill on-policy"]
-            if self.distill_base_url and self.distill != "on-policy"
-            else []
+        return (
+            problems
+            + (
+                ["--distill-base-url is for --distill on-policy"]
+                if self.distill_base_url and self.distill != "on-policy"
+                else []
+            )
+            + (
+                [f"--distill-base-url: must start with http:// or https://, got {self.distill_base_url[:200]!r}"]
+                if self.distill_base_url and not self.distill_base_url.lower().startswith(("http://", "https://"))
+                else []
+            )
         )
 
 
@@ -245,7 +254,8 @@ class Settings:
     optim_used: str | None = decided("the Trainer optimizer (8-bit AdamW falls back where it cannot run)", "optim")
     traces_file: str | None = decided("the traces.jsonl read")
     split_file: str | None = decided("the split manifest read", resolves="split")
-    n_train_examples: int | None = decided("examples built from the validated traces", resolves="traces")
+    traces_sha256: str | None = decided("a hash of the validated traces' content", resolves="traces")
+    n_train_examples: int | None = decided("examples built from the validated traces")
     n_train_tokens: int | None = decided("tokens of those examples")
     n_truncated: int | None = decided("examples cut at --max-seq-len")
     n_skipped_prompt_too_long: int | None = decided("traces skipped: the prompt alone is too long")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from q2g import cpu_info, distributed, memory, models
@@ -36,8 +35,8 @@ from q2g.data import loaders, splits
 from q2g.errors import BadInput, ConfigError
 from q2g.evaluation.config import EvalConfig
 from q2g.examples import build_dataset, locate_traces, read_traces, refuse_leaks, teacher_info
-from q2g.finetune import kl_anchor
-from q2g.finetune.baseline import read_baseline
+from q2g.finetune import baseline, kl_anchor
+from q2g.finetune.baseline import read_baseline, refuse_other_baseline
 from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
 from q2g.finetune.distill_data import add_distill, report_text
 from q2g.finetune.init_adapter import check_init_adapter
@@ -47,6 +46,7 @@ from q2g.finetune.onpolicy_data import tag_problems
 from q2g.finetune.train import training_arguments
 from q2g.io import atomic_write_json, atomic_write_text, cache_dir, settings_diff
 from q2g.optional import require
+from q2g.out_guard import check_inputs, check_output
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to values that need their package
 
@@ -58,32 +58,44 @@ def check_trackers(report_to: list[str]) -> None:
             require(tracker, f"--report-to {tracker}", ConfigError)
 
 
-def check_path(name: str | None, flag: str, folder_to_make: bool = False) -> None:
-    """Refuse a path the file system cannot hold: a name longer than it allows, or (for a folder
-    q2g will create) a parent that is a file; said as bad input, not as an OSError later."""
-    if not name:
-        return
-    path = Path(name).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
-    try:
-        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
-    if long is not None:
-        raise BadInput(
-            f"{flag} {name}: the name {long[:40]}... is longer than this file system allows ({limit} bytes)"
-        )
-    if folder_to_make and existing != path and not existing.is_dir():
-        raise BadInput(f"{flag} {name}: {existing} is a file, so no folder can be made inside it")
+def check_out(cfg: FinetuneConfig) -> Path:
+    """--out through the output guard: never the base model, the traces, the split, the data folder,
+    the baseline cache or --baseline-from, nor inside or holding any of them."""
+    inputs = {
+        "--base-model": cfg.base_model,
+        "--traces": cfg.traces,
+        "--split": cfg.split,
+        "--data-dir": cfg.data_dir,
+        "--baseline-from": cfg.baseline_from,
+        "--init-adapter": cfg.init_adapter,
+        "--distill-teacher": cfg.distill_teacher,
+        "baseline cache": baseline.folder() if baseline.enabled() and not cfg.no_baseline_cache else None,
+    }
+    return check_output(cfg.out, "--out", inputs=inputs)
+
+
+def check_eval_backend(eval_cfg: EvalConfig) -> None:
+    if eval_cfg.eval_backend == "vllm":
+        require("vllm", "--eval-backend vllm", ConfigError)
+
+
+def check_rank(cfg: FinetuneConfig) -> None:
+    """--lora-r at most the model's hidden size (an absurd rank would ask for terabytes), read from
+    its config alone, before the rehearsal step or anything else writes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(models.resolve_model_path(cfg.base_model), trust_remote_code=False)
+    hidden = getattr(config.get_text_config(), "hidden_size", None)
+    if isinstance(hidden, int) and cfg.lora_r > hidden:
+        raise ConfigError(f"--lora-r: must be <= the model's hidden size ({hidden}), got {cfg.lora_r}")
 
 
 def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> tuple[str, models.Precision]:
     """What can be refused from the settings alone (no traces read, nothing written); returns the
     run's (device, precision), decided here once."""
-    check_path(cfg.out, "--out", folder_to_make=True)
-    for name, flag in ((cfg.traces, "--traces"), (cfg.split, "--split"), (cfg.baseline_from, "--baseline-from")):
-        check_path(name, flag)
+    check_out(cfg)
+    check_inputs({"--traces": cfg.traces, "--split": cfg.split, "--baseline-from": cfg.baseline_from})
+    check_eval_backend(eval_cfg)
     if cfg.use_dora and eval_cfg.eval_backend == "vllm" and not cfg.no_eval:
         raise ConfigError(
             "--use-dora with --eval-backend vllm: vLLM serves LoRA adapters only and refuses a DoRA one "
@@ -143,9 +155,11 @@ def prepare(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> Run:
         versions=versions(),
     )
     out = Path(cfg.out)
-    check_out_dir(cfg, out, settings)
-    if cfg.baseline_from:
-        read_baseline(Path(cfg.baseline_from))
+    settings.traces_sha256 = traces_sha256(rows)
+    check_resume(cfg, out, settings)
+    if cfg.baseline_from:  # compared now: refused before config.json is written, not after
+        refuse_other_baseline(Path(cfg.baseline_from), read_baseline(Path(cfg.baseline_from))[0], settings)
+    check_rank(cfg)
     examples, stats = add_rehearsal(cfg, tokenizer, examples, stats, device, precision)  # checks done: may write
     for name in ("n_train_examples", "n_train_tokens", "n_rehearsal_examples", "n_rehearsal_tokens", "rehearsal_file"):
         setattr(settings, name, stats.get(name))
@@ -210,9 +224,17 @@ def fit_memory(settings: Settings, lengths: list[int]) -> None:
         print(f"[finetune] WARNING: the estimate says this will not fit: {p.message}", flush=True)
 
 
-def check_out_dir(cfg: FinetuneConfig, out: Path, settings: Settings) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file, not a folder")
+def traces_sha256(rows: list[dict]) -> str:
+    """What a resume compares: the validated traces' content (not their count)."""
+    import hashlib
+    import json
+
+    text = json.dumps([[r.get("id"), r["problem"], r["qwen_trace"]] for r in rows], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_resume(cfg: FinetuneConfig, out: Path, settings: Settings) -> None:
+    """A folder holding a run is continued only with --resume and the same settings and traces."""
     if not (out / "metrics.jsonl").exists():
         return
     if not cfg.resume:

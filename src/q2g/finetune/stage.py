@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from q2g import distributed, forgetting, memory, report
@@ -48,6 +49,9 @@ from q2g.finetune.epochs import without_probes
 from q2g.finetune.prepare import prepare
 from q2g.finetune.train import train_all
 from q2g.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant, writes_to
+from q2g.out_guard import hold_lock
+
+RESUME_HINT = "free some space, then rerun the same command with --resume"
 
 
 def finalize(run) -> dict:
@@ -148,9 +152,9 @@ def run_finetune(cfg: FinetuneConfig, eval_cfg: EvalConfig | None = None) -> dic
     distributed.init(distributed.timeout_s(cfg.trainer))  # the group's timeout is ddp_timeout
     t0, main = time.time(), distributed.is_main()
     run = prepare(cfg, eval_cfg or EvalConfig())
-    with writes_to(run.out, hint="free some space, then rerun the same command with --resume"):
+    # every check is done: the main process locks the folder for the whole run, then writes begin
+    with hold_lock(run.out) if main else nullcontext(), writes_to(run.out, hint=RESUME_HINT):
         if main:
-            run.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run.out / "config.json", run.settings.to_dict())
         rows = without_probes(read_jsonl_tolerant(run.out / "metrics.jsonl", repair=True)) if main else None
         run.rows = distributed.share(rows)  # (probe rows: see q2g.finetune.epochs)

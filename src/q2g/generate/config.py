@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from q2g import backends
 from q2g.backends import BACKENDS, DEFAULT_BATCH_SIZE
-from q2g.config import Config, load_config, option
+from q2g.config import SEED_MAX, Config, load_config, option
 from q2g.data.sources import DEFAULT_MATH_SUBJECTS, MATH_SUBJECTS, SOURCES
 from q2g.data.splits import HOLDOUT_FRACTION
 from q2g.generate.shards import parse_shard
@@ -61,7 +61,7 @@ class GenerateConfig(Config):
     limit: int | None = option(
         None, min=1, results="traces", help="problems per stratum before splitting (quick runs)"
     )
-    seed: int = option(0, results="traces", help="split and sampling seed")
+    seed: int = option(0, min=0, max=SEED_MAX, results="traces", help="split and sampling seed")
     shard: str | None = option(None, results=None, help="I/N: generate only shard I of N (0-based)")
     merge_shards: bool = option(False, results=None, help="merge complete shard files into traces.jsonl and exit")
     batch_size: int | None = option(
@@ -109,6 +109,11 @@ class GenerateConfig(Config):
     device: str = option("auto", results=None, help="hf: cuda, cpu, mps or auto")
 
     def check(self) -> list[str]:
+        twice = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
+        if twice:
+            return [f"--datasets: {', '.join(twice)} given twice (each holdout problem would be listed twice)"]
+        if self.base_url is not None and not self.base_url.lower().startswith(("http://", "https://")):
+            return [f"--base-url: must start with http:// or https://, got {self.base_url[:200]!r}"]
         if self.teacher_logprobs and self.backend == "reference":
             return [
                 "--teacher-logprobs: the reference backend has no model, so no log-probs; use --backend hf, "

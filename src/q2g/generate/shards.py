@@ -27,6 +27,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def layout_problem(out: Path, shard: tuple[int, int]) -> str | None:
+    """Why shard I/N cannot join `out` (shard files of another N are there: they could never merge)."""
+    found = {
+        int(m[1]) for p in out.glob("traces.shard-*-of-*.jsonl") if (m := re.search(r"-of-(\d+)\.jsonl$", p.name))
+    }
+    others = sorted(found - {shard[1]})
+    if others:
+        return f"--shard {shard[0]}/{shard[1]}: {out} holds shards of {others[0]} (use --shard I/{others[0]} or another --out)"
+    return None
+
+
 def in_shard(problem_id: str, shard: tuple[int, int] | None) -> bool:
     return shard is None or stable_int("shard", problem_id) % shard[1] == shard[0]
 
@@ -51,8 +62,9 @@ def merge_side_files(out: Path, n: int) -> None:
     finish_side_file(out / "teacher_logprobs.jsonl", read_jsonl_tolerant(out / "traces.jsonl"))
 
 
-def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) -> dict | None:
-    """Merge complete shards into traces.jsonl / rejected.jsonl / summary.json (None: not all done)."""
+def complete_shards(out: Path, required: bool) -> tuple[dict, int] | None:
+    """(summary of each shard, N) when all N shards in `out` are complete; else None, or with
+    `required` a DataError saying what is missing (checked before anything is written)."""
     found = {}
     for path in out.glob("summary.shard-*-of-*.json"):
         i, n = map(int, re.fullmatch(r"summary\.shard-(\d+)-of-(\d+)\.json", path.name).groups())
@@ -69,6 +81,15 @@ def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) 
         if required:
             raise DataError(f"{out}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} not complete yet")
         return None
+    return found, n
+
+
+def merge_shards(out: Path, order: dict[str, int], required: bool, extra: dict) -> dict | None:
+    """Merge complete shards into traces.jsonl / rejected.jsonl / summary.json (None: not all done)."""
+    complete = complete_shards(out, required)
+    if complete is None:
+        return None
+    found, n = complete
     records = []
     for i in range(n):
         records += read_records(output_paths(out, (i, n)))

@@ -44,17 +44,11 @@ from q2g.generate.config import parse
 from q2g.generate.logprobs import report, score_traces, side_rows
 from q2g.generate.outputs import clear_outputs, resolved_config, settings_mismatch
 from q2g.generate.records import done_problems, judge, read_records, retried, write_sorted
-from q2g.generate.shards import in_shard, merge_shards, output_paths, parse_shard
+from q2g.generate.shards import complete_shards, in_shard, layout_problem, merge_shards, output_paths, parse_shard
 from q2g.generate.summary import Tally, print_table
-from q2g.io import (
-    append_jsonl,
-    atomic_write_json,
-    check_output_path,
-    read_input_bytes,
-    read_jsonl_tolerant,
-    writes_to,
-)
+from q2g.io import append_jsonl, atomic_write_json, read_input_bytes, read_jsonl_tolerant, writes_to
 from q2g.models import check_model_name
+from q2g.out_guard import LOCK_NAME, check_output, hold_lock
 
 __all__ = ["main", "parse"]  # parse: run and sweep check a generate command line through this module
 
@@ -141,7 +135,7 @@ def main(argv=None) -> int:
     if args.score_traces:
         return score_traces(args, backend_load.load_backend)
     shard = parse_shard(args.shard) if args.shard else None
-    out = check_output_path(args.out, "--out", folder=True)
+    out = check_output(args.out, "--out", inputs={"--data-dir": args.data_dir, "--teacher": args.teacher})
     # all input is read and checked before anything is written
     check_available(args.backend)
     check_teacher(args)
@@ -155,6 +149,15 @@ def main(argv=None) -> int:
         args.data_dir,
         args.limit,
     )
+    if shard and shard[1] > len(train):
+        raise BadInput(f"--shard {args.shard}: {shard[1]} shards for {len(train)} train problems (at most one each)")
+    if shard and not args.overwrite and (why := layout_problem(out, shard)):
+        raise BadInput(why)
+    if args.merge_shards:
+        try:
+            complete_shards(out, required=True)
+        except ValueError as e:
+            raise DataError(str(e)) from None
     config, order = resolved_config(args, settings), {r["id"]: i for i, r in enumerate(train)}
     mismatch = settings_mismatch(out, config)
     if mismatch and not args.overwrite:
@@ -162,6 +165,12 @@ def main(argv=None) -> int:
             f"{out} holds outputs of a run with other settings:\n  " + "\n  ".join(mismatch) + "\n"
             "Rerun with the same settings to resume, use another --out, or add --overwrite to delete them."
         )
+    lock = f"{LOCK_NAME}.shard-{shard[0]}-of-{shard[1]}" if shard else LOCK_NAME  # shards run side by side
+    with hold_lock(out, name=lock):  # every check is done: the folder is this run's until it ends
+        return locked_main(args, out, train, holdout, settings, config, order, shard)
+
+
+def locked_main(args, out, train, holdout, settings, config, order, shard) -> int:
     if args.overwrite:
         clear_outputs(out)
     if args.merge_shards:

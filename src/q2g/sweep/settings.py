@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from q2g import run
-from q2g.config import Config, field_problems, fields_of, load_yaml, normalise_keys, option
+from q2g.config import SEED_MAX, Config, field_problems, fields_of, load_yaml, normalise_keys, option
 from q2g.errors import ConfigError
 from q2g.finetune import stage as finetune
 from q2g.generate import stage as generate
+from q2g.out_guard import check_output
 from q2g.sweep.space import check_points, parse_space, space_size
 
 OBJECTIVES = {"pass@1": "maximize", "heldout_loss": "minimize", "ppl_change": "minimize"}
@@ -40,7 +41,7 @@ class SweepConfig(Config):
         results="training",
         help="[pass@1 | heldout_loss, ppl_change]: the first's best, the second minimised",
     )
-    seed: int = option(0, results="training", help="sampler seed")
+    seed: int = option(0, min=0, max=SEED_MAX, results="training", help="sampler seed")
     storage: str | None = option(
         None,
         results=None,
@@ -89,7 +90,7 @@ class Sweep:
         return self.out / ".sweep.lock"
 
 
-def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
+def load_sweep(config: Path, out: str | Path | None = None, **overrides) -> Sweep:
     """Read and check the whole file (stages and sweep) before anything runs or is written."""
     data = load_yaml(config)
     unknown = set(data) - {"out", *run.STAGES, "sweep"}
@@ -111,12 +112,16 @@ def load_sweep(config: Path, out: Path | None = None, **overrides) -> Sweep:
     if problems := field_problems(SweepConfig, values, labels):
         raise ConfigError("; ".join(problems))
     cfg = SweepConfig(**values)
-    out = Path(out or data.get("out") or f"runs/{config.stem}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+    out = run.run_out(config, data, out)
     gen_argv = run.stage_argv("generate", config, out)
     gen = generate.parse(gen_argv)
     ft, eval_cfg = finetune.parse(run.stage_argv("finetune", config, out))
+    inputs = {
+        "generate: data_dir": gen.data_dir,
+        "finetune: data_dir": ft.data_dir,
+        "finetune: base_model": ft.base_model,
+    }
+    check_output(out, "--out", inputs=inputs)
     dims = parse_space(cfg.space, str(config), cfg.sampler)
     size = space_size(dims)
     if cfg.n_trials is None and size is None:

@@ -46,7 +46,7 @@ from q2g.memory import allocator_defaults
 from q2g.sweep.pareto import write_outputs
 from q2g.sweep.settings import load_sweep, resolved
 from q2g.sweep.storage import check_storage, describe, is_url, open_storage
-from q2g.sweep.study import load_optuna, next_trial, open_study, others_running
+from q2g.sweep.study import load_optuna, next_trial, open_study, others_running, refuse_changed_settings
 from q2g.sweep.trials import ensure_baseline, evaluate_baseline, run_trial
 from q2g.sweep.workers import locked
 
@@ -66,6 +66,7 @@ def run_sweep(config: Path, out: Path | None = None, *, train=None, baseline=Non
     optuna = load_optuna()
     sweep = load_sweep(Path(config), out, **overrides)
     check_storage(sweep.cfg.storage)
+    refuse_changed_settings(sweep)  # before the folder, the lock or the journal is touched
     if train is None or baseline is None:
         run.preflight(
             sweep.generate, sweep.finetune, sweep.eval_cfg
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     try:
         result = run_sweep(
             run.resolve_config(args.config),
-            args.out and Path(args.out),
+            args.out,  # --out "" is refused (run.run_out), not ignored
             n_trials=args.n_trials,
             storage=args.storage,
             study_name=args.study_name,

@@ -59,6 +59,33 @@ def grid_points(sweep: Sweep) -> list[dict]:
     return points
 
 
+def refuse_changed_settings(sweep: Sweep) -> None:
+    """A rerun of the same study (name and storage) into a folder whose sweep.json says it was made
+    with other sweep settings is refused here, before any write (open_study finds the same, but
+    only after the journal was opened and appended to)."""
+    import json
+
+    from q2g.io import read_input_bytes
+
+    path = sweep.out / "sweep.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(read_input_bytes(path).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise BadInput(f"{path}: not valid JSON (a damaged sweep folder? use another --out)") from None
+    where = describe(sweep.cfg.storage, sweep.out)
+    if not isinstance(saved, dict) or (saved.get("study_name"), saved.get("storage")) != (sweep.cfg.study_name, where):
+        return
+    settings = study_settings(sweep)
+    diff = [k for k in settings if saved.get(k) != settings[k]]
+    if diff:
+        raise BadInput(
+            f"study {sweep.cfg.study_name!r} in {where} was made with other sweep settings "
+            f"({', '.join(diff)}); use another --out or --study-name"
+        )
+
+
 def open_study(optuna, sweep: Sweep, storage):
     """Create or load the study; one of other settings is refused (BadInput) before anything runs."""
     study = optuna.create_study(
