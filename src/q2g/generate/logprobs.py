@@ -19,7 +19,8 @@ from pathlib import Path
 from q2g.data.jsonl import read_jsonl
 from q2g.data.teacher_logprobs import SIDE_NAME, finish_side_file, side_entry
 from q2g.errors import BadInput
-from q2g.io import append_jsonl, check_output_path, read_jsonl_tolerant
+from q2g.io import append_jsonl, read_jsonl_tolerant
+from q2g.out_guard import check_output, hold_lock, lock_beside
 
 
 def side_rows(backend, batch: list[dict], samples: list[list], records: list[dict], top_k: int, name: str) -> list:
@@ -51,19 +52,26 @@ def score_traces(args, load_backend) -> int:
     source = Path(args.score_traces)
     types = {"id": str, "problem": str, "qwen_trace": str}
     traces = [r for r in read_jsonl(source, required=types, types=types) if r.get("validated", True)]
-    out = check_output_path(args.out, "--out", folder=True)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{SIDE_NAME}.jsonl"
-    if path.resolve() == source.resolve():
-        raise BadInput(f"--out {out} would overwrite the input {source}")
-    done = {row.get("id") for row in read_jsonl_tolerant(path, repair=True) if isinstance(row, dict)}
-    todo = [r for r in traces if r["id"] not in done]
-    backend = load_backend(args.backend, args) if todo else None
-    for i in range(0, len(todo), args.batch_size):
-        batch = todo[i : i + args.batch_size]
-        tokens = backend.score([(r, r["qwen_trace"]) for r in batch], args.teacher_logprobs)
-        rows = [side_entry(r["id"], args.teacher, r["qwen_trace"], t) for r, t in zip(batch, tokens)]
-        append_jsonl(path, [row for row in rows if row is not None])
-    finish_side_file(path, traces)
+    # the side file may sit beside the traces it scores (finetune reads it there), so the guard
+    # checks the file itself: never the traces file, the teacher or anything inside them
+    if not str(args.out).strip():
+        raise BadInput("--out: an empty path (it would write into the current folder); name a folder")
+    path = check_output(
+        Path(args.out) / f"{SIDE_NAME}.jsonl",
+        "--out",
+        inputs={"--score-traces": source, "--teacher": args.teacher},
+        folder=False,
+    )
+    folder, lock = lock_beside(path)
+    with hold_lock(folder, name=lock):
+        done = {row.get("id") for row in read_jsonl_tolerant(path, repair=True) if isinstance(row, dict)}
+        todo = [r for r in traces if r["id"] not in done]
+        backend = load_backend(args.backend, args) if todo else None
+        for i in range(0, len(todo), args.batch_size):
+            batch = todo[i : i + args.batch_size]
+            tokens = backend.score([(r, r["qwen_trace"]) for r in batch], args.teacher_logprobs)
+            rows = [side_entry(r["id"], args.teacher, r["qwen_trace"], t) for r, t in zip(batch, tokens)]
+            append_jsonl(path, [row for row in rows if row is not None])
+        finish_side_file(path, traces)
     report(path, traces)
     return 0
