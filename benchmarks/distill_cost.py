@@ -7,7 +7,7 @@ are those of two tokenizer families; `--teacher FOLDER` takes any causal LM inst
 model after a short SFT). The teacher scores the packaged problems' reference solutions
 teacher-forced after its own prompt; those log-probs and byte spans are written as the
 teacher_logprobs.jsonl side file, and the student's examples are built from it exactly as
-`q2g finetune --distill chunk-likelihood` builds them (q2g.finetune.distill_data).
+`q2g finetune --distill chunk-likelihood` builds them (q2g.finetune.distill.data).
 
 One step = forward + backward of the label-only Trainer loss (LabelOnlyLossTrainer.compute_loss)
 on one batch: "SFT" is the batch without chunks (what `--distill none` runs), "SFT + distill" the
@@ -130,7 +130,7 @@ def setup(args, work: Path):
 def batch_of(student, rows, records, args, work: Path):
     """The collated batch as `q2g finetune --distill chunk-likelihood` builds it, and the alignment info."""
     from q2g.examples import Collator, build_dataset
-    from q2g.finetune.distill_data import SIDE_FILE, DistillCollator, add_distill
+    from q2g.finetune.distill.data import SIDE_FILE, DistillCollator, add_distill
     from q2g.models import load_tokenizer
 
     (work / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -201,7 +201,7 @@ def main() -> int:
         batch, info = batch_of(student, rows, records, args, work)
         best = measure(student, batch, args)
 
-    from q2g.finetune.distill_data import report_text
+    from q2g.finetune.distill.data import report_text
 
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     chunks = int((~batch["distill_teacher"].isnan()).sum())

@@ -74,8 +74,8 @@ def build(args, tmp: Path):
     from transformers import TrainingArguments
 
     from q2g import models
-    from q2g.finetune.onpolicy import OnPolicyTrainer
-    from q2g.finetune.teacher_score import HFTeacher
+    from q2g.finetune.distill.onpolicy import OnPolicyTrainer
+    from q2g.finetune.distill.teacher_score import HFTeacher
 
     tok = models.load_tokenizer(args.student)
     base = models.load_model(args.student, torch.float32, args.device)
@@ -110,7 +110,7 @@ def build(args, tmp: Path):
 
 def batch_of(tok, rows, max_seq_len: int, device: str) -> dict:
     from q2g.examples import Collator, build_example
-    from q2g.finetune.onpolicy_data import OnPolicyCollator
+    from q2g.finetune.distill.onpolicy_data import OnPolicyCollator
 
     examples = []
     for i, r in enumerate(rows):
@@ -142,7 +142,7 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    from q2g.finetune import onpolicy_data
+    from q2g.finetune.distill import onpolicy_data
     from q2g.finetune.loss import LabelOnlyLossTrainer
     from q2g.prompts import student_prompt_ids
 

@@ -11,7 +11,7 @@ from test_loss import VocabShapes, examples, lora_grads, lora_model
 from transformers import AutoTokenizer
 
 from q2g.examples import IGNORE_INDEX, Collator
-from q2g.finetune.distill import NO_CHUNK, binarised_kl, distill_sum, label_logprobs, log1mexp
+from q2g.finetune.distill.chunk_kl import NO_CHUNK, binarised_kl, distill_sum, label_logprobs, log1mexp
 from q2g.scoring import logit_transform, split_causal_lm
 
 TOL = 1e-5

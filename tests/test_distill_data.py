@@ -19,8 +19,8 @@ from q2g.alignment import byte_spans
 from q2g.errors import ConfigError, DataError
 from q2g.examples import IGNORE_INDEX, Collator, build_dataset, read_traces
 from q2g.finetune.config import FinetuneConfig, run_keys
-from q2g.finetune.distill import NO_CHUNK, binarised_kl
-from q2g.finetune.distill_data import (
+from q2g.finetune.distill.chunk_kl import NO_CHUNK, binarised_kl
+from q2g.finetune.distill.data import (
     SIDE_FILE,
     DistillCollator,
     add_distill,

@@ -14,7 +14,8 @@ from q2g import cli
 from q2g.errors import ConfigError
 from q2g.finetune import epochs
 from q2g.finetune import train as trainer
-from q2g.finetune.config import FinetuneConfig, supported_inits
+from q2g.finetune.config import FinetuneConfig
+from q2g.finetune.lora import supported_inits
 
 RANK, ALPHA = 4, 8
 

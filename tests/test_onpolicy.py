@@ -21,10 +21,11 @@ import torch
 from helpers import ASSETS, finetune_argv, reference_dataset
 
 from q2g import cli
-from q2g.finetune import onpolicy_data, train
-from q2g.finetune.distill import NO_CHUNK
-from q2g.finetune.onpolicy_data import align, chunk_advantages, sample_text
-from q2g.finetune.teacher_score import prompt_logprob_spans
+from q2g.finetune import train
+from q2g.finetune.distill import onpolicy_data
+from q2g.finetune.distill.chunk_kl import NO_CHUNK
+from q2g.finetune.distill.onpolicy_data import align, chunk_advantages, sample_text
+from q2g.finetune.distill.teacher_score import prompt_logprob_spans
 
 # ---------------------------------------------------------------- the pieces, by hand
 
@@ -215,7 +216,7 @@ class CharServer:
 
 def test_a_server_without_prompt_logprobs_is_said_so():
     from q2g.errors import RunFailed
-    from q2g.finetune.teacher_score import OpenAITeacher
+    from q2g.finetune.distill.teacher_score import OpenAITeacher
 
     server = CharServer(logprobs=False)
     try:
@@ -299,7 +300,7 @@ def test_teacher_equal_to_student_gives_zero_advantage_and_no_update(tiny_gemma_
 KILL_AFTER_STEP_2_SAMPLES = """
 import os, signal, sys
 from q2g import cli
-from q2g.finetune import onpolicy_data
+from q2g.finetune.distill import onpolicy_data
 real = onpolicy_data.save_step
 def save_step(folder, step, micro, record):
     path = real(folder, step, micro, record)
@@ -474,7 +475,7 @@ class ModelServer(CharServer):
 
 def test_server_prompt_logprobs_equal_the_in_process_teacher(tiny_qwen_dir, monkeypatch):
     """The same model behind a server (echo + logprobs) and in process: the same spans and log-probs."""
-    from q2g.finetune.teacher_score import HFTeacher, OpenAITeacher
+    from q2g.finetune.distill.teacher_score import HFTeacher, OpenAITeacher
 
     server = ModelServer(tiny_qwen_dir)
     context, texts = "Problem:\nWhat is 12 + 30?\nSolution:\n", ["So 12 + 30 = 42.", "Answer: 42 apples, é ü"]

@@ -36,7 +36,7 @@ from pathlib import Path
 from q2g import distributed, forgetting
 from q2g.evaluation.core import evaluate_model, sharded_pass_at_1
 from q2g.evaluation.perplexity import perplexity
-from q2g.finetune.config import save_adapter_files
+from q2g.finetune.lora import save_adapter_files
 from q2g.io import append_jsonl, atomic_write_json, read_jsonl_tolerant, write_jsonl
 
 ADAPTER_CONFIG_NAME = "q2g_config.json"

@@ -28,7 +28,7 @@ from transformers import Trainer
 from q2g.batching import causal_inputs
 from q2g.examples import IGNORE_INDEX
 from q2g.finetune import fused_grads
-from q2g.finetune.distill import distill_sum
+from q2g.finetune.distill.chunk_kl import distill_sum
 from q2g.finetune.kl_anchor import kl_to_base_sum
 from q2g.optional import install_hint, is_available
 from q2g.scoring import logit_transform, split_causal_lm
@@ -235,7 +235,7 @@ class LabelOnlyLossTrainer(Trainer):
             self.loss_path.path, self.loss_path.note = "plain", "the model's forward has no logits_to_keep"
         self.drop_right_padding_mask = drop_right_padding_mask
         self.kl_to_base = kl_to_base  # BETA of q2g.finetune.kl_anchor (0: the plain label-only loss)
-        self.distill_weight = distill_weight  # W of q2g.finetune.distill (0: off)
+        self.distill_weight = distill_weight  # W of q2g.finetune.distill.chunk_kl (0: off)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chunks = {k: inputs.pop(k) for k in ("distill_chunk", "distill_teacher") if k in inputs}
@@ -252,7 +252,7 @@ class LabelOnlyLossTrainer(Trainer):
         if self.kl_to_base:  # + BETA x KL(student || base) on the same label tokens
             args = (unwrapped, decoder, batch, hidden, labels, head, logit_transform(config))
             total = total + self.kl_to_base * kl_to_base_sum(*args, self.loss_chunk_size)
-        if self.distill_weight and chunks:  # + W x binarised chunk KL to the teacher (q2g.finetune.distill)
+        if self.distill_weight and chunks:  # + W x binarised chunk KL to the teacher (q2g.finetune.distill.chunk_kl)
             args = (hidden, labels, chunks["distill_chunk"], chunks["distill_teacher"], head, logit_transform(config))
             total = total + self.distill_weight * distill_sum(*args, self.loss_chunk_size)
         if first and self.is_world_process_zero():

@@ -38,11 +38,11 @@ from q2g.examples import build_dataset, locate_traces, read_traces, refuse_leaks
 from q2g.finetune import baseline, kl_anchor
 from q2g.finetune.baseline import read_baseline, refuse_other_baseline
 from q2g.finetune.config import FinetuneConfig, Run, Settings, run_keys
-from q2g.finetune.distill_data import add_distill, report_text
-from q2g.finetune.init_adapter import check_init_adapter
+from q2g.finetune.distill.data import add_distill, report_text
+from q2g.finetune.distill.onpolicy import prepare_info as onpolicy_info
+from q2g.finetune.distill.onpolicy_data import tag_problems
+from q2g.finetune.lora import check_init_adapter
 from q2g.finetune.loss import planned_loss_path
-from q2g.finetune.onpolicy import prepare_info as onpolicy_info
-from q2g.finetune.onpolicy_data import tag_problems
 from q2g.finetune.train import training_arguments
 from q2g.io import atomic_write_json, atomic_write_text, cache_dir, settings_diff
 from q2g.optional import require

@@ -41,10 +41,10 @@ from q2g.config import load_config
 from q2g.data import splits
 from q2g.evaluation.config import EvalConfig
 from q2g.evaluation.core import select_eval_subset
-from q2g.finetune import onpolicy
 from q2g.finetune.baseline import baseline
 from q2g.finetune.config import FinetuneConfig
-from q2g.finetune.distill_data import report_line
+from q2g.finetune.distill import onpolicy
+from q2g.finetune.distill.data import report_line
 from q2g.finetune.epochs import without_probes
 from q2g.finetune.prepare import prepare
 from q2g.finetune.train import train_all

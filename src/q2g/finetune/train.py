@@ -31,10 +31,9 @@ from q2g.errors import ConfigError
 from q2g.examples import Collator
 from q2g.finetune import kl_anchor
 from q2g.finetune.baseline import load_base
-from q2g.finetune.config import keep_initial, lora_kwargs
-from q2g.finetune.distill_data import DistillCollator
+from q2g.finetune.distill.data import DistillCollator
 from q2g.finetune.epochs import last_adapter, make_callback, probe_callbacks
-from q2g.finetune.init_adapter import load_init_adapter
+from q2g.finetune.lora import keep_initial, load_init_adapter, lora_kwargs
 from q2g.finetune.loss import LabelOnlyLossTrainer
 from q2g.guards import NonFiniteGuard
 from q2g.io import atomic_write_json
@@ -182,8 +181,8 @@ def make_trainer(run, peft_model, targs, callback, guard, extra_callbacks=()):
         )
     if path == "plain":  # a model whose forward cannot keep only the last logits (q2g.finetune.loss)
         return Trainer(**kw)
-    if cfg.distill == "on-policy":  # the student samples, the teacher scores (q2g.finetune.onpolicy)
-        from q2g.finetune import onpolicy
+    if cfg.distill == "on-policy":  # the student samples, the teacher scores (q2g.finetune.distill.onpolicy)
+        from q2g.finetune.distill import onpolicy
 
         return onpolicy.make_trainer(run, kw, guard)
     # "auto", not "liger": a Liger that fails at its first call (a Triton that cannot compile) then
@@ -203,7 +202,7 @@ def collator(run):
     """examples.Collator, with the chunks of --distill chunk-likelihood or the problems of on-policy."""
     base, mode = Collator(run.tokenizer.pad_token_id), run.settings.asked.distill
     if mode == "on-policy":
-        from q2g.finetune.onpolicy_data import OnPolicyCollator
+        from q2g.finetune.distill.onpolicy_data import OnPolicyCollator
 
         return OnPolicyCollator(base)
     return DistillCollator(base) if mode == "chunk-likelihood" else base

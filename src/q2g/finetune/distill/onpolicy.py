@@ -33,10 +33,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from q2g.finetune import onpolicy_data as data
+from q2g.finetune.distill import onpolicy_data as data
+from q2g.finetune.distill.teacher_score import label_token_logprobs, load_teacher, pad_rows, same_vocab
 from q2g.finetune.kl_anchor import kl_to_base_sum
 from q2g.finetune.loss import LabelOnlyLossTrainer
-from q2g.finetune.teacher_score import label_token_logprobs, load_teacher, pad_rows, same_vocab
 from q2g.io import append_jsonl
 from q2g.prompts import end_token_ids, student_prompt_ids
 from q2g.scoring import eval_mode, logit_transform, split_causal_lm

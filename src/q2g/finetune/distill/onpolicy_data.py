@@ -8,7 +8,7 @@
 
 A sample's text is the bytes of its sampled tokens up to its end token (which is no part of the
 text), less any token whose bytes cannot be valid UTF-8 where they stand. Its chunks close where a
-student token and a teacher token end on the same byte (q2g.finetune.distill_data.aligned_chunks);
+student token and a teacher token end on the same byte (q2g.finetune.distill.data.aligned_chunks);
 a token in no chunk (the end token, a cut tail) has advantage 0. The advantage of every student
 token of chunk c is -(log p_student(c) - log p_teacher(c)): minus the chunk's reverse-KL estimate.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from q2g.alignment import token_bytes
 from q2g.errors import DataError
-from q2g.finetune.distill import NO_CHUNK
-from q2g.finetune.distill_data import aligned_chunks
+from q2g.finetune.distill.chunk_kl import NO_CHUNK
+from q2g.finetune.distill.data import aligned_chunks
 from q2g.io import atomic_write_json
 
 SAMPLES_DIR = "onpolicy"

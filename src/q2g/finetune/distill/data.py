@@ -26,7 +26,7 @@ from q2g.alignment import byte_spans
 from q2g.data.teacher_logprobs import load_teacher_logprobs, side_path
 from q2g.errors import DataError
 from q2g.examples import IGNORE_INDEX
-from q2g.finetune.distill import NO_CHUNK
+from q2g.finetune.distill.chunk_kl import NO_CHUNK
 from q2g.prompts import student_prompt_ids, target_trace
 
 SIDE_FILE = "teacher_logprobs.jsonl"  # beside traces.jsonl (stage 1, --teacher-logprobs; q2g.data.teacher_logprobs)

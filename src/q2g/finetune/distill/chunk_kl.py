@@ -5,7 +5,7 @@
 
 The teacher (Qwen) and the student (Gemma) tokenize a trace differently, so their token
 distributions cannot be compared position by position. Both can be compared on *chunks*: spans
-of the trace text where both tokenizations end on the same byte (q2g.finetune.distill_data builds
+of the trace text where both tokenizations end on the same byte (q2g.finetune.distill.data builds
 them; ALM, Minixhofer et al. 2025). A chunk's log-likelihood is the sum of the token log-probs
 inside it, on each side. Per chunk the loss is ALM's binarised KL
 

@@ -7,7 +7,7 @@
 The teacher never sees the student's tokens: it gets the problem (its own prompt format, or the
 student's format rendered with the teacher's tokenizer: --distill-teacher-prompt) and the sampled
 text, tokenizes both itself and returns its token log-probs over the text with each token's byte
-span in `text.encode("utf-8")`. q2g.finetune.onpolicy_data aligns those spans with the student's
+span in `text.encode("utf-8")`. q2g.finetune.distill.onpolicy_data aligns those spans with the student's
 tokens (byte-aligned chunks).
 
 - hf: a hub id or folder, loaded in this process with its own tokenizer; one batched forward,
@@ -37,7 +37,7 @@ Span = tuple[int, int]
 def label_token_logprobs(model, unwrapped, inputs: dict, chunk_size: int, drop_mask: bool = True):
     """(log-probs [N] of every label (label != -100, shifted), hidden, batch) through the label-only
     chunked projection; the one function that scores both the student (with grad) and an HF teacher."""
-    from q2g.finetune.distill import label_logprobs
+    from q2g.finetune.distill.chunk_kl import label_logprobs
 
     _, head, config = split_causal_lm(unwrapped)
     hidden, batch = decoder_hidden(model, unwrapped, inputs, drop_mask)
