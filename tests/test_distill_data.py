@@ -234,11 +234,13 @@ def test_weight_zero_is_bit_identical_and_weight_w_adds_w_kl_per_token(ds, tmp_p
 
 def test_a_distill_run_writes_its_alignment_into_config_and_report(ds, tmp_path, tiny_gemma_dir):
     tok = AutoTokenizer.from_pretrained(tiny_gemma_dir)
+    traces = tmp_path / "dataset"  # --out beside the traces, not inside them (the output guard)
+    traces.mkdir()
     for name in ("split.json", "holdout.jsonl", "traces.jsonl"):
-        (tmp_path / name).write_text((ds / name).read_text())
-    write_side(tmp_path, tok, lambda r, spans: [math.log(0.9)] * len(spans), name="tiny-teacher")
+        (traces / name).write_text((ds / name).read_text())
+    write_side(traces, tok, lambda r, spans: [math.log(0.9)] * len(spans), name="tiny-teacher")
     out = tmp_path / "ck"
-    argv = finetune_argv(tiny_gemma_dir, tmp_path, out, "--distill", "chunk-likelihood", "--no-eval", epochs=1)
+    argv = finetune_argv(tiny_gemma_dir, traces, out, "--distill", "chunk-likelihood", "--no-eval", epochs=1)
     assert cli.call("finetune", [*argv, "--distill-weight", "0.5"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["distill"] == "chunk-likelihood" and config["distill_weight"] == 0.5

@@ -95,12 +95,12 @@ def check_request(cfg: FinetuneConfig, eval_cfg: EvalConfig) -> tuple[str, model
     run's (device, precision), decided here once."""
     check_out(cfg)
     check_inputs({"--traces": cfg.traces, "--split": cfg.split, "--baseline-from": cfg.baseline_from})
-    check_eval_backend(eval_cfg)
-    if cfg.use_dora and eval_cfg.eval_backend == "vllm" and not cfg.no_eval:
+    if cfg.use_dora and eval_cfg.eval_backend == "vllm" and not cfg.no_eval:  # said before "vLLM missing"
         raise ConfigError(
             "--use-dora with --eval-backend vllm: vLLM serves LoRA adapters only and refuses a DoRA one "
             "(its magnitude vector); evaluate with --eval-backend hf, or drop --use-dora"
         )
+    check_eval_backend(eval_cfg)
     models.check_model_name(cfg.base_model)
     check_trackers(cfg.report_to)
     device = models.pick_device(cfg.device)
