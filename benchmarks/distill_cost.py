@@ -22,22 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from q2g.cpu_info import cpu_line  # the one CPU description (model, flags, bf16 units)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def qwen_tokenizer(folder: str | None):
@@ -207,7 +198,7 @@ def main() -> int:
     chunks = int((~batch["distill_teacher"].isnan()).sum())
     base = best["SFT (--distill none)"][0]
     print(f"\n--distill cost: student {args.model if not args.tiny else 'tiny random Gemma3'}, teacher {teacher}")
-    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, fp32; best of {args.reps}")
+    print(f"CPU: {cpu_line()}, {torch.get_num_threads()} threads, fp32; best of {args.reps}")
     print(
         f"batch {batch['labels'].shape[0]} x {batch['labels'].shape[1]} tokens, {tokens} label tokens, {chunks} chunks"
     )

@@ -18,7 +18,6 @@ one). Steps alternate `--reps` times; the best of each is kept. The CPU model is
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,17 +25,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from q2g.cpu_info import cpu_line  # the one CPU description (model, flags, bf16 units)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def tiny_models(tmp: Path) -> tuple[str, str]:
@@ -188,7 +179,7 @@ def report(args, best: dict, tok, teacher, batch) -> None:
 
     sft_tokens = int((batch["labels"] != -100).sum())
     rest = best["onpolicy"] - best["sample"] - best["teacher"]
-    print(f"device {args.device}: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {args.device}: {cpu_line()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"student {args.student}; teacher {args.teacher or args.student} (same vocabulary: {teacher.same_vocab})")
     print(
         f"{args.batch} problems; SFT on {sft_tokens} trace tokens; on-policy {args.samples} samples x "
