@@ -1,5 +1,5 @@
 """Batched text generation: the teacher's `hf` backend and the student's evaluation both call
-`generate` (transformers, in-process); `--eval-backend vllm` calls `generate_vllm`.
+`generate` (transformers, in-process); `--eval-backend vllm` calls `evaluation.pass_at_1.generate_vllm`.
 
 Greedy (temperature == 0) runs `generate_refill`: a decode loop over a KV cache in which a row
 that ends (end token, stop string, or its token cap) leaves the batch at once, and once a quarter
