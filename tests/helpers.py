@@ -147,3 +147,12 @@ class PackedCollator:
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
         }
+
+
+def prefix_sums(spans, lps) -> dict:
+    """{byte end of each token: the sum of the log-probs up to it} (a scored text's running total)."""
+    out, total = {}, 0.0
+    for (_, end), lp in zip(spans, lps):
+        total += lp
+        out[end] = total
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ASSETS, finetune_argv, reference_dataset
+from helpers import ASSETS, finetune_argv, prefix_sums, reference_dataset
 
 from q2g import cli
 from q2g.finetune import train
@@ -143,6 +143,9 @@ def test_hf_teacher_of_another_family_end_to_end(tiny_gemma_dir, tiny_qwen_dir, 
     assert "digit splitting differs" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["distill"] == "on-policy" and config["distill_info"]["compat"]["chunks"] > 0
+    # the memory plan counts the sampled rows (batch 2 x 2 samples) and the teacher beside the student
+    assert "on-policy: 4 sampled rows of <= " in config["memory_plan"]["message"]
+    assert "the teacher's 0.00B parameters beside the student's" in config["memory_plan"]["message"]
     metrics = rows(out / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == [0, 1]
     assert metrics[1]["pass@1"] is not None and metrics[1]["ppl_change"] is not None  # evaluated as SFT is
@@ -494,9 +497,29 @@ def test_server_prompt_logprobs_equal_the_in_process_teacher(tiny_qwen_dir, monk
             assert total == pytest.approx(ends_l[end], abs=1e-5)
 
 
-def prefix_sums(spans, lps) -> dict:
-    out, total = {}, 0.0
-    for (_, end), lp in zip(spans, lps):
-        total += lp
-        out[end] = total
-    return out
+def test_memory_plan_counts_the_sampled_rows_and_an_in_process_teacher(tiny_qwen_dir):
+    """An on-policy step holds batch x samples rows of prompt + distill_max_tokens, and an HF
+    teacher's weights; a server teacher's weights are not here."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from q2g import memory
+
+    cfg = SimpleNamespace(batch_size=2, distill_samples=3, distill_max_tokens=50, distill_base_url=None)
+    cfg.distill_teacher = str(tiny_qwen_dir)
+    examples = [
+        {"labels": [-100] * 7 + [5, 6], "problem": "a"},
+        {"labels": [-100] * 11 + [5], "problem": "b"},
+        {"labels": [1, 2, 3], "problem": None},  # a rehearsal text: no prompt, never sampled from
+    ]
+    rows_, seq_len, teacher = onpolicy_data.memory_shape(cfg, examples)
+    assert (rows_, seq_len) == (6, 11 + 50)
+    assert teacher == memory.count_params(AutoConfig.from_pretrained(tiny_qwen_dir)) > 0
+    cfg.distill_base_url = "http://127.0.0.1:9/v1"
+    assert onpolicy_data.memory_shape(cfg, examples) == (6, 61, 0)
+    config = AutoConfig.from_pretrained(tiny_qwen_dir)
+    shape = memory.TrainShape(rows_, seq_len, 4)
+    alone = memory.estimate(config, shape)["total"]
+    both = memory.estimate(config, shape, memory.count_params(config) + teacher)["total"]
+    assert both - alone == teacher * 4

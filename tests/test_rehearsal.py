@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from q2g import cli
 from q2g.examples import IGNORE_INDEX, build_dataset, read_traces
-from q2g.finetune import prepare as rh
+from q2g.finetune import rehearsal as rh
 from q2g.finetune.config import FinetuneConfig
 from q2g.models import resolve_precision
 

@@ -18,9 +18,10 @@ for benchmarks/eval_speed.py.
 Either way a row ends as q2g.decoding.rows says; results come back in input order.
 The refill loop is in decoding/refill.py, the shared row logic in decoding/rows.py.
 
-Speed (Gemma 3 270M, fp32 CPU, batch 8; profiled for issue 21): a decode step is weight-bandwidth
-bound: ~80% of the time is the 127 matmuls of a step, which read all 1.07 GB of weights for 8
-tokens (the tied 262k x 640 LM head alone is 671 MB); KV-cache growth by `torch.cat` is ~7%,
+Speed (Gemma 3 270M, fp32 CPU, batch 8; profiled for issue 21): ~80% of a decode step is the 127
+matmuls of a step, which read all 1.07 GB of weights for 8 tokens (the tied 262k x 640 LM head
+alone is 671 MB); on a CPU the head goes through oneDNN where that is faster here
+(decoding/cpu_head.py: 2.3x on the AMD EPYC at 24 rows, issue 30); KV-cache growth by `torch.cat` is ~7%,
 attention ~4%, norms/rotary/Python the rest. Prefill keeps only the last position's logits.
 `model.generate` adds, per call, a StopStringCriteria built over the whole vocabulary (2-6.5 s
 for Gemma's tokenizer); the refill loop checks the decoded tail of each row instead.
@@ -28,6 +29,7 @@ for Gemma's tokenizer); the refill loop checks the decoded tail of each row inst
 
 from __future__ import annotations
 
+from q2g.decoding.cpu_head import onednn_head
 from q2g.decoding.refill import generate_refill
 from q2g.decoding.rows import (
     Generation,
@@ -140,6 +142,9 @@ def generate(
     generation config that processes logits, see `plain_greedy`) by `generate_static`.
     `options`: max_new_tokens, end_ids, stop_strings, batch_size, and `progress(n_done_prompts,
     n_new_tokens)`, called as prompts finish."""
-    if temperature > 0 or not plain_greedy(model):
-        return generate_static(model, tokenizer, prompts, temperature=temperature, top_p=top_p, seed=seed, **options)
-    return generate_refill(model, tokenizer, prompts, **options)
+    with onednn_head(model, options.get("batch_size", 8)):  # CPU fp32: oneDNN where it is faster here
+        if temperature > 0 or not plain_greedy(model):
+            return generate_static(
+                model, tokenizer, prompts, temperature=temperature, top_p=top_p, seed=seed, **options
+            )
+        return generate_refill(model, tokenizer, prompts, **options)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from q2g.alignment import token_bytes
 from q2g.errors import DataError
+from q2g.examples import IGNORE_INDEX
 from q2g.finetune.distill.chunk_kl import NO_CHUNK
 from q2g.finetune.distill.data import aligned_chunks
 from q2g.io import atomic_write_json
@@ -60,34 +61,39 @@ class OnPolicyCollator:
 
 def draw(model, tokenizer, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int, end_ids):
     """n sampled continuations (token ids, up to and with the first end token) of each prompt, in
-    order; the global RNG is left as it was (a resumed run that skips sampling trains the same)."""
+    order; the global RNG is left as it was (a resumed run that skips sampling trains the same).
+    One batched `generate` for all prompts (left-padded, n rows each): plain sampling from the
+    student's own distribution (top_k 0, top_p 1, whatever its generation_config says), with the
+    CPU output head through oneDNN where that is faster (q2g.decoding.cpu_head)."""
     import torch
+
+    from q2g.decoding.cpu_head import onednn_head
+    from q2g.decoding.rows import left_pad
 
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    was_training, out = model.training, []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(end_ids))
+    ids, mask = left_pad(prompts, pad)
+    was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), onednn_head(model, len(prompts) * n):
             torch.manual_seed(seed)
-            for prompt in prompts:
-                ids = torch.tensor([prompt], device=device)
-                gen = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=max_tokens,
-                    num_return_sequences=n,
-                    eos_token_id=list(end_ids),
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                out += [until_end(row[len(prompt) :].tolist(), end_ids) for row in gen]
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_tokens,
+                num_return_sequences=n,
+                eos_token_id=list(end_ids),
+                pad_token_id=pad,
+            )
     finally:
         model.train(was_training)
-    return out
+    return [until_end(row[ids.shape[1] :].tolist(), end_ids) for row in gen]
 
 
 def until_end(ids: list[int], end_ids) -> list[int]:
@@ -205,3 +211,21 @@ def load_step(folder: Path, step: int, micro: int, problem_ids: list) -> dict | 
             "(the data order changed since): use another --out"
         )
     return record
+
+
+def memory_shape(cfg, examples: list[dict]) -> tuple[int, int, int]:
+    """What an on-policy step holds at its peak, for q2g.memory's plan: (rows, tokens per row,
+    teacher parameters). The policy-gradient forward runs on batch_size x distill_samples sampled
+    rows, each at most its prompt plus distill_max_tokens (not the traces' max_seq_len), and an HF
+    teacher's weights stay in memory beside the student's (a --distill-base-url server's do not)."""
+    from transformers import AutoConfig
+
+    from q2g import memory, models
+
+    prompts = [
+        next((i for i, x in enumerate(e["labels"]) if x != IGNORE_INDEX), 0) for e in examples if e.get("problem")
+    ]
+    teacher = 0
+    if not cfg.distill_base_url:
+        teacher = memory.count_params(AutoConfig.from_pretrained(models.resolve_model_path(cfg.distill_teacher)))
+    return cfg.batch_size * cfg.distill_samples, max(prompts, default=0) + cfg.distill_max_tokens, teacher
