@@ -12,7 +12,8 @@ runs, bf16 base weights under bf16 autocast, LoRA + AdamW state fp32):
 - pass@1 decoding tokens/s on a small GSM8K holdout (q2g decoding.generate, greedy) and pass@1;
 - held-out solution loss tokens/s and the loss; WikiText perplexity tokens/s and the perplexity,
   with bf16's perplexity against fp32's (the issue's bar: within 1%).
-The table goes to benchmarks/results/cpu_precision_<cpu>.txt. Run on purpose, never as a test.
+The table goes to benchmarks/results/cpu_precision_<cpu>.txt (not for --tiny). Run on purpose; only
+`--tiny` runs in the tests (tests/test_benchmark_smoke.py).
 
 Where the time goes (torch.profiler, `--tiny --profile`, and the issue's own measurement): before,
 CPU bf16 kept fp32 weights under autocast, so every linear call first cast its fp32 weight to bf16
@@ -79,7 +80,7 @@ def train_speed(model, tok, precision, args) -> dict:
     from q2g.finetune.train import build_lora_model
 
     cfg = FinetuneConfig(target_modules=["q_proj", "v_proj"], lora_r=16, lora_alpha=32)
-    peft_model = build_lora_model(model, cfg, 16, 32)
+    peft_model = build_lora_model(model, cfg)
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
     batches = train_batches(tok, args.steps + 1, args.batch, args.seq)
@@ -229,8 +230,10 @@ def main() -> None:
     title = f"bf16 vs fp32 on {what}: batch {args.batch} x {args.seq}, {args.steps} steps, {len(holdout)} problems"
     lines = header + ["", title, ""] + table(results)
     print("\n" + "\n".join(lines))
+    if args.tiny:  # a smoke run's numbers mean nothing: nothing is written
+        return
     slug = re.sub(r"[^a-z0-9]+", "-", cpu_info.cpu_model().lower()).strip("-") or "cpu"
-    out = ROOT / "benchmarks" / "results" / f"cpu_precision_{slug}{'_tiny' if args.tiny else ''}.txt"
+    out = ROOT / "benchmarks" / "results" / f"cpu_precision_{slug}.txt"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

