@@ -119,3 +119,14 @@ def test_another_models_weight_is_never_taken_for_the_cached_one(always):
     x = torch.randn(2, 1, 16)
     with torch.inference_mode():
         assert torch.allclose(packed(x), second(x), atol=1e-5)
+
+
+def test_under_cpu_autocast_or_another_dtype_the_plain_head_runs():
+    """A bf16 hidden state (CPU autocast) must not reach oneDNN with an fp32 weight."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 64, bias=False)
+    packed = cpu_head.OneDNNHead(head)
+    x = torch.randn(2, 1, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = packed(x), head(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)

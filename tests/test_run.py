@@ -92,7 +92,7 @@ def test_every_shipped_config_is_valid(name, tmp_path):
 
 
 def test_the_demo_trains_on_gsm8k_and_scores_unseen_test_problems():
-    """`q2g demo`'s sizes (issue 30): 160 GSM8K traces, 24 GSM8K test problems, and the precision
+    """`q2g demo`'s sizes (issue 30): 112 GSM8K traces, 24 GSM8K test problems, and the precision
     left to the CPU (bf16 with AMX / AVX512-BF16, else fp32)."""
     from q2g.data.splits import select_split
     from q2g.finetune import stage as finetune
@@ -104,6 +104,6 @@ def test_the_demo_trains_on_gsm8k_and_scores_unseen_test_problems():
     train, held, _ = select_split(
         datasets=gen.datasets, holdout=gen.holdout, fraction=gen.holdout_fraction, limit=gen.limit, data_dir="packaged"
     )
-    assert (len(train), len(held), ev.eval_limit) == (160, 24, 24)
+    assert (len(train), len(held), ev.eval_limit) == (112, 24, 24)
     assert {r["source"] for r in train + held} == {"gsm8k"} and ft.precision == "auto" and ft.epochs == 1
     assert not set(r["id"] for r in train) & set(r["id"] for r in held)

@@ -63,8 +63,12 @@ class OneDNNHead:
     def __call__(self, x):
         import torch
 
-        if torch.is_grad_enabled() and x.requires_grad:  # never under autograd: the plain head
-            return self.plain()(x)
+        if (
+            (torch.is_grad_enabled() and x.requires_grad)
+            or x.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return self.plain()(x)  # autograd, or another dtype / autocast: the plain head decides
         flat = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
         y = torch._C._nn.mkldnn_linear(flat, self.weight, None).to_dense()
         y = y if self.bias is None else y + self.bias
@@ -109,7 +113,7 @@ def onednn_head(model, rows: int):
     """Inside: the model's output head is the oneDNN one where `choose` says it is faster. Yields
     how the head runs ("onednn (...)", "mkl (...)" or "plain: <why not>"); restores the head."""
     base, head = _output_head(model)
-    why = _why_not(head)
+    why = _why_not(head) or (None if hasattr(base, "set_output_embeddings") else "no set_output_embeddings")
     if why:
         yield f"plain: {why}"
         return
