@@ -62,6 +62,13 @@ def test_reference_backend_counts_tokens_with_a_tokenizer(tiny_qwen_dir):
     assert sample.n_tokens != len(sample.text.split())
 
 
+def test_a_reference_over_the_token_cap_is_marked_truncated():
+    [[short]] = ReferenceBackend(max_new_tokens=15).generate([GSM8K], k=1, seed=0)
+    [[long]] = ReferenceBackend(max_new_tokens=14).generate([GSM8K], k=1, seed=0)
+    assert short.n_tokens == long.n_tokens == 15  # words: "Half is 48/2 = 24." ... "$\\boxed{1200}$."
+    assert short.truncated is False and long.truncated is True
+
+
 def test_load_backend_rejects_an_unknown_name():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         load_backend("nope", types.SimpleNamespace(temperature=0.3, top_p=0.9, max_new_tokens=8))

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
-    "cpu_head.py": "| head | decode s |",
+    "cpu_linears.py": "| linear layers | decode s |",
     "cpu_precision.py": "fp32",
     "distill_cost.py": "SFT",
     "onpolicy_cost.py": "| on-policy |",

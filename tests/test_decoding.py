@@ -4,6 +4,8 @@ layers, <bos>) and Qwen2 (chat template), with rows ending at end tokens, stop s
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from q2g import decoding, models, prompts
 from q2g.decoding import refill as decoding_refill
@@ -36,7 +38,7 @@ def test_refill_equals_static_token_for_token(model_tok):
     # End tokens and a stop string taken from the free runs, so rows end at different steps.
     end_ids = sorted({g.token_ids[4 + 3 * k] for k, g in enumerate(free[:3])})
     stop = free[4].text[8:10] or "zz"
-    for batch_size in (1, 3, 4):
+    for batch_size in (1, 3, 4, 9):  # 9: the first prefill is cut into groups of similar length
         kw = dict(max_new_tokens=30, end_ids=end_ids, stop_strings=(stop,), batch_size=batch_size)
         old = decoding.generate_static(model, tok, ids, **kw)
         new = decoding.generate_refill(model, tok, ids, **kw)
@@ -45,6 +47,34 @@ def test_refill_equals_static_token_for_token(model_tok):
     assert any(g.stopped for g in new)
     if tok.bos_token_id is not None:  # the tiny Qwen writes "\n" from every prompt; the Gemma varies
         assert len({g.n_tokens for g in new}) >= 3 and any(not g.stopped for g in new)
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_in_groups(model_tok, monkeypatch):
+    model, tok = model_tok
+    ids = _prompts(tok)
+    sizes, real = [], decoding_refill._prefill
+
+    def counting(model, prompts_, rows, pad_id, device):
+        sizes.append(len(rows) * max(len(p) for p in prompts_))
+        return real(model, prompts_, rows, pad_id, device)
+
+    monkeypatch.setattr(decoding_refill, "_prefill", counting)
+    decoding.generate_refill(model, tok, ids, max_new_tokens=2, batch_size=9)
+    total, longest = sum(len(p) for p in ids), max(len(p) for p in ids)
+    assert len(sizes) > 1 and sum(sizes) <= 1.25 * total < len(ids) * longest
+
+
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=40), st.sampled_from([0.0, 0.25, 1.0]))
+def test_low_padding_groups_cover_every_prompt_within_the_padding_allowed(lengths, waste):
+    from q2g.decoding.rows import low_padding_groups
+
+    lengths = sorted(lengths, reverse=True)
+    groups = low_padding_groups(lengths, waste)
+    assert [i for g in groups for i in g] == list(range(len(lengths)))  # consecutive, each once
+    for g in groups:
+        assert len(g) * lengths[g[0]] <= (1 + waste) * sum(lengths[i] for i in g) + 1e-9
+    for a, b in zip(groups, groups[1:]):  # a group ends only where the next prompt would break the bound
+        assert (len(a) + 1) * lengths[a[0]] > (1 + waste) * (sum(lengths[i] for i in a) + lengths[b[0]])
 
 
 def test_timeline_stays_as_long_as_the_longest_row(model_tok, monkeypatch):

@@ -172,6 +172,17 @@ def test_reference_backend_validates_every_shipped_problem(tmp_path):
     assert find_leaks(traces, read_split(out)) == []
 
 
+def test_reference_traces_over_the_cap_are_rejected_as_truncated(tmp_path):
+    """--max-new-tokens on the reference backend keeps the shorter solutions (the demo's use)."""
+    out = tmp_path / "cap"
+    args = ["--backend", "reference", "--data-dir", "packaged", "--datasets", "gsm8k", "--limit", "40"]
+    assert cli.call("generate", [*args, "--max-new-tokens", "50", "--out", str(out)]) == 0
+    traces, rejected = read(out / "traces.jsonl"), read(out / "rejected.jsonl")
+    assert traces and rejected and len(traces) + len(rejected) == 32  # 40 problems, 8 held out
+    assert all(len(t["qwen_trace"].split()) <= 50 for t in traces)
+    assert {r["reason"] for r in rejected} == {"truncated"}
+
+
 def test_official_test_holdout_never_gets_traces(tmp_path):
     out = tmp_path / "off"
     assert (

@@ -18,9 +18,10 @@ def load_backend(name: str, args):
     if name == "reference":
         from q2g.backends.reference import ReferenceBackend
 
-        # Token counts come from the teacher's tokenizer when --teacher is a local folder.
+        # Token counts come from the teacher's tokenizer when --teacher is a local folder (else words);
+        # a reference over --max-new-tokens is rejected as truncated.
         tokenizer = args.teacher if Path(args.teacher).is_dir() else None
-        return ReferenceBackend(tokenizer=tokenizer)
+        return ReferenceBackend(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens)
     if name == "hf":
         from q2g.backends.hf import HFBackend
 

@@ -11,7 +11,9 @@ teacher's traces can be compared:
 
 There is one reference per problem, so k > 1 gives k identical samples; the generate stage keeps
 the first and rejects the others as duplicates. `n_tokens` is the number of whitespace-separated
-words, or the number of tokens of `tokenizer` (a model folder or id) when one is given.
+words, or the number of tokens of `tokenizer` (a model folder or id) when one is given. A reference
+longer than `max_new_tokens` (in that unit) is marked truncated, so it is rejected as a teacher's
+capped sample would be: the demo trains on the shorter GSM8K solutions this way.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def reference_trace(problem: dict) -> str:
 class ReferenceBackend:
     name = "reference"
 
-    def __init__(self, tokenizer=None):
-        self.tokenizer = None
+    def __init__(self, tokenizer=None, max_new_tokens: int | None = None):
+        self.tokenizer, self.max_new_tokens = None, max_new_tokens
         if tokenizer is not None:
             self.tokenizer = load_tokenizer(tokenizer)
 
@@ -53,5 +55,7 @@ class ReferenceBackend:
         out = []
         for problem in problems:
             text = reference_trace(problem)
-            out.append([Sample(text, self.count_tokens(text))] * k)
+            n = self.count_tokens(text)
+            over = self.max_new_tokens is not None and n > self.max_new_tokens
+            out.append([Sample(text, n, truncated=over)] * k)
         return out

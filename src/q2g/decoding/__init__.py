@@ -29,7 +29,7 @@ for Gemma's tokenizer); the refill loop checks the decoded tail of each row inst
 
 from __future__ import annotations
 
-from q2g.decoding.cpu_head import onednn_head
+from q2g.decoding.cpu_linears import onednn_linears
 from q2g.decoding.refill import generate_refill
 from q2g.decoding.rows import (
     Generation,
@@ -142,7 +142,7 @@ def generate(
     generation config that processes logits, see `plain_greedy`) by `generate_static`.
     `options`: max_new_tokens, end_ids, stop_strings, batch_size, and `progress(n_done_prompts,
     n_new_tokens)`, called as prompts finish."""
-    with onednn_head(model, options.get("batch_size", 8)):  # CPU fp32: oneDNN where it is faster here
+    with onednn_linears(model, options.get("batch_size", 8)):  # CPU fp32: oneDNN where it is faster here
         if temperature > 0 or not plain_greedy(model):
             return generate_static(
                 model, tokenizer, prompts, temperature=temperature, top_p=top_p, seed=seed, **options

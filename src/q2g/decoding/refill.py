@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from q2g.decoding.rows import Generation, end_and_pad, finish_row, has_stop, left_pad, length_batches
+from q2g.decoding.rows import (
+    Generation,
+    end_and_pad,
+    finish_row,
+    has_stop,
+    left_pad,
+    length_batches,
+    low_padding_groups,
+)
 
 # Refill once this share of the slots is free (or all are): each refill is one prefill forward,
 # so refilling every single freed slot would add nearly a forward per prompt.
@@ -147,7 +155,9 @@ def generate_refill(
             free = batch_size - (len(run) if run is not None else 0)
             if queue and (free >= REFILL_AT * batch_size or free == batch_size):
                 new, queue = queue[:free], queue[free:]
-                run = _merge(run, _prefill(model, [prompts[i] for i in new], new, pad_id, device))
+                for group in low_padding_groups([len(prompts[i]) for i in new]):  # prefill without much padding
+                    rows = [new[g] for g in group]
+                    run = _merge(run, _prefill(model, [prompts[i] for i in rows], rows, pad_id, device))
                 toks.update({i: [] for i in new})
             keep, done = [], []
             for j, (i, tok) in enumerate(zip(run.rows, run.last.tolist())):

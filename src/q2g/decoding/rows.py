@@ -26,6 +26,20 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def low_padding_groups(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
+    """Positions 0..n-1 of `lengths` (sorted longest first) cut into consecutive groups whose
+    left-padded size (rows x longest) is at most (1 + waste) x their real tokens: a prefill of
+    prompts from 39 to 197 tokens in one batch is 2.9x its real tokens, in such groups 1.2x."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * lengths[g[0]] <= (1 + waste) * (sum(lengths[j] for j in g) + n):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def left_pad(rows: list[list[int]], pad_id: int):
     import torch
 

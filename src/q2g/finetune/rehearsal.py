@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from q2g.decoding.cpu_head import onednn_head
+from q2g.decoding.cpu_linears import onednn_linears
 from q2g.io import atomic_write_json, atomic_write_text, cache_dir
 
 VERSION = 1  # bump when the way texts are written changes
@@ -54,7 +54,7 @@ def generate_texts(model, tokenizer, settings: dict) -> list[dict]:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     device, rows = next(model.parameters()).device, []
-    with onednn_head(model, BATCH):  # CPU fp32: the output head through oneDNN where it is faster here
+    with onednn_linears(model, BATCH):  # CPU fp32: the linear layers through oneDNN where that is faster here
         _sample_batches(model, tokenizer, settings, start, end, device, rows)
     return rows
 

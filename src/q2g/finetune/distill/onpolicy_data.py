@@ -64,10 +64,10 @@ def draw(model, tokenizer, prompts: list[list[int]], n: int, temperature: float,
     order; the global RNG is left as it was (a resumed run that skips sampling trains the same).
     One batched `generate` for all prompts (left-padded, n rows each): plain sampling from the
     student's own distribution (top_k 0, top_p 1, whatever its generation_config says), with the
-    CPU output head through oneDNN where that is faster (q2g.decoding.cpu_head)."""
+    CPU linear layers through oneDNN where that is faster (q2g.decoding.cpu_linears)."""
     import torch
 
-    from q2g.decoding.cpu_head import onednn_head
+    from q2g.decoding.cpu_linears import onednn_linears
     from q2g.decoding.rows import left_pad
 
     device = next(model.parameters()).device
@@ -77,7 +77,7 @@ def draw(model, tokenizer, prompts: list[list[int]], n: int, temperature: float,
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), onednn_head(model, len(prompts) * n):
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), onednn_linears(model, len(prompts) * n):
             torch.manual_seed(seed)
             gen = model.generate(
                 input_ids=ids.to(device),

@@ -1,14 +1,16 @@
-"""The CPU output head of decoding: MKL (torch's fp32 `linear`) against oneDNN (q2g.decoding.cpu_head),
-side by side in one run, then greedy decoding of the real Gemma 3 270M with each.
+"""CPU decoding's linear layers: MKL (torch's fp32 `linear`) against oneDNN with packed weights
+(q2g.decoding.cpu_linears), side by side in one run, then greedy decoding of the real Gemma 3 270M
+with each.
 
-    PYTHONPATH=src python benchmarks/cpu_head.py             # run it ALONE (~3 min on 2 cores)
-    PYTHONPATH=src python benchmarks/cpu_head.py --tiny      # a tiny random Gemma 3: a smoke run
+    PYTHONPATH=src python benchmarks/cpu_linears.py             # run it ALONE (~4 min on 2 cores)
+    PYTHONPATH=src python benchmarks/cpu_linears.py --tiny      # a tiny random Gemma 3: a smoke run
 
-1. The bare product rows x 262,144 x 640 (Gemma 3's tied head, fp32) at decode batch sizes and at a
-   training-sized row count: MKL, oneDNN with the weight converted once, and numpy's BLAS.
+1. The model's own layers at decode batch sizes and at a training-sized row count: the output head
+   (Gemma 3's tied 262,144 x 640) and the body's projections (126 for Gemma 3 270M), each through
+   MKL, oneDNN with the weight packed once, and (the head) numpy's BLAS.
 2. pass@1-style greedy decoding (q2g.decoding.generate, the refill loop) of --problems GSM8K test
-   prompts, --new-tokens each, batch --batch: the plain head against the oneDNN head; the tokens
-   must be the same. Prints the CPU model; the table goes to benchmarks/results/cpu_head_<cpu>.txt.
+   prompts, --new-tokens each, batch --batch: plain layers against packed ones; the tokens must be
+   the same. Prints the CPU model; the table goes to benchmarks/results/cpu_linears_<cpu>.txt.
 """
 
 from __future__ import annotations
@@ -32,24 +34,38 @@ def best(fn, reps: int) -> float:
     return out
 
 
-def bare(vocab: int, hidden: int, rows_list, reps: int) -> list[str]:
+def layers_table(model, rows_list, reps: int) -> list[str]:
     import numpy as np
     import torch
 
-    from q2g.decoding.cpu_head import OneDNNHead
+    from q2g.decoding.cpu_linears import PackedLinear, linears
 
-    torch.manual_seed(0)
-    head = torch.nn.Linear(hidden, vocab, bias=False)
-    packed = OneDNNHead(head)
+    layers = linears(model)
+    head, body = layers[-1], layers[:-1]
+    assert head is model.get_output_embeddings()
     wt = np.ascontiguousarray(head.weight.detach().numpy().T)
-    lines = ["| rows | MKL s | oneDNN s | numpy BLAS s | oneDNN vs MKL |", "|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| rows | head MKL s | head oneDNN s | head numpy BLAS s | head oneDNN vs MKL "
+        f"| {len(body)} body layers MKL s | oneDNN s | body oneDNN vs MKL |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     with torch.inference_mode():
         for rows in rows_list:
-            x = torch.randn(rows, 1, hidden)
-            xn = x.reshape(rows, hidden).numpy()
-            mkl, dnn = best(lambda x=x: head(x), reps), best(lambda x=x: packed(x), reps)
+            x = torch.randn(rows, 1, head.in_features)
+            packed = PackedLinear(head, rows)
+            xn = x.reshape(rows, -1).numpy()
+            mkl, dnn = best(lambda x=x: head(x), reps), best(lambda x=x, p=packed: p(x), reps)
             blas = best(lambda xn=xn: xn @ wt, reps)
-            lines.append(f"| {rows} | {mkl:.4f} | {dnn:.4f} | {blas:.4f} | {mkl / dnn:.2f}x |")
+            del packed
+            xs = [torch.randn(rows, 1, m.in_features) for m in body]
+            bpacked = [PackedLinear(m, rows) for m in body]
+            bmkl = best(lambda: [m(x) for m, x in zip(body, xs)], reps)
+            bdnn = best(lambda: [p(x) for p, x in zip(bpacked, xs)], reps)
+            del bpacked
+            lines.append(
+                f"| {rows} | {mkl:.4f} | {dnn:.4f} | {blas:.4f} | {mkl / dnn:.2f}x "
+                f"| {bmkl:.4f} | {bdnn:.4f} | {bmkl / bdnn:.2f}x |"
+            )
     return lines
 
 
@@ -57,7 +73,7 @@ def decode(model_dir: str, problems: int, new_tokens: int, batch: int) -> list[s
 
     from q2g import decoding, models, prompts
     from q2g.data.splits import select_split
-    from q2g.decoding import cpu_head
+    from q2g.decoding import cpu_linears
 
     model = models.load_model(model_dir).eval()
     tok = models.load_tokenizer(model_dir, padding_side="left")
@@ -66,11 +82,12 @@ def decode(model_dir: str, problems: int, new_tokens: int, batch: int) -> list[s
     )
     ids = [prompts.student_prompt_ids(tok, r["problem"]) for r in held[:problems]]
     kw = dict(max_new_tokens=new_tokens, end_ids=prompts.end_token_ids(tok), batch_size=batch)
-    lines = ["| head | decode s | generated tok/s | same tokens as plain |", "|---|---:|---:|---|"]
+    lines = ["| linear layers | decode s | generated tok/s | same tokens as plain |", "|---|---:|---:|---|"]
     plain = None
     for name, faster in (("plain (MKL)", float("inf")), ("oneDNN (q2g default where faster)", 0.0)):
-        cpu_head._PACKED.clear()
-        cpu_head.FASTER = faster
+        cpu_linears._PACKS.clear()
+        cpu_linears._CHOICE.clear()
+        cpu_linears.FASTER = faster  # a benchmark's own process: nothing else reads it
         decoding.generate(model, tok, ids[:batch], **{**kw, "max_new_tokens": 2})  # warm-up, pack, timing
         start = time.perf_counter()
         gens = decoding.generate(model, tok, ids, **kw)
@@ -101,13 +118,19 @@ def main(argv=None) -> int:
 
         from helpers import build_tiny
 
+        from q2g.decoding import cpu_linears
+
         model_dir = str(build_tiny("gemma3", Path(tempfile.mkdtemp()) / "g"))
-        out += bare(4096, 64, (1, 8), 2)
+        cpu_linears.MIN_DIM = 8  # the tiny model is 32 wide
+        rows_list, reps = (1, 8), 2
     else:
         from q2g.demo_model import demo_gemma_dir
 
         model_dir = str(demo_gemma_dir())
-        out += bare(262144, 640, (1, 8, 24, 64, 720), args.reps)
+        rows_list, reps = (1, 8, 24, 64, 720), args.reps
+    from q2g import models
+
+    out += layers_table(models.load_model(model_dir).eval(), rows_list, reps)
     out += [
         "",
         f"greedy decoding: {args.problems} GSM8K test prompts x {args.new_tokens} new tokens, batch {args.batch}",
@@ -117,7 +140,7 @@ def main(argv=None) -> int:
     print(text)
     if not args.tiny:
         slug = re.sub(r"[^a-z0-9]+", "-", cpu_info.cpu_model().lower()).strip("-") or "cpu"
-        path = ROOT / "benchmarks" / "results" / f"cpu_head_{slug}.txt"
+        path = ROOT / "benchmarks" / "results" / f"cpu_linears_{slug}.txt"
         path.write_text(text + "\n")
         print(f"-> {path}")
     return 0
