@@ -1,5 +1,5 @@
 """CPU decoding's linear layers: MKL (torch's fp32 `linear`) against oneDNN with packed weights
-(q2g.decoding.cpu_linears), side by side in one run, then greedy decoding of the real Gemma 3 270M
+(q2g.cpu_linears), side by side in one run, then greedy decoding of the real Gemma 3 270M
 with each.
 
     PYTHONPATH=src python benchmarks/cpu_linears.py             # run it ALONE (~4 min on 2 cores)
@@ -38,7 +38,7 @@ def layers_table(model, rows_list, reps: int) -> list[str]:
     import numpy as np
     import torch
 
-    from q2g.decoding.cpu_linears import PackedLinear, linears
+    from q2g.cpu_linears import PackedLinear, linears
 
     layers = linears(model)
     head, body = layers[-1], layers[:-1]
@@ -59,8 +59,8 @@ def layers_table(model, rows_list, reps: int) -> list[str]:
             del packed
             xs = [torch.randn(rows, 1, m.in_features) for m in body]
             bpacked = [PackedLinear(m, rows) for m in body]
-            bmkl = best(lambda: [m(x) for m, x in zip(body, xs)], reps)
-            bdnn = best(lambda: [p(x) for p, x in zip(bpacked, xs)], reps)
+            bmkl = best(lambda xs=xs: [m(x) for m, x in zip(body, xs)], reps)
+            bdnn = best(lambda xs=xs, bp=bpacked: [p(x) for p, x in zip(bp, xs)], reps)
             del bpacked
             lines.append(
                 f"| {rows} | {mkl:.4f} | {dnn:.4f} | {blas:.4f} | {mkl / dnn:.2f}x "
@@ -73,7 +73,7 @@ def decode(model_dir: str, problems: int, new_tokens: int, batch: int) -> list[s
 
     from q2g import decoding, models, prompts
     from q2g.data.splits import select_split
-    from q2g.decoding import cpu_linears
+    from q2g import cpu_linears
 
     model = models.load_model(model_dir).eval()
     tok = models.load_tokenizer(model_dir, padding_side="left")
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
         from helpers import build_tiny
 
-        from q2g.decoding import cpu_linears
+        from q2g import cpu_linears
 
         model_dir = str(build_tiny("gemma3", Path(tempfile.mkdtemp()) / "g"))
         cpu_linears.MIN_DIM = 8  # the tiny model is 32 wide

@@ -1,4 +1,4 @@
-"""q2g.decoding.cpu_linears: CPU decoding's linear layers through oneDNN where that is timed faster.
+"""q2g.cpu_linears: CPU decoding's linear layers through oneDNN where that is timed faster.
 The outputs and greedy tokens are the plain layers'; the plain forwards are back after decoding
 (also after an error; a peft model too); what cannot take a pack (bf16 weights, autograd, a bf16
 input or CPU autocast, the small LoRA factors) stays plain; a pack is never reused for a changed
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from q2g import decoding, models, prompts
-from q2g.decoding import cpu_linears as cl
+from q2g import cpu_linears as cl
 
 
 def _fresh(monkeypatch, faster):
@@ -128,7 +128,7 @@ def test_bf16_weights_stay_plain_and_a_lora_model_packs_only_its_base_layers(tin
 
     model, _ = _gemma(tiny_gemma_dir)
     with cl.onednn_linears(model.to(torch.bfloat16), 2) as how:
-        assert how == "plain: no fp32 CPU linear layer (weights in torch.bfloat16)" and _replaced(model) == []
+        assert how == "plain: no fp32 CPU linear layer (weights: cpu torch.bfloat16)" and _replaced(model) == []
     lora = get_peft_model(_gemma(tiny_gemma_dir)[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with cl.onednn_linears(lora, 2):
         done = _replaced(lora)
@@ -173,3 +173,18 @@ def test_no_room_for_the_packs_keeps_the_plain_layers(tiny_gemma_dir, always, mo
     monkeypatch.setattr(q2g.memory, "free_memory", lambda device: 1000)
     with cl.onednn_linears(model, 2) as how:
         assert how.startswith("plain: no room for packed copies") and _replaced(model) == []
+
+
+def test_scoring_with_packed_layers_gives_the_plain_nll(tiny_gemma_dir, always, capsys):
+    """The held-out loss and perplexity forwards (scoring.windows_nll) take the packs too."""
+    from q2g import scoring
+
+    model, tok = _gemma(tiny_gemma_dir)
+    text = " ".join(f"word{i} and {i * 7} more." for i in range(60))
+    packed = scoring.token_perplexity(model, tok, text, max_length=64, stride=32, max_tokens=200)
+    assert "[q2g] CPU linear layers: onednn" in capsys.readouterr().out  # the packs ran
+    cl._PACKS.clear()
+    cl._CHOICE.clear()
+    cl.FASTER = float("inf")
+    plain = scoring.token_perplexity(model, tok, text, max_length=64, stride=32, max_tokens=200)
+    assert packed == pytest.approx(plain, rel=1e-5) and packed > 1.0

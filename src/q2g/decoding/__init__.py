@@ -18,18 +18,20 @@ for benchmarks/eval_speed.py.
 Either way a row ends as q2g.decoding.rows says; results come back in input order.
 The refill loop is in decoding/refill.py, the shared row logic in decoding/rows.py.
 
-Speed (Gemma 3 270M, fp32 CPU, batch 8; profiled for issue 21): ~80% of a decode step is the 127
-matmuls of a step, which read all 1.07 GB of weights for 8 tokens (the tied 262k x 640 LM head
-alone is 671 MB); on a CPU the head goes through oneDNN where that is faster here
-(decoding/cpu_head.py: 2.3x on the AMD EPYC at 24 rows, issue 30); KV-cache growth by `torch.cat` is ~7%,
-attention ~4%, norms/rotary/Python the rest. Prefill keeps only the last position's logits.
+Speed (Gemma 3 270M, fp32 CPU; profiled for issues 21 and 30): most of a decode step is its 127
+matmuls, which read all 1.07 GB of weights for a few rows (the tied 262k x 640 LM head alone is
+671 MB); on a CPU they run through oneDNN with packed weights where that is timed faster here
+(cpu_linears.py: on the 2-core AMD EPYC, 24 rows, the head 2.8x and the body 1.75x faster
+than MKL; decoding 1.77x); KV-cache growth by `torch.cat` is ~15% of a step after that, attention
+a few %, norms/rotary/Python the rest. Prompts are prefilled in groups of similar length (padding
+at most 25%), and only the last position's logits are kept.
 `model.generate` adds, per call, a StopStringCriteria built over the whole vocabulary (2-6.5 s
 for Gemma's tokenizer); the refill loop checks the decoded tail of each row instead.
 """
 
 from __future__ import annotations
 
-from q2g.decoding.cpu_linears import onednn_linears
+from q2g.cpu_linears import onednn_linears
 from q2g.decoding.refill import generate_refill
 from q2g.decoding.rows import (
     Generation,

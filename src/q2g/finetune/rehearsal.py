@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from q2g.decoding.cpu_linears import onednn_linears
+from q2g.cpu_linears import onednn_linears
 from q2g.io import atomic_write_json, atomic_write_text, cache_dir
 
 VERSION = 1  # bump when the way texts are written changes

@@ -64,10 +64,10 @@ def draw(model, tokenizer, prompts: list[list[int]], n: int, temperature: float,
     order; the global RNG is left as it was (a resumed run that skips sampling trains the same).
     One batched `generate` for all prompts (left-padded, n rows each): plain sampling from the
     student's own distribution (top_k 0, top_p 1, whatever its generation_config says), with the
-    CPU linear layers through oneDNN where that is faster (q2g.decoding.cpu_linears)."""
+    CPU linear layers through oneDNN where that is faster (q2g.cpu_linears)."""
     import torch
 
-    from q2g.decoding.cpu_linears import onednn_linears
+    from q2g.cpu_linears import onednn_linears
     from q2g.decoding.rows import left_pad
 
     device = next(model.parameters()).device

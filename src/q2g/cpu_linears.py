@@ -1,4 +1,5 @@
-"""The linear layers of CPU decoding through oneDNN, where this machine runs them faster.
+"""A CPU model's linear layers through oneDNN, where this machine runs them faster (no autograd:
+decoding, and the held-out loss and perplexity forwards).
 
     with onednn_linears(model, rows=batch_size) as how:   # "onednn (1.9x ...)", "mkl (...)" or "plain: <why>"
         ... decode ...
@@ -9,7 +10,8 @@ goes to MKL's sgemm, which at such shapes runs well below this machine's speed o
 2-core AMD EPYC (AVX2) of this project, 24 rows x Gemma's head take 0.33 s through MKL, 0.13 s
 through oneDNN with the weight packed once (`torch.ops.mkldnn._reorder_linear_weight` and
 `_linear_pointwise`, what torch's own CPU inference compilation uses), and the 126 body projections
-0.14 s against 0.09 s. At training shapes (hundreds of rows) the two are within 5%.
+0.14 s against 0.09 s. At training and scoring shapes (hundreds to thousands of rows) the two are
+within 5-20% (training's products, grad_input included, 0-14%: not worth a second packed copy).
 
 So on a CPU, for fp32 weights and no autograd, every plain `nn.Linear` of at least MIN_DIM inputs
 and outputs (the head, the projections, the base layers inside a peft LoRA layer; not the small
@@ -90,8 +92,8 @@ def _why_not(model, layers) -> str | None:
     import torch
 
     if not layers:
-        dtypes = sorted({str(p.dtype) for p in model.parameters()}) if any(True for _ in model.parameters()) else []
-        return f"no fp32 CPU linear layer (weights in {', '.join(dtypes) or 'none'})"
+        kinds = sorted({f"{p.device.type} {p.dtype}" for p in model.parameters()})
+        return f"no fp32 CPU linear layer (weights: {', '.join(kinds) or 'none'})"
     if not torch.backends.mkldnn.is_available():
         return "torch has no oneDNN"
     from q2g.memory import free_memory
@@ -146,7 +148,7 @@ def choose(layers, packed, rows: int) -> tuple[bool, str]:
         use = ratio >= FASTER
         how = f"{'onednn' if use else 'mkl'} ({ratio:.2f}x oneDNN vs MKL at {rows} rows, {len(layers)} layers)"
         _CHOICE[key] = (use, how)
-        print(f"[q2g] CPU decoding: linear layers {how}", flush=True)
+        print(f"[q2g] CPU linear layers: {how}", flush=True)
     return _CHOICE[key]
 
 
