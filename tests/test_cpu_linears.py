@@ -175,16 +175,18 @@ def test_no_room_for_the_packs_keeps_the_plain_layers(tiny_gemma_dir, always, mo
         assert how.startswith("plain: no room for packed copies") and _replaced(model) == []
 
 
-def test_scoring_with_packed_layers_gives_the_plain_nll(tiny_gemma_dir, always, capsys):
-    """The held-out loss and perplexity forwards (scoring.windows_nll) take the packs too."""
-    from q2g import scoring
 
-    model, tok = _gemma(tiny_gemma_dir)
-    text = " ".join(f"word{i} and {i * 7} more." for i in range(60))
-    packed = scoring.token_perplexity(model, tok, text, max_length=64, stride=32, max_tokens=200)
-    assert "[q2g] CPU linear layers: onednn" in capsys.readouterr().out  # the packs ran
-    cl._PACKS.clear()
+def test_the_timing_runs_a_bounded_sample_of_the_layers(monkeypatch):
+    """Layers of one shape are timed up to TIMED_PER_SHAPE each, at most TIMED_ROWS rows: a big
+    model's timing stays short. Every shape is in the sample."""
+    monkeypatch.setattr(cl, "TIMED_PER_SHAPE", 2)
+    layers = [torch.nn.Linear(16, 32) for _ in range(5)] + [torch.nn.Linear(32, 16) for _ in range(3)]
+    layers.insert(2, torch.nn.Linear(16, 64))
+    assert cl.timed_sample(layers) == [0, 1, 2, 6, 7]
+    seen = []
+    monkeypatch.setattr(cl, "_seconds", lambda fns, xs, reps=2: seen.append([x.shape[0] for x in xs]) or 1.0)
+    monkeypatch.setattr(cl, "TIMED_ROWS", 4)
     cl._CHOICE.clear()
-    cl.FASTER = float("inf")
-    plain = scoring.token_perplexity(model, tok, text, max_length=64, stride=32, max_tokens=200)
-    assert packed == pytest.approx(plain, rel=1e-5) and packed > 1.0
+    use, how = cl.choose(layers, [None] * len(layers), rows=500)
+    cl._CHOICE.clear()
+    assert seen == [[4] * 5, [4] * 5] and "at 500 rows, 9 layers" in how

@@ -1,5 +1,4 @@
-"""A CPU model's linear layers through oneDNN, where this machine runs them faster (no autograd:
-decoding, and the held-out loss and perplexity forwards).
+"""The linear layers of CPU decoding through oneDNN, where this machine runs them faster.
 
     with onednn_linears(model, rows=batch_size) as how:   # "onednn (1.9x ...)", "mkl (...)" or "plain: <why>"
         ... decode ...
@@ -11,7 +10,8 @@ goes to MKL's sgemm, which at such shapes runs well below this machine's speed o
 through oneDNN with the weight packed once (`torch.ops.mkldnn._reorder_linear_weight` and
 `_linear_pointwise`, what torch's own CPU inference compilation uses), and the 126 body projections
 0.14 s against 0.09 s. At training and scoring shapes (hundreds to thousands of rows) the two are
-within 5-20% (training's products, grad_input included, 0-14%: not worth a second packed copy).
+within 5-20% (training's products, grad_input included, 0-14%), not worth the packs and the timing:
+those stay plain.
 
 So on a CPU, for fp32 weights and no autograd, every plain `nn.Linear` of at least MIN_DIM inputs
 and outputs (the head, the projections, the base layers inside a peft LoRA layer; not the small
@@ -33,6 +33,8 @@ from contextlib import contextmanager
 
 FASTER = 1.15  # use oneDNN only when it is at least this much faster here
 MIN_DIM = 64  # smaller layers (LoRA factors) stay plain: nothing to gain
+TIMED_ROWS = 64  # the timing runs at most this many rows ...
+TIMED_PER_SHAPE = 8  # ... through at most this many layers of each shape (a 7B model's is then seconds)
 _PACKS: dict = {}  # id(weight) -> (weakref to the weight, its version, rows, PackedLinear)
 _CHOICE: dict = {}  # (rows, shapes) -> (use oneDNN?, how)
 
@@ -133,22 +135,36 @@ def _seconds(fns, xs, reps: int = 2) -> float:
     return best
 
 
+def timed_sample(layers: list) -> list[int]:
+    """Indices of the layers the timing runs: up to TIMED_PER_SHAPE of each weight shape (layers
+    of one shape run alike; several of them keep the weights streaming from memory, as in decoding)."""
+    seen: dict = {}
+    keep = []
+    for i, m in enumerate(layers):
+        shape = tuple(m.weight.shape)
+        seen[shape] = seen.get(shape, 0) + 1
+        if seen[shape] <= TIMED_PER_SHAPE:
+            keep.append(i)
+    return keep
+
+
 def choose(layers, packed, rows: int) -> tuple[bool, str]:
-    """Whether oneDNN is at least FASTER times faster on these very layers at `rows` rows, timed once
-    per set of shapes and row count."""
+    """Whether oneDNN is at least FASTER times faster on these very layers at `rows` rows (at most
+    TIMED_ROWS; a sample of the layers, `timed_sample`), timed once per set of shapes and row count."""
     import torch
 
     key = (rows, tuple(tuple(m.weight.shape) for m in layers))
     if key not in _CHOICE:
+        idx, n = timed_sample(layers), min(rows, TIMED_ROWS)
         with torch.inference_mode():
-            xs = [torch.randn(rows, 1, m.in_features) for m in layers]
-            plain = _seconds([torch.nn.Linear.forward.__get__(m) for m in layers], xs)
-            fast = _seconds(packed, xs)
+            xs = [torch.randn(n, 1, layers[i].in_features) for i in idx]
+            plain = _seconds([torch.nn.Linear.forward.__get__(layers[i]) for i in idx], xs)
+            fast = _seconds([packed[i] for i in idx], xs)
         ratio = plain / fast
         use = ratio >= FASTER
         how = f"{'onednn' if use else 'mkl'} ({ratio:.2f}x oneDNN vs MKL at {rows} rows, {len(layers)} layers)"
         _CHOICE[key] = (use, how)
-        print(f"[q2g] CPU linear layers: {how}", flush=True)
+        print(f"[q2g] CPU decoding: linear layers {how}", flush=True)
     return _CHOICE[key]
 
 

@@ -33,7 +33,6 @@ import math
 from contextlib import contextmanager, nullcontext
 
 from q2g.batching import GUARDED_SDPA, use_guarded_sdpa
-from q2g.cpu_linears import onednn_linears
 from q2g.examples import IGNORE_INDEX
 
 CHUNK = 256  # positions per head projection: a [256, 262144] fp32 block is 268 MB
@@ -261,7 +260,6 @@ def windows_nll(model, windows, batch_size: int, progress=True, precision=None) 
         eval_mode(model),
         autocast(model, precision),
         torch.inference_mode(),
-        onednn_linears(model, min(batch_size, len(windows)) * max(len(w) for w, _, _ in windows)),
         progress_bar(progress, total=n_targets, desc="perplexity", unit="tok", unit_scale=True) as bar,
     ):
         for batch in _window_batches(windows, batch_size, per_position):

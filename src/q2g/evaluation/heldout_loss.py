@@ -6,7 +6,6 @@ problems moves in steps of 1/n.
 
 from __future__ import annotations
 
-from q2g.cpu_linears import onednn_linears
 from q2g.evaluation.config import EvalConfig
 from q2g.examples import Collator, build_example
 from q2g.scoring import (
@@ -68,7 +67,6 @@ def heldout_loss(model, tokenizer, records: list[dict], cfg: EvalConfig, progres
         guarded_attention(model),
         autocast(model, precision),
         torch.inference_mode(),
-        onednn_linears(model, sum(len(e["input_ids"]) for e in examples[: cfg.eval_batch_size])),
         progress_bar(progress, total=len(examples), desc="heldout loss", unit="solution") as bar,
     ):
         for batch in _example_batches(examples, cfg.eval_batch_size, per_position):
