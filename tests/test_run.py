@@ -92,8 +92,9 @@ def test_every_shipped_config_is_valid(name, tmp_path):
 
 
 def test_the_demo_trains_on_gsm8k_and_scores_unseen_test_problems():
-    """`q2g demo`'s sizes (issue 30): 112 GSM8K traces, 24 GSM8K test problems, and the precision
-    left to the CPU (bf16 with AMX / AVX512-BF16, else fp32)."""
+    """`q2g demo`'s sizes (issue 30): the 177 shipped GSM8K train solutions of <= 68 words, 24 GSM8K
+    test problems, and the precision left to the CPU (bf16 with AMX / AVX512-BF16, else fp32)."""
+    from q2g.backends.reference import ReferenceBackend
     from q2g.data.splits import select_split
     from q2g.finetune import stage as finetune
     from q2g.generate import stage as generate
@@ -104,6 +105,8 @@ def test_the_demo_trains_on_gsm8k_and_scores_unseen_test_problems():
     train, held, _ = select_split(
         datasets=gen.datasets, holdout=gen.holdout, fraction=gen.holdout_fraction, limit=gen.limit, data_dir="packaged"
     )
-    assert (len(train), len(held), ev.eval_limit) == (112, 24, 24)
+    assert (len(train), len(held), ev.eval_limit) == (240, 24, 24)
+    kept = [s for [s] in ReferenceBackend(max_new_tokens=gen.max_new_tokens).generate(train, 1, 0) if not s.truncated]
+    assert len(kept) == 177 and max(s.n_tokens for s in kept) <= 68
     assert {r["source"] for r in train + held} == {"gsm8k"} and ft.precision == "auto" and ft.epochs == 1
     assert not set(r["id"] for r in train) & set(r["id"] for r in held)
