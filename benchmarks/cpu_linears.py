@@ -71,9 +71,8 @@ def layers_table(model, rows_list, reps: int) -> list[str]:
 
 def decode(model_dir: str, problems: int, new_tokens: int, batch: int) -> list[str]:
 
-    from q2g import decoding, models, prompts
+    from q2g import cpu_linears, decoding, models, prompts
     from q2g.data.splits import select_split
-    from q2g import cpu_linears
 
     model = models.load_model(model_dir).eval()
     tok = models.load_tokenizer(model_dir, padding_side="left")

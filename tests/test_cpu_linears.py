@@ -10,8 +10,8 @@ import weakref
 import pytest
 import torch
 
-from q2g import decoding, models, prompts
 from q2g import cpu_linears as cl
+from q2g import decoding, models, prompts
 
 
 def _fresh(monkeypatch, faster):
@@ -173,7 +173,6 @@ def test_no_room_for_the_packs_keeps_the_plain_layers(tiny_gemma_dir, always, mo
     monkeypatch.setattr(q2g.memory, "free_memory", lambda device: 1000)
     with cl.onednn_linears(model, 2) as how:
         assert how.startswith("plain: no room for packed copies") and _replaced(model) == []
-
 
 
 def test_the_timing_runs_a_bounded_sample_of_the_layers(monkeypatch):
