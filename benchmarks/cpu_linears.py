@@ -69,12 +69,11 @@ def layers_table(model, rows_list, reps: int) -> list[str]:
     return lines
 
 
-def decode(model_dir: str, problems: int, new_tokens: int, batch: int) -> list[str]:
+def decode(model, model_dir: str, problems: int, new_tokens: int, batch: int) -> list[str]:
 
     from q2g import cpu_linears, decoding, models, prompts
     from q2g.data.splits import select_split
 
-    model = models.load_model(model_dir).eval()
     tok = models.load_tokenizer(model_dir, padding_side="left")
     _, held, _ = select_split(
         data_dir="packaged", datasets=["gsm8k"], holdout="official-test", fraction=0.25, limit=4 * problems
@@ -129,12 +128,13 @@ def main(argv=None) -> int:
         rows_list, reps = (1, 8, 24, 64, 720), args.reps
     from q2g import models
 
-    out += layers_table(models.load_model(model_dir).eval(), rows_list, reps)
+    model = models.load_model(model_dir).eval()  # loaded once, for both parts
+    out += layers_table(model, rows_list, reps)
     out += [
         "",
         f"greedy decoding: {args.problems} GSM8K test prompts x {args.new_tokens} new tokens, batch {args.batch}",
     ]
-    out += decode(model_dir, args.problems, args.new_tokens, args.batch)
+    out += decode(model, model_dir, args.problems, args.new_tokens, args.batch)
     text = "\n".join(out)
     print(text)
     if not args.tiny:

@@ -142,6 +142,7 @@ def test_a_pack_is_made_again_when_its_weight_changes(always):
     lin = torch.nn.Linear(16, 64)
     first = cl.packs([lin], 2)[0]
     assert cl.packs([lin], 2)[0] is first  # cached
+    assert cl.packs([lin], 7)[0] is first  # at another row count too (rows only hints the layout)
     with torch.no_grad():
         lin.weight.mul_(2.0)  # an in-place change (a merge, a load) bumps the version
     again = cl.packs([lin], 2)[0]
@@ -187,5 +188,6 @@ def test_the_timing_runs_a_bounded_sample_of_the_layers(monkeypatch):
     monkeypatch.setattr(cl, "TIMED_ROWS", 4)
     cl._CHOICE.clear()
     use, how = cl.choose(layers, [None] * len(layers), rows=500)
+    assert seen == [[4] * 5, [4] * 5] and "at 4 rows, 9 layers" in how
+    assert cl.choose(layers, [None] * len(layers), rows=900) == (use, how) and len(seen) == 2  # same timing: not again
     cl._CHOICE.clear()
-    assert seen == [[4] * 5, [4] * 5] and "at 500 rows, 9 layers" in how

@@ -35,8 +35,8 @@ FASTER = 1.15  # use oneDNN only when it is at least this much faster here
 MIN_DIM = 64  # smaller layers (LoRA factors) stay plain: nothing to gain
 TIMED_ROWS = 64  # the timing runs at most this many rows ...
 TIMED_PER_SHAPE = 8  # ... through at most this many layers of each shape (a 7B model's is then seconds)
-_PACKS: dict = {}  # id(weight) -> (weakref to the weight, its version, rows, PackedLinear)
-_CHOICE: dict = {}  # (rows, shapes) -> (use oneDNN?, how)
+_PACKS: dict = {}  # id(weight) -> (weakref to the weight, its version, PackedLinear)
+_CHOICE: dict = {}  # (timed rows, shapes) -> (use oneDNN?, how)
 
 
 def _linear_pointwise_ok() -> bool:
@@ -100,26 +100,27 @@ def _why_not(model, layers) -> str | None:
         return "torch has no oneDNN"
     from q2g.memory import free_memory
 
-    new = sum(m.weight.numel() * 4 for m in layers if _cached(m, None) is None)
+    new = sum(m.weight.numel() * 4 for m in layers if _cached(m) is None)
     if new > free_memory("cpu") / 4:
         return f"no room for packed copies of the weights ({new / 1e9:.1f} GB)"
     return None
 
 
-def _cached(linear, rows):
+def _cached(linear):
     entry = _PACKS.get(id(linear.weight))
     w = linear.weight
-    if entry and entry[0]() is w and entry[1] == w._version and (rows is None or entry[2] == rows):
-        return entry[3]
+    if entry and entry[0]() is w and entry[1] == w._version:
+        return entry[2]
     return None
 
 
 def packs(layers, rows: int) -> list:
-    """A PackedLinear per layer, reused while its weight is unchanged; packs of other weights are
-    dropped (one model's packs at a time)."""
-    out = [_cached(m, rows) or PackedLinear(m, rows) for m in layers]
+    """A PackedLinear per layer, reused while its weight is unchanged (at any row count: `rows` only
+    hints the layout, a pack runs any number of rows); packs of other weights are dropped (one
+    model's packs at a time)."""
+    out = [_cached(m) or PackedLinear(m, rows) for m in layers]
     _PACKS.clear()
-    _PACKS.update({id(m.weight): (weakref.ref(m.weight), m.weight._version, rows, p) for m, p in zip(layers, out)})
+    _PACKS.update({id(m.weight): (weakref.ref(m.weight), m.weight._version, p) for m, p in zip(layers, out)})
     return out
 
 
@@ -153,16 +154,17 @@ def choose(layers, packed, rows: int) -> tuple[bool, str]:
     TIMED_ROWS; a sample of the layers, `timed_sample`), timed once per set of shapes and row count."""
     import torch
 
-    key = (rows, tuple(tuple(m.weight.shape) for m in layers))
+    n = min(rows, TIMED_ROWS)
+    key = (n, tuple(tuple(m.weight.shape) for m in layers))  # what the timing depends on
     if key not in _CHOICE:
-        idx, n = timed_sample(layers), min(rows, TIMED_ROWS)
+        idx = timed_sample(layers)
         with torch.inference_mode():
             xs = [torch.randn(n, 1, layers[i].in_features) for i in idx]
             plain = _seconds([torch.nn.Linear.forward.__get__(layers[i]) for i in idx], xs)
             fast = _seconds([packed[i] for i in idx], xs)
         ratio = plain / fast
         use = ratio >= FASTER
-        how = f"{'onednn' if use else 'mkl'} ({ratio:.2f}x oneDNN vs MKL at {rows} rows, {len(layers)} layers)"
+        how = f"{'onednn' if use else 'mkl'} ({ratio:.2f}x oneDNN vs MKL at {n} rows, {len(layers)} layers)"
         _CHOICE[key] = (use, how)
         print(f"[q2g] CPU decoding: linear layers {how}", flush=True)
     return _CHOICE[key]
